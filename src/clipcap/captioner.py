@@ -1,0 +1,111 @@
+"""Captioner: images -> captions. The high-level API: CLIP encoder + ClipCapModel + tokenizer, batched."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .errors import ClipCapError
+from .hub import load_tokenizer, resolve_dir
+from .model import ClipCapModel
+
+
+class Captioner:
+    """`Captioner.from_pretrained(model_dir).caption(images)` -> list of captions."""
+
+    def __init__(self, model: ClipCapModel, tokenizer, encoder, batch_size: int = 32):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.encoder = encoder
+        self.batch_size = batch_size
+        if encoder is not None and encoder.dim != model.config.clip_dim:
+            raise ClipCapError(
+                f"the encoder {encoder.name} gives {encoder.dim}-d features but the model expects "
+                f"clip_dim={model.config.clip_dim}"
+            )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path,
+        clip_model: str | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        batch_size: int = 32,
+    ) -> Captioner:
+        """Load the model dir, its tokenizer and the encoder its config names (`clip_model=` overrides;
+        a relative `clip_model` in the config resolves against the model dir)."""
+        from .encoder import ImageEncoder
+
+        path = resolve_dir(name_or_path)
+        model = ClipCapModel.from_pretrained(path, device=device, dtype=dtype)
+        has_tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
+        tokenizer = load_tokenizer(path if has_tokenizer else model.config.lm)
+        name = clip_model or model.config.clip_model
+        if not name:
+            raise ClipCapError(f"{path}/config.json names no clip_model: pass the encoder with --clip-model")
+        if not Path(name).is_absolute() and (path / name).is_dir() and clip_model is None:
+            name = str(path / name)
+        encoder = ImageEncoder.from_pretrained(name, device=device, dtype=dtype)
+        return cls(model, tokenizer, encoder, batch_size=batch_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def decode(self, ids: torch.Tensor) -> list[str]:
+        """Token rows -> clean strings: cut after the stop token, special tokens dropped, whitespace stripped."""
+        stop = self.model.config.stop_token_id
+        texts = []
+        for row in ids.tolist():
+            if stop is not None and stop in row:
+                row = row[: row.index(stop) + 1]
+            texts.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
+        return texts
+
+    def caption_embeddings(
+        self,
+        clip_embeds: torch.Tensor,
+        num_beams: int = 1,
+        max_new_tokens: int = 67,
+        num_return_sequences: int = 1,
+        **generate_kwargs,
+    ) -> list[str] | list[list[str]]:
+        """Captions for precomputed CLIP embeddings (B, clip_dim), in batches of `batch_size`."""
+        out: list = []
+        for i in range(0, len(clip_embeds), self.batch_size):
+            ids = self.model.generate(
+                clip_embeds[i : i + self.batch_size].to(self.device),
+                max_new_tokens=max_new_tokens,
+                num_beams=num_beams,
+                num_return_sequences=num_return_sequences,
+                **generate_kwargs,
+            )
+            texts = self.decode(ids)
+            if num_return_sequences == 1:
+                out.extend(texts)
+            else:
+                out.extend(texts[j : j + num_return_sequences] for j in range(0, len(texts), num_return_sequences))
+        return out
+
+    def caption(
+        self,
+        images,
+        num_beams: int = 1,
+        max_new_tokens: int = 67,
+        num_return_sequences: int = 1,
+        **generate_kwargs,
+    ) -> list[str] | list[list[str]]:
+        """Caption PIL images or paths (one or a list). Returns one string per image, or a list of
+        `num_return_sequences` strings per image when that is > 1. A bad image raises ImageLoadError."""
+        if isinstance(images, (str, Path, Image.Image)):
+            images = [images]
+        out: list = []
+        for i in range(0, len(images), self.batch_size):
+            embeds = self.encoder.encode(images[i : i + self.batch_size], batch_size=self.batch_size)
+            out.extend(
+                self.caption_embeddings(embeds, num_beams, max_new_tokens, num_return_sequences, **generate_kwargs)
+            )
+        return out

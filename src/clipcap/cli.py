@@ -1,0 +1,112 @@
+"""The `clipcap` command. Thin: each subcommand parses flags and calls one library function.
+
+Each subcommand has an `add_<name>(subparsers)` that declares its flags and a `cmd_<name>(args)` that runs it.
+User mistakes raise ClipCapError, printed as one line (no traceback) with a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from . import __version__
+from .errors import ClipCapError
+
+
+# -- convert -----------------------------------------------------------------------------------------------------
+def add_convert(sub) -> None:
+    p = sub.add_parser(
+        "convert",
+        help="convert an original CLIP_prefix_caption .pt checkpoint to a model dir",
+        description="Convert a checkpoint of rmokady/CLIP_prefix_caption (a plain state dict) into a model dir "
+        "that ClipCapModel.from_pretrained / Captioner.from_pretrained load. Sizes are read from the tensors; "
+        "flags that contradict them are errors. The file is read with weights_only=True (never executed).",
+    )
+    p.add_argument("checkpoint", help="original .pt file")
+    p.add_argument("out_dir", help="model dir to write")
+    p.add_argument(
+        "--lm", default="gpt2", help="HF id or dir of the language model the checkpoint tuned (default: gpt2)"
+    )
+    p.add_argument("--mapping", choices=["mlp", "transformer"], help="mapping network (inferred when omitted)")
+    p.add_argument("--prefix-length", type=int, help="k (inferred when omitted)")
+    p.add_argument("--clip-length", type=int, help="transformer mapper's clip_length (inferred when omitted)")
+    p.add_argument("--num-layers", type=int, help="transformer mapper layers (inferred when omitted)")
+    p.add_argument("--clip-dim", type=int, help="CLIP embedding size (inferred when omitted)")
+    p.add_argument(
+        "--normalize-prefix",
+        action="store_true",
+        help="L2-normalise the CLIP embedding (the published Transformer)",
+    )
+    p.add_argument(
+        "--clip-model",
+        help="HF id or dir of the CLIP encoder to record (default: openai/clip-vit-base-patch32 for 512-d checkpoints)",
+    )
+    p.set_defaults(func=cmd_convert)
+
+
+def cmd_convert(args) -> int:
+    from .convert import convert_original
+
+    out = convert_original(
+        args.checkpoint,
+        args.out_dir,
+        lm=args.lm,
+        mapping=args.mapping,
+        prefix_length=args.prefix_length,
+        clip_length=args.clip_length,
+        num_layers=args.num_layers,
+        clip_dim=args.clip_dim,
+        normalize_prefix=args.normalize_prefix,
+        clip_model=args.clip_model,
+    )
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+# -- demo --------------------------------------------------------------------------------------------------------
+def add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="offline end-to-end demo", description="Offline demo; runs on 2 CPU cores.")
+    p.add_argument("--out", default="demo-out", help="output directory (default: demo-out)")
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out)
+    return 0
+
+
+# -- entry point -------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="clipcap",
+        description="ClipCap: CLIP prefix captioning — convert, caption, embed, train, evaluate, serve.",
+    )
+    parser.add_argument("--version", action="version", version=f"clipcap {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in (add_convert, add_demo):
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # our own progress bars and messages only
+    hf_logging.disable_progress_bar()
+    try:
+        return int(args.func(args) or 0)
+    except ClipCapError as e:
+        print(f"clipcap {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"clipcap {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

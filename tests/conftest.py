@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny random models written to temp dirs once per session. Never touches the network."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+from tests import tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return tiny.tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def lm_dir(tmp_path_factory, tokenizer):
+    """A tiny GPT-2 + tokenizer saved as an ordinary HF dir (what `--lm DIR` takes)."""
+    return tiny.save_lm_dir(tmp_path_factory.mktemp("lm"), tiny.tiny_gpt2(len(tokenizer)), tokenizer)
+
+
+@pytest.fixture(scope="session")
+def clip_dir(tmp_path_factory, tokenizer):
+    """A tiny CLIPModel + image processor (+ tokenizer for the text tower), 16-d projections, 32-px images."""
+    return tiny.save_clip_dir(tmp_path_factory.mktemp("clip"), tiny.tiny_clip(len(tokenizer)), tokenizer)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory, tokenizer, clip_dir):
+    """A ClipCap model dir (MLP, tuned tiny GPT-2, k=4) with its tokenizer and a copy of the encoder under clip/."""
+    import shutil
+
+    path = tmp_path_factory.mktemp("model")
+    model = tiny.tiny_model("mlp", lm=tiny.tiny_gpt2(len(tokenizer)))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    shutil.copytree(clip_dir, path / "clip")
+    return path

@@ -1,0 +1,52 @@
+import json
+
+import pytest
+
+from clipcap import ClipCapConfig, ClipCapError
+
+
+def test_defaults_follow_the_original():
+    config = ClipCapConfig()
+    assert (config.prefix_length, config.mapping, config.num_layers, config.clip_dim) == (10, "mlp", 8, 512)
+    assert config.tune_lm is True
+
+
+def test_json_round_trip(tmp_path):
+    config = ClipCapConfig(
+        mapping="transformer",
+        clip_length=40,
+        prefix_length=40,
+        clip_dim=640,
+        tune_lm=False,
+        normalize_prefix=True,
+        stop_token_id=13,
+        lm_config={"model_type": "gpt2"},
+    )
+    config.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["clip_length"] == 40
+    assert ClipCapConfig.from_pretrained(tmp_path) == config
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(mapping="transformer"), "needs clip_length"),
+        (dict(mapping="lstm"), "mapping must be one of"),
+        (dict(prefix_length=0), "prefix_length must be a positive integer"),
+        (dict(mapping="transformer", clip_length=-1), "clip_length must be a positive integer"),
+    ],
+)
+def test_validation_messages(fields, message):
+    with pytest.raises(ClipCapError, match=message):
+        ClipCapConfig(**fields)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ClipCapError, match="no config.json"):
+        ClipCapConfig.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ClipCapError, match="not valid JSON"):
+        ClipCapConfig.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"prefix_length": 3, "colour": "red"}))
+    with pytest.raises(ClipCapError, match="unknown ClipCapConfig fields: colour"):
+        ClipCapConfig.from_pretrained(tmp_path)

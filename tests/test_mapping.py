@@ -1,0 +1,43 @@
+import torch
+
+from clipcap.mapping import MLPMapper, TransformerMapper
+from tests import original_clipcap as original
+
+
+def test_mlp_shapes_and_keys():
+    mapper = MLPMapper(clip_dim=16, lm_hidden=8, prefix_length=4)
+    assert mapper(torch.randn(3, 16)).shape == (3, 4, 8)
+    shapes = {k: tuple(v.shape) for k, v in mapper.state_dict().items()}
+    assert shapes == {
+        "model.0.weight": (16, 16),
+        "model.0.bias": (16,),
+        "model.2.weight": (32, 16),
+        "model.2.bias": (32,),
+    }
+
+
+def test_transformer_matches_original_layout():
+    torch.manual_seed(0)
+    ref = original.TransformerMapper(16, 8, prefix_length=4, clip_length=3, num_layers=2, num_heads=2)
+    ours = TransformerMapper(16, 8, prefix_length=4, clip_length=3, num_layers=2, num_heads=2)
+    assert set(ours.state_dict()) == set(ref.state_dict())
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(5, 16)
+    out = ours(x)
+    assert out.shape == (5, 4, 8)
+    torch.testing.assert_close(out, ref(x), atol=1e-5, rtol=1e-5)
+
+
+def test_transformer_has_no_positional_embedding_and_no_qkv_bias():
+    mapper = TransformerMapper(16, 8, prefix_length=4, clip_length=3, num_layers=1, num_heads=2)
+    keys = set(mapper.state_dict())
+    assert "transformer.layers.0.attn.to_queries.bias" not in keys
+    assert "transformer.layers.0.attn.to_keys_values.bias" not in keys
+    assert "transformer.layers.0.attn.project.bias" in keys
+    assert not any("pos" in k for k in keys)
+    # permuting the CLIP-derived slots must not change the output: attention without positions is order-free
+    x = torch.randn(2, 3, 8)
+    const = mapper.prefix_const.unsqueeze(0).expand(2, -1, -1)
+    a = mapper.transformer(torch.cat((x, const), 1))[:, 3:]
+    b = mapper.transformer(torch.cat((x[:, [2, 0, 1]], const), 1))[:, 3:]
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)

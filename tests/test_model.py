@@ -1,0 +1,133 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from clipcap import ClipCapError, ClipCapModel
+from tests import tiny
+
+LMS = {"gpt2": tiny.tiny_gpt2, "opt": tiny.tiny_opt, "llama": tiny.tiny_llama}
+
+
+def batch(vocab=50, b=3, t=5, clip_dim=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (b, t), generator=g)
+    mask = torch.ones(b, t, dtype=torch.long)
+    mask[0, 3:] = 0  # right padding on the first row
+    return torch.randn(b, clip_dim, generator=g), ids, mask
+
+
+@pytest.mark.parametrize("lm_name", sorted(LMS))
+@pytest.mark.parametrize("mapping", ["mlp", "transformer"])
+def test_forward_shapes_any_causal_lm(lm_name, mapping):
+    model = tiny.tiny_model(mapping, lm=LMS[lm_name](300))
+    clip, ids, mask = batch()
+    out = model(clip, ids, attention_mask=mask, labels=ids)
+    assert out.logits.shape == (3, 4 + 5, 300)
+    assert model.prefix(clip).shape == (3, 4, 32)
+    assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+
+
+def test_loss_ignores_prefix_and_padding():
+    model = tiny.tiny_model("mlp")
+    clip, ids, mask = batch()
+    out = model(clip, ids, attention_mask=mask, labels=ids)
+    k = 4
+    # position k-1+t predicts token t; padded tokens (row 0, t >= 3) are excluded
+    logits = out.logits[:, k - 1 : -1]
+    targets = ids.masked_fill(mask == 0, -100)
+    expected = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(out.loss, expected)
+    # changing a padded token's id changes nothing in the loss
+    ids2 = ids.clone()
+    ids2[0, 4] = 7
+    assert torch.equal(model(clip, ids2, attention_mask=mask, labels=ids2).loss, out.loss)
+
+
+def test_frozen_lm_gets_no_grads_but_mapper_does():
+    model = tiny.tiny_model("transformer", tune_lm=False).train()
+    assert not model.lm.training  # dropout off in a frozen LM
+    assert all(not p.requires_grad for p in model.lm.parameters())
+    clip, ids, mask = batch()
+    model(clip, ids, attention_mask=mask, labels=ids).loss.backward()
+    assert all(p.grad is None for p in model.lm.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.mapper.parameters())
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in model.named_parameters() if n.startswith("mapper.")}
+
+
+def test_tuned_lm_gets_grads():
+    model = tiny.tiny_model("mlp", tune_lm=True).train()
+    clip, ids, mask = batch()
+    model(clip, ids, attention_mask=mask, labels=ids).loss.backward()
+    assert model.lm.get_input_embeddings().weight.grad is not None
+
+
+def test_normalize_prefix_is_scale_invariant():
+    model = tiny.tiny_model("mlp", normalize_prefix=True)
+    clip = torch.randn(2, 16)
+    torch.testing.assert_close(model.prefix(clip), model.prefix(clip * 7.5))
+    unnormalized = tiny.tiny_model("mlp", normalize_prefix=False)
+    assert not torch.allclose(unnormalized.prefix(clip), unnormalized.prefix(clip * 7.5))
+
+
+@pytest.mark.parametrize("mapping", ["mlp", "transformer"])
+@pytest.mark.parametrize("lm_name", ["gpt2", "llama"])
+def test_save_load_round_trip_is_bit_exact(tmp_path, mapping, lm_name):
+    model = tiny.tiny_model(mapping, lm=LMS[lm_name](300))
+    model.save_pretrained(tmp_path)
+    loaded = ClipCapModel.from_pretrained(tmp_path)
+    a, b = model.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert loaded.config == model.config
+    clip, ids, mask = batch()
+    assert torch.equal(model(clip, ids, mask).logits, loaded(clip, ids, mask).logits)
+
+
+def test_frozen_lm_saved_by_reference(tmp_path, lm_dir):
+    model = tiny.tiny_model("transformer", tune_lm=False, lm=tiny.load_lm(lm_dir), lm_name=str(lm_dir))
+    model.save_pretrained(tmp_path, save_lm=False)
+    assert all(k.startswith("mapper.") for k in load_file(tmp_path / "model.safetensors"))
+    loaded = ClipCapModel.from_pretrained(tmp_path)
+    clip, ids, mask = batch()
+    assert torch.equal(model(clip, ids, mask).logits, loaded(clip, ids, mask).logits)
+    with pytest.raises(ClipCapError, match="only for a frozen LM"):
+        tiny.tiny_model("mlp").save_pretrained(tmp_path / "x", save_lm=False)
+
+
+def test_missing_and_corrupt_model_dirs(tmp_path):
+    with pytest.raises(ClipCapError, match="directory not found"):
+        ClipCapModel.from_pretrained(tmp_path / "nope")
+    with pytest.raises(ClipCapError, match="not a ClipCap model dir"):
+        ClipCapModel.from_pretrained(tmp_path)
+    tiny.tiny_model("mlp").save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ClipCapError, match="not a readable safetensors file"):
+        ClipCapModel.from_pretrained(tmp_path)
+
+
+def test_hub_id_offline_fails_fast_with_hint(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ClipCapError, match=r"'someone/clipcap-coco'.*pass the directory instead"):
+        ClipCapModel.from_pretrained("someone/clipcap-coco")
+
+
+def test_missing_lm_offline_fails_fast():
+    with pytest.raises(ClipCapError, match=r"cannot load language model 'gpt2'.*--lm DIR"):
+        ClipCapModel(tiny.tiny_config("mlp", lm="gpt2"))
+
+
+def test_generate_stops_and_pads_per_row():
+    model = tiny.tiny_model("mlp")
+    clip = torch.randn(6, 16)
+    free = model.generate(clip, max_new_tokens=8, stop_token_id=None)
+    assert free.shape == (6, 8)  # no stopping: exactly max_new_tokens
+    stop = int(free[0, 0])
+    ids = model.generate(clip, max_new_tokens=8, stop_token_id=stop)
+    ends = [row.index(stop) + 1 if stop in row else 8 for row in free.tolist()]
+    assert ids.shape == (6, max(ends))
+    for r, end in enumerate(ends):
+        assert ids[r, :end].tolist() == free[r, :end].tolist()
+        assert all(t == model.pad_token_id for t in ids[r, end:].tolist())
