@@ -131,3 +131,12 @@ def test_generate_stops_and_pads_per_row():
     for r, end in enumerate(ends):
         assert ids[r, :end].tolist() == free[r, :end].tolist()
         assert all(t == model.pad_token_id for t in ids[r, end:].tolist())
+
+
+def test_half_precision_round_trip_keeps_dtype(tmp_path):
+    model = tiny.tiny_model("mlp").to(torch.bfloat16)
+    model.save_pretrained(tmp_path)
+    loaded = ClipCapModel.from_pretrained(tmp_path)
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    a, b = model.state_dict(), loaded.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -54,12 +54,11 @@ def build_mapper(config: ClipCapConfig, lm_hidden: int) -> nn.Module:
     )
 
 
-def lm_from_config(lm_config: dict) -> nn.Module:
+def lm_from_config(lm_config: dict, dtype: torch.dtype | None = None) -> nn.Module:
     """Build an LM with random weights from its saved config dict (no network, no weight download)."""
     data = dict(lm_config)
     config = AutoConfig.for_model(data.pop("model_type"), **data)
-    dtype = getattr(config, "dtype", None)
-    return AutoModelForCausalLM.from_config(config, dtype=dtype if isinstance(dtype, torch.dtype) else None)
+    return AutoModelForCausalLM.from_config(config).to(dtype)
 
 
 class ClipCapModel(nn.Module):
@@ -87,7 +86,7 @@ class ClipCapModel(nn.Module):
 
     def prefix(self, clip_embeds: torch.Tensor) -> torch.Tensor:
         """Map CLIP embeddings (B, clip_dim) to prefix embeddings (B, k, lm_hidden)."""
-        param = self.mapper.linear.weight if hasattr(self.mapper, "linear") else self.mapper.model[0].weight
+        param = next(self.mapper.parameters())
         x = clip_embeds.to(device=param.device, dtype=param.dtype)
         if self.config.normalize_prefix:
             x = F.normalize(x, dim=-1)
@@ -188,12 +187,13 @@ class ClipCapModel(nn.Module):
         try:
             with safe_open(str(weights), framework="pt") as f:
                 keys = list(f.keys())
+                saved_dtype = f.get_tensor(keys[0]).dtype if keys else None
         except (SafetensorError, OSError) as e:
             raise ClipCapError(f"{weights} is not a readable safetensors file: {e}") from None
         if any(k.startswith("lm.") for k in keys):
             if config.lm_config is None:
                 raise ClipCapError(f"{path / CONFIG_NAME} has no lm_config to rebuild the language model")
-            model = cls(config, lm=lm_from_config(config.lm_config))
+            model = cls(config, lm=lm_from_config(config.lm_config, saved_dtype))
             missing, unexpected = load_model(model, str(weights), strict=False)
         else:
             model = cls(config)  # LM saved by reference: load it from config.lm
