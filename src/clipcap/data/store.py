@@ -1,0 +1,458 @@
+"""The embedding store: clip-retrieval's on-disk layout, written shard by shard and read memory-mapped.
+
+```
+STORE/img_emb/img_emb_{i}.npy        float16 [n_i, clip_dim]   (text_emb/text_emb_{i}.npy for text-only stores)
+STORE/metadata/metadata_{i}.parquet  same row order: key, image_path, split, captions list<string>, caption, extra
+STORE/info.json                      clip_model, clip_dim, normalized, modality, counts, skipped
+STORE/skipped.jsonl                  one line per bad item: {"key", "image", "reason", "shard"}
+```
+Every file is written to a temporary name and renamed, so a killed job leaves whole shards or none; the embedding
+file is renamed last and marks its shard complete (what `clipcap embed` resumes from). Stores made by
+clip-retrieval (no info.json, a string `caption` column) read the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ClipCapError
+
+INFO = "info.json"
+SKIPPED = "skipped.jsonl"
+_EMB_DIRS = {"image": "img_emb", "text": "text_emb"}
+
+
+def _arrow():
+    try:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ClipCapError("the embedding store needs pyarrow: pip install 'clipcap[train]'") from None
+    return pa, pc, pq
+
+
+def _replace_atomically(path: Path, write) -> None:
+    """Call write(tmp_path), then rename over `path`: readers and resumed jobs never see a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json(path: Path, obj) -> None:
+    _replace_atomically(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+def reason_class(reason: str) -> str:
+    """'truncated or corrupt image (broken data stream)' -> 'truncated or corrupt image': the countable part."""
+    return reason.split(" (", 1)[0].strip()
+
+
+class StoreWriter:
+    """Writes a store. Either stream rows with `add(...)` / `skip(...)` and `close()` (or use it as a context
+    manager), or write numbered shards yourself with `write_shard(i, ...)` and `finalize(num_shards)` — the
+    resumable path `clipcap embed` takes."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        clip_model: str | None,
+        clip_dim: int,
+        normalized: bool,
+        modality: str = "image",
+        shard_size: int = 10_000,
+        extra_info: dict | None = None,
+    ):
+        if modality not in _EMB_DIRS:
+            raise ClipCapError(f"modality must be one of {sorted(_EMB_DIRS)}, got {modality!r}")
+        self.path = Path(path)
+        self.clip_model = clip_model
+        self.clip_dim = int(clip_dim)
+        self.normalized = bool(normalized)
+        self.modality = modality
+        self.shard_size = int(shard_size)
+        self.extra_info = dict(extra_info or {})
+        self.emb_dir = self.path / _EMB_DIRS[modality]
+        self.meta_dir = self.path / "metadata"
+        self.skip_dir = self.path / "skipped"
+        for d in (self.emb_dir, self.meta_dir, self.skip_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self._rows: list[tuple] = []
+        self._skipped: list[dict] = []
+        self._next_shard = 0
+
+    # -- paths -------------------------------------------------------------------------------------------------
+    def emb_file(self, i: int) -> Path:
+        return self.emb_dir / f"{self.emb_dir.name}_{i}.npy"
+
+    def meta_file(self, i: int) -> Path:
+        return self.meta_dir / f"metadata_{i}.parquet"
+
+    def skip_file(self, i: int) -> Path:
+        return self.skip_dir / f"skipped_{i}.jsonl"
+
+    def shard_done(self, i: int) -> bool:
+        return self.emb_file(i).is_file()
+
+    # -- shard-level API ---------------------------------------------------------------------------------------
+    def write_shard(
+        self,
+        i: int,
+        embeddings,
+        keys: list[str],
+        captions: list[list[str]],
+        image_paths: list[str | None] | None = None,
+        splits: list[str | None] | None = None,
+        extras: list[dict] | None = None,
+        skipped: list[dict] | None = None,
+    ) -> None:
+        """Write shard `i` atomically: skipped list, metadata, then the embeddings (whose presence marks it done)."""
+        pa, _, pq = _arrow()
+        emb = np.asarray(embeddings, dtype=np.float32).reshape(-1, self.clip_dim)
+        n = len(keys)
+        if len(emb) != n or len(captions) != n:
+            raise ValueError(f"shard {i}: {len(emb)} embeddings, {n} keys, {len(captions)} caption lists")
+        image_paths = image_paths if image_paths is not None else [None] * n
+        splits = splits if splits is not None else [None] * n
+        extras = extras if extras is not None else [{}] * n
+        table = pa.table(
+            {
+                "key": pa.array([str(k) for k in keys], pa.string()),
+                "image_path": pa.array(image_paths, pa.string()),
+                "split": pa.array(splits, pa.string()),
+                "captions": pa.array([list(c) for c in captions], pa.list_(pa.string())),
+                "caption": pa.array([c[0] if c else None for c in captions], pa.string()),
+                "extra": pa.array([json.dumps(e, sort_keys=True) if e else None for e in extras], pa.string()),
+            }
+        )
+        lines = "".join(json.dumps({**s, "shard": i}) + "\n" for s in (skipped or []))
+        _replace_atomically(self.skip_file(i), lambda tmp: tmp.write_text(lines))
+        _replace_atomically(self.meta_file(i), lambda tmp: pq.write_table(table, tmp))
+
+        def save(tmp):
+            with open(tmp, "wb") as f:
+                np.save(f, emb.astype(np.float16))
+
+        _replace_atomically(self.emb_file(i), save)
+
+    def finalize(self, num_shards: int) -> dict:
+        """Merge the per-shard skip lists into skipped.jsonl and write info.json for shards 0..num_shards-1."""
+        _, _, pq = _arrow()
+        missing = [i for i in range(num_shards) if not self.shard_done(i)]
+        if missing:
+            raise ClipCapError(f"{self.path}: shards {missing[:5]} are not written yet")
+        num_images = num_captions = 0
+        splits: dict[str, int] = {}
+        for i in range(num_shards):
+            table = pq.read_table(self.meta_file(i), columns=["split", "captions"])
+            num_images += table.num_rows
+            num_captions += sum(len(c) for c in table.column("captions").to_pylist())
+            for s in table.column("split").to_pylist():
+                splits[str(s)] = splits.get(str(s), 0) + 1
+        skipped_lines = []
+        for i in range(num_shards):
+            f = self.skip_file(i)
+            if f.is_file():
+                skipped_lines.extend(line for line in f.read_text().splitlines() if line.strip())
+        by_reason: dict[str, int] = {}
+        for line in skipped_lines:
+            cls = reason_class(json.loads(line)["reason"])
+            by_reason[cls] = by_reason.get(cls, 0) + 1
+        _replace_atomically(
+            self.path / SKIPPED, lambda tmp: tmp.write_text("".join(line + "\n" for line in skipped_lines))
+        )
+        info = {
+            "format": "clipcap-store",
+            "version": 1,
+            "clip_model": self.clip_model,
+            "clip_dim": self.clip_dim,
+            "normalized": self.normalized,
+            "modality": self.modality,
+            "dtype": "float16",
+            "num_shards": num_shards,
+            "num_images": num_images,
+            "num_captions": num_captions,
+            "splits": dict(sorted(splits.items())),
+            "skipped": len(skipped_lines),
+            "skipped_by_reason": dict(sorted(by_reason.items())),
+            **self.extra_info,
+        }
+        write_json(self.path / INFO, info)
+        return info
+
+    # -- streaming API -----------------------------------------------------------------------------------------
+    def add(self, embedding, key: str, captions: list[str], image_path=None, split=None, extra=None) -> None:
+        """Buffer one row; a shard is written every `shard_size` rows."""
+        self._rows.append((np.asarray(embedding, dtype=np.float32), key, list(captions), image_path, split, extra))
+        if len(self._rows) >= self.shard_size:
+            self._flush()
+
+    def skip(self, key: str, reason: str, image: str | None = None) -> None:
+        """Record a bad item; it lands in the current shard's skip list and in skipped.jsonl."""
+        self._skipped.append({"key": key, "image": image, "reason": reason})
+
+    def _flush(self) -> None:
+        emb, keys, caps, paths, splits, extras = (
+            zip(*self._rows, strict=True) if self._rows else ([], [], [], [], [], [])
+        )
+        self.write_shard(
+            self._next_shard,
+            np.stack(emb) if emb else np.zeros((0, self.clip_dim), np.float32),
+            list(keys),
+            list(caps),
+            list(paths),
+            list(splits),
+            [e or {} for e in extras],
+            self._skipped,
+        )
+        self._next_shard += 1
+        self._rows, self._skipped = [], []
+
+    def close(self) -> dict:
+        if self._rows or self._skipped or self._next_shard == 0:
+            self._flush()
+        return self.finalize(self._next_shard)
+
+    def __enter__(self) -> StoreWriter:
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.close()
+
+
+def _concat(pa, tables, column: str):
+    # Chunks, not columns: a shard with no rows has a column with no chunks.
+    return pa.chunked_array(
+        [c for t in tables for c in t.column(column).chunks], type=tables[0].schema.field(column).type
+    )
+
+
+def _shard_number(path: Path) -> int:
+    return int(re.search(r"_(\d+)\.\w+$", path.name).group(1))
+
+
+class EmbeddingStore:
+    """A store read memory-mapped: `store[i]` -> (float32 embedding, caption) for the i-th (image, caption) pair.
+
+    `split` keeps only images of that split; `caption_column` names the metadata column holding the captions
+    (a list<string> column gives several pairs per image; a string column, as clip-retrieval writes, one).
+    Memory stays flat in the store size: embeddings stay on disk, captions in one Arrow buffer.
+    """
+
+    def __init__(self, path: str | Path, caption_column: str = "captions", split: str | None = None):
+        pa, pc, pq = _arrow()
+        self.path = Path(path)
+        self.split = split
+        if not self.path.is_dir():
+            raise ClipCapError(f"embedding store not found: {self.path}")
+        info_file = self.path / INFO
+        self._info = json.loads(info_file.read_text()) if info_file.is_file() else None
+        modality = (self._info or {}).get("modality", "image")
+        emb_dir = self.path / _EMB_DIRS.get(modality, "img_emb")
+        if not emb_dir.is_dir() and (self.path / "text_emb").is_dir():
+            emb_dir = self.path / "text_emb"
+        if self._info is not None and "num_shards" in self._info:
+            self._emb_files = [emb_dir / f"{emb_dir.name}_{i}.npy" for i in range(self._info["num_shards"])]
+        else:
+            self._emb_files = sorted(emb_dir.glob(f"{emb_dir.name}_*.npy"), key=_shard_number)
+        if not self._emb_files:
+            raise ClipCapError(f"{self.path} is not an embedding store (no {emb_dir.name}/*.npy files)")
+        self._meta_files = [self.path / "metadata" / f"metadata_{_shard_number(f)}.parquet" for f in self._emb_files]
+        for f in self._emb_files + self._meta_files:
+            if not f.is_file():
+                raise ClipCapError(f"embedding store {self.path} is incomplete: {f} is missing")
+
+        self._mm: list[np.ndarray] | None = None
+        lengths = [m.shape[0] for m in self._maps()]
+        dims = {m.shape[1] for m in self._maps()}
+        if len(dims) != 1:
+            raise ClipCapError(f"embedding store {self.path}: shards disagree on the embedding size {sorted(dims)}")
+        self._dim = dims.pop()
+        self._starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+
+        schema = pq.read_schema(self._meta_files[0])
+        if caption_column not in schema.names:
+            if caption_column == "captions" and "caption" in schema.names:
+                caption_column = "caption"  # a clip-retrieval store
+            else:
+                raise ClipCapError(
+                    f"embedding store {self.path} has no caption column {caption_column!r} "
+                    f"(columns: {', '.join(schema.names)})"
+                )
+        self.caption_column = caption_column
+        self._columns = [c for c in ("key", "image_path", "url", "split", "extra") if c in schema.names]
+        tables = []
+        for f, n in zip(self._meta_files, lengths, strict=True):
+            t = pq.read_table(f, columns=[caption_column, *(c for c in ("split",) if c in schema.names)])
+            if t.num_rows != n:
+                raise ClipCapError(
+                    f"embedding store {self.path}: {f.name} has {t.num_rows} rows but its embedding file has {n}"
+                )
+            tables.append(t)
+        caps = _concat(pa, tables, caption_column).combine_chunks()
+        if pa.types.is_list(caps.type) or pa.types.is_large_list(caps.type):
+            counts = np.asarray(pc.list_value_length(caps).fill_null(0), dtype=np.int64)
+            values = pc.list_flatten(caps)
+        else:  # one caption per row
+            counts = np.asarray(caps.is_valid(), dtype=np.int64)
+            values = caps.drop_null()
+        # Empty captions are not training pairs.
+        keep = np.asarray(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(values)), 0).fill_null(False))
+        cum = np.concatenate([[0], np.cumsum(keep)])
+        offsets = np.concatenate([[0], np.cumsum(counts)])
+        counts = cum[offsets[1:]] - cum[offsets[:-1]]
+        self._captions = values.filter(pa.array(keep))
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+        if split is not None:
+            if "split" not in schema.names:
+                raise ClipCapError(f"embedding store {self.path} has no split column; drop the split filter")
+            splits = _concat(pa, tables, "split")
+            rows = np.flatnonzero(np.asarray(pc.equal(splits, split).fill_null(False)))
+            if len(rows) == 0:
+                present = sorted(str(s) for s in pc.unique(splits).to_pylist())
+                raise ClipCapError(f"embedding store {self.path} has no images in split {split!r} (splits: {present})")
+        else:
+            rows = np.arange(len(counts), dtype=np.int64)
+        self._rows = rows.astype(np.int64)
+        kept = counts[self._rows]
+        ends = np.cumsum(kept)
+        self._pair_image = np.repeat(np.arange(len(self._rows), dtype=np.int64), kept)
+        within = np.arange(int(ends[-1]) if len(ends) else 0, dtype=np.int64) - np.repeat(ends - kept, kept)
+        self._pair_caption = np.repeat(offsets[self._rows], kept) + within
+        self._image_caption_start = offsets[self._rows]
+        self._image_caption_count = kept
+
+    # -- memory maps (reopened lazily, so DataLoader workers pickle the store without copying the embeddings) --
+    def _maps(self) -> list[np.ndarray]:
+        if self._mm is None:
+            self._mm = [np.load(f, mmap_mode="r") for f in self._emb_files]
+            for f, m in zip(self._emb_files, self._mm, strict=True):
+                if m.ndim != 2:
+                    raise ClipCapError(f"{f} is not a 2-D embedding array (shape {m.shape})")
+        return self._mm
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_mm"] = None
+        return state
+
+    # -- metadata ----------------------------------------------------------------------------------------------
+    @property
+    def info(self) -> dict:
+        """info.json; for a clip-retrieval store (which has none) the same fields, inferred."""
+        if self._info is not None:
+            return self._info
+        return {
+            "clip_model": None,
+            "clip_dim": self._dim,
+            "normalized": self._looks_normalized(),
+            "modality": "image",
+            "num_shards": len(self._emb_files),
+            "num_images": int(self._starts[-1]),
+        }
+
+    def _looks_normalized(self) -> bool:
+        sample = np.asarray(self._maps()[0][:100], dtype=np.float32)
+        return bool(len(sample)) and bool(np.allclose(np.linalg.norm(sample, axis=1), 1.0, atol=1e-2))
+
+    @property
+    def clip_dim(self) -> int:
+        return int(self._dim)
+
+    @property
+    def clip_model(self) -> str | None:
+        return self.info.get("clip_model")
+
+    @property
+    def normalized(self) -> bool:
+        return bool(self.info.get("normalized", False))
+
+    @property
+    def modality(self) -> str:
+        return self.info.get("modality", "image")
+
+    @property
+    def num_images(self) -> int:
+        return len(self._rows)
+
+    def __len__(self) -> int:
+        return len(self._pair_image)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, str]:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"pair {i} out of range for a store of {len(self)} pairs")
+        i = int(i) % len(self)
+        return self.image_embedding(int(self._pair_image[i])), self._captions[int(self._pair_caption[i])].as_py()
+
+    def pair_image_index(self, i: int) -> int:
+        """The image (0..num_images-1) that pair `i` belongs to."""
+        return int(self._pair_image[i])
+
+    def _locate(self, j: int) -> tuple[np.ndarray, int]:
+        row = int(self._rows[j])
+        shard = int(np.searchsorted(self._starts, row, side="right")) - 1
+        return self._maps()[shard], row - int(self._starts[shard])
+
+    def image_embedding(self, j: int) -> np.ndarray:
+        """Embedding of image `j` as float32 (clip_dim,)."""
+        mm, local = self._locate(j)
+        return np.asarray(mm[local], dtype=np.float32)
+
+    def image_embeddings(self, indices=None) -> np.ndarray:
+        """Embeddings of the given images (default: all kept images) as one float32 array (n, clip_dim)."""
+        indices = range(self.num_images) if indices is None else indices
+        out = np.empty((len(indices), self._dim), dtype=np.float32)
+        for n, j in enumerate(indices):
+            mm, local = self._locate(j)
+            out[n] = mm[local]
+        return out
+
+    def image_captions(self, j: int) -> list[str]:
+        start, count = int(self._image_caption_start[j]), int(self._image_caption_count[j])
+        return self._captions.slice(start, count).to_pylist()
+
+    def _column(self, name: str) -> list | None:
+        if name not in self._columns:
+            return None
+        _, _, pq = _arrow()
+        values = []
+        for f in self._meta_files:
+            values.extend(pq.read_table(f, columns=[name]).column(name).to_pylist())
+        return [values[r] for r in self._rows]
+
+    @cached_property
+    def keys(self) -> list[str]:
+        keys = self._column("key")
+        return [str(k) for k in keys] if keys is not None else [str(r) for r in self._rows]
+
+    @cached_property
+    def image_paths(self) -> list[str]:
+        paths = self._column("image_path") or self._column("url") or [None] * self.num_images
+        return ["" if p is None else str(p) for p in paths]
+
+    @cached_property
+    def splits(self) -> list[str | None]:
+        return self._column("split") or [None] * self.num_images
+
+    @cached_property
+    def extras(self) -> list[dict]:
+        """Per-image extra fields (e.g. nocaps {"domain": "out-domain"}, COCO {"image_id": ...})."""
+        return [json.loads(e) if e else {} for e in (self._column("extra") or [None] * self.num_images)]
+
+    def image_extra(self, j: int) -> dict:
+        return self.extras[j]
+
+    def __repr__(self) -> str:
+        split = f", split={self.split!r}" if self.split else ""
+        return f"EmbeddingStore({str(self.path)!r}{split}: {self.num_images} images, {len(self)} pairs)"

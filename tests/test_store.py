@@ -1,0 +1,187 @@
+"""The embedding store: clip-retrieval layout written atomically, read memory-mapped, one sample per caption."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from clipcap.data.store import EmbeddingStore, StoreWriter
+from clipcap.errors import ClipCapError
+
+DIM = 8
+
+
+def f16(x):
+    return np.asarray(x, dtype=np.float16).astype(np.float32)
+
+
+@pytest.fixture()
+def rows():
+    rng = np.random.default_rng(0)
+    return [
+        dict(key="a", emb=rng.normal(size=DIM), captions=["a one.", "a two."], split="train", extra={"image_id": 1}),
+        dict(key="b", emb=rng.normal(size=DIM), captions=["b one."], split="val", extra={"domain": "out-domain"}),
+        dict(key="c", emb=rng.normal(size=DIM), captions=["c one.", "", "c three."], split="train", extra={}),
+        dict(key="d", emb=rng.normal(size=DIM), captions=["d one."], split="novel", extra={}),
+        dict(key="e", emb=rng.normal(size=DIM), captions=["e one.", "e two."], split="train", extra={}),
+    ]
+
+
+@pytest.fixture()
+def store_dir(tmp_path, rows):
+    path = tmp_path / "store"
+    with StoreWriter(path, clip_model="tiny-clip", clip_dim=DIM, normalized=False, shard_size=2) as w:
+        for r in rows:
+            w.add(
+                r["emb"], r["key"], r["captions"], image_path=f"/img/{r['key']}.jpg", split=r["split"], extra=r["extra"]
+            )
+        w.skip("z", "truncated or corrupt image (broken data stream)", image="/img/z.jpg")
+        w.skip("y", "file not found", image="/img/y.jpg")
+    return path
+
+
+def test_layout_and_info(store_dir):
+    assert sorted(p.name for p in (store_dir / "img_emb").iterdir()) == [
+        "img_emb_0.npy",
+        "img_emb_1.npy",
+        "img_emb_2.npy",
+    ]
+    assert sorted(p.name for p in (store_dir / "metadata").iterdir()) == [f"metadata_{i}.parquet" for i in range(3)]
+    assert np.load(store_dir / "img_emb" / "img_emb_0.npy").dtype == np.float16
+    info = json.loads((store_dir / "info.json").read_text())
+    assert info["clip_model"] == "tiny-clip" and info["clip_dim"] == DIM and info["normalized"] is False
+    assert info["num_images"] == 5 and info["num_captions"] == 9 and info["num_shards"] == 3
+    assert info["splits"] == {"novel": 1, "train": 3, "val": 1}
+    assert info["skipped"] == 2
+    assert info["skipped_by_reason"] == {"file not found": 1, "truncated or corrupt image": 1}
+    skipped = [json.loads(line) for line in (store_dir / "skipped.jsonl").read_text().splitlines()]
+    assert [(s["key"], s["reason"]) for s in skipped] == [
+        ("z", "truncated or corrupt image (broken data stream)"),
+        ("y", "file not found"),
+    ]
+    table = pq.read_table(store_dir / "metadata" / "metadata_0.parquet")
+    assert table.column_names == ["key", "image_path", "split", "captions", "caption", "extra"]
+    assert table.column("captions").to_pylist() == [["a one.", "a two."], ["b one."]]
+    assert not list(store_dir.rglob(".*tmp*"))  # atomic writes leave no temporaries
+
+
+def test_pairs_one_per_nonempty_caption(store_dir, rows):
+    store = EmbeddingStore(store_dir)
+    assert store.num_images == 5 and store.clip_dim == DIM and store.clip_model == "tiny-clip"
+    assert not store.normalized and store.modality == "image"
+    expected = [(r["emb"], c) for r in rows for c in r["captions"] if c]
+    assert len(store) == len(expected) == 8
+    for i, (emb, caption) in enumerate(expected):
+        got_emb, got_caption = store[i]
+        assert got_emb.dtype == np.float32 and got_emb.shape == (DIM,)
+        np.testing.assert_array_equal(got_emb, f16(emb))
+        assert got_caption == caption
+    assert [store.pair_image_index(i) for i in range(len(store))] == [0, 0, 1, 2, 2, 3, 4, 4]
+    assert store.image_captions(2) == ["c one.", "c three."]
+    assert store.keys == ["a", "b", "c", "d", "e"]
+    assert store.image_paths[1] == "/img/b.jpg"
+    assert store.splits == ["train", "val", "train", "novel", "train"]
+    assert store.image_extra(1) == {"domain": "out-domain"} and store.image_extra(2) == {}
+    np.testing.assert_array_equal(store.image_embeddings([3, 0]), f16([rows[3]["emb"], rows[0]["emb"]]))
+    np.testing.assert_array_equal(store[-1][0], f16(rows[4]["emb"]))
+    with pytest.raises(IndexError):
+        store[len(store)]
+    assert len(list(store)) == len(store)  # the sequence protocol stops at the end
+
+
+def test_split_filter(store_dir, rows):
+    train = EmbeddingStore(store_dir, split="train")
+    assert train.num_images == 3 and len(train) == 6
+    assert train.keys == ["a", "c", "e"]
+    assert [train[i][1] for i in range(len(train))] == ["a one.", "a two.", "c one.", "c three.", "e one.", "e two."]
+    np.testing.assert_array_equal(train.image_embedding(2), f16(rows[4]["emb"]))
+    novel = EmbeddingStore(store_dir, split="novel")
+    assert novel.keys == ["d"] and novel[0][1] == "d one."
+    with pytest.raises(ClipCapError, match=r"no images in split 'test'.*novel"):
+        EmbeddingStore(store_dir, split="test")
+
+
+def test_pickles_without_the_embeddings(store_dir):
+    store = EmbeddingStore(store_dir)
+    store[0]
+    blob = pickle.dumps(store)
+    assert len(blob) < 20_000
+    clone = pickle.loads(blob)
+    np.testing.assert_array_equal(clone[3][0], store[3][0])
+    assert clone[3][1] == store[3][1]
+
+
+def test_write_shard_and_finalize(tmp_path):
+    w = StoreWriter(tmp_path / "s", clip_model="m", clip_dim=4, normalized=True, modality="text")
+    w.write_shard(
+        1, np.ones((1, 4)) / 2, ["k1"], [["one."]], skipped=[{"key": "x", "image": None, "reason": "no captions"}]
+    )
+    assert w.shard_done(1) and not w.shard_done(0)
+    with pytest.raises(ClipCapError, match=r"shards \[0\] are not written"):
+        w.finalize(2)
+    w.write_shard(0, np.zeros((0, 4)), [], [])
+    info = w.finalize(2)
+    assert info["modality"] == "text" and info["num_images"] == 1 and info["skipped"] == 1
+    assert (tmp_path / "s" / "text_emb" / "text_emb_1.npy").is_file()
+    store = EmbeddingStore(tmp_path / "s")
+    assert store.modality == "text" and store.normalized and len(store) == 1
+    np.testing.assert_array_equal(store[0][0], np.full(4, 0.5, np.float32))
+    assert json.loads((tmp_path / "s" / "skipped.jsonl").read_text())["shard"] == 1
+
+
+def _clip_retrieval_store(path, n_per_shard=(3, 2)):
+    """The layout clip-retrieval's `clip_inference` writes: normalised float16, string `caption`, no info.json."""
+    rng = np.random.default_rng(1)
+    (path / "img_emb").mkdir(parents=True)
+    (path / "metadata").mkdir()
+    all_emb, all_caps = [], []
+    for i, n in enumerate(n_per_shard):
+        emb = rng.normal(size=(n, DIM))
+        emb = (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float16)
+        caps = [f"laion caption {i}-{j}" for j in range(n)]
+        np.save(path / "img_emb" / f"img_emb_{i}.npy", emb)
+        pq.write_table(
+            pa.table({"image_path": [f"{i:05d}{j:04d}.jpg" for j in range(n)], "caption": caps, "url": ["u"] * n}),
+            path / "metadata" / f"metadata_{i}.parquet",
+        )
+        all_emb.append(emb.astype(np.float32))
+        all_caps += caps
+    return np.concatenate(all_emb), all_caps
+
+
+@pytest.mark.parametrize("column", ["captions", "caption"])
+def test_reads_clip_retrieval_stores(tmp_path, column):
+    emb, caps = _clip_retrieval_store(tmp_path / "cr")
+    store = EmbeddingStore(tmp_path / "cr", caption_column=column)
+    assert store.caption_column == "caption"
+    assert len(store) == store.num_images == 5
+    assert store.normalized and store.clip_model is None and store.clip_dim == DIM
+    for i in range(5):
+        np.testing.assert_array_equal(store[i][0], emb[i])
+        assert store[i][1] == caps[i]
+    assert store.image_paths[3] == "000010000.jpg"
+    assert store.keys == ["0", "1", "2", "3", "4"]
+
+
+def test_bad_stores_are_user_errors(tmp_path, store_dir):
+    with pytest.raises(ClipCapError, match="not found"):
+        EmbeddingStore(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ClipCapError, match="not an embedding store"):
+        EmbeddingStore(tmp_path / "empty")
+    with pytest.raises(ClipCapError, match=r"no caption column 'text'.*key, image_path"):
+        EmbeddingStore(store_dir, caption_column="text")
+    _clip_retrieval_store(tmp_path / "nosplit")
+    with pytest.raises(ClipCapError, match="no split column"):
+        EmbeddingStore(tmp_path / "nosplit", split="train")
+    np.save(store_dir / "img_emb" / "img_emb_1.npy", np.zeros((5, DIM), np.float16))
+    with pytest.raises(ClipCapError, match="metadata_1.parquet has 2 rows but its embedding file has 5"):
+        EmbeddingStore(store_dir)
+    (store_dir / "metadata" / "metadata_2.parquet").unlink()
+    with pytest.raises(ClipCapError, match="incomplete"):
+        EmbeddingStore(store_dir)
