@@ -1,0 +1,293 @@
+"""The shapes world (DESIGN §7): an offline, deterministic stand-in for COCO.
+
+Images are small RGB pictures on a light background with one or two solid shapes; every caption names each object
+as "[size] <colour> <shape>" (colour directly before its shape). `generate_world` writes a Karpathy-style
+`dataset_coco.json` + `images/` folder that the normal readers read, with splits
+
+    pretrain  the encoder-pretraining set, drawn from the *whole* world
+    train / val / test   ClipCap's pairs and the in-domain test: never contain a NOVEL composition
+    novel     images that contain a purple triangle or a yellow square (the nocaps analogue)
+
+`object_pairs` and `binding_accuracy` read generated captions back into (colour, shape) pairs, so a caption that
+says "purple square ... triangle" does not count as naming a purple triangle.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from ..errors import ClipCapError
+
+SHAPES = ("circle", "square", "triangle")
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (40, 170, 60),
+    "blue": (40, 70, 220),
+    "yellow": (235, 200, 30),
+    "purple": (140, 60, 180),
+    "orange": (245, 130, 20),
+}
+SIZES = {"small": 0.20, "large": 0.45}  # fraction of the image side
+NOVEL = (("purple", "triangle"), ("yellow", "square"))  # never in ClipCap's train/val/test pairs
+POSITIONS = {  # single object: centre as a fraction of the side, and how captions say it
+    "left": ((0.25, 0.5), "on the left"),
+    "right": ((0.75, 0.5), "on the right"),
+    "top": ((0.5, 0.25), "at the top"),
+    "bottom": ((0.5, 0.75), "at the bottom"),
+    "center": ((0.5, 0.5), "in the center"),
+}
+RELATIONS = {  # two objects: "A <relation> B", A's and B's centres, and the inverse relation
+    "left of": ((0.25, 0.5), (0.75, 0.5), "right of"),
+    "right of": ((0.75, 0.5), (0.25, 0.5), "left of"),
+    "above": ((0.5, 0.25), (0.5, 0.75), "below"),
+    "below": ((0.5, 0.75), (0.5, 0.25), "above"),
+}
+RELATION_WORDS = {"left of": "to the left of", "right of": "to the right of", "above": "above", "below": "below"}
+SPLITS = ("pretrain", "train", "val", "test", "novel")
+DEFAULT_COUNTS = {"pretrain": 20000, "train": 15000, "val": 500, "test": 1000, "novel": 1000}
+SUPERSAMPLE = 4  # draw large, then downsample: anti-aliased edges
+DATASET_NAME = "dataset_coco.json"
+
+_SINGLE_TEMPLATES = (
+    "a {obj} {where}.",
+    "there is a {obj} {where}.",
+    "a picture of a {obj} {where}.",
+    "a {obj} is {where}.",
+    "an image with a {obj} {where}.",
+)
+_PAIR_TEMPLATES = (
+    "a {a} {rel} a {b}.",
+    "there is a {a} {rel} a {b}.",
+    "a picture of a {a} {rel} a {b}.",
+    "a {a} is {rel} a {b}.",
+)
+_PAIR_RE = re.compile(r"\b(" + "|".join(COLOURS) + r") (" + "|".join(SHAPES) + r")\b")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One object: shape, colour and size words, the actual RGB fill, and its box in pixels (x0, y0, x1, y1)."""
+
+    shape: str
+    colour: str
+    size: str
+    rgb: tuple[int, int, int]
+    box: tuple[float, float, float, float]
+
+    @property
+    def is_novel(self) -> bool:
+        return (self.colour, self.shape) in NOVEL
+
+
+@dataclass(frozen=True)
+class Scene:
+    """One or two objects; `layout` is a POSITIONS key (one object) or a RELATIONS key (objects[0] rel objects[1])."""
+
+    objects: tuple[Shape, ...]
+    layout: str
+    background: tuple[int, int, int]
+
+    @property
+    def is_novel(self) -> bool:
+        return any(o.is_novel for o in self.objects)
+
+
+def _phrase(obj: Shape, with_size: bool) -> str:
+    return f"{obj.size} {obj.colour} {obj.shape}" if with_size else f"{obj.colour} {obj.shape}"
+
+
+def _with_article(text: str) -> str:
+    return re.sub(r"\ba ([aeiou])", r"an \1", text)
+
+
+def captions(scene: Scene, rng: np.random.Generator, n: int = 5) -> list[str]:
+    """`n` distinct captions for `scene` (templates x with/without size words x both relation directions)."""
+    options = []
+    if len(scene.objects) == 1:
+        (obj,) = scene.objects
+        where = POSITIONS[scene.layout][1]
+        for template in _SINGLE_TEMPLATES:
+            for with_size in (True, False):
+                options.append(template.format(obj=_phrase(obj, with_size), where=where))
+    else:
+        a, b = scene.objects
+        inverse = RELATIONS[scene.layout][2]
+        for template in _PAIR_TEMPLATES:
+            for with_size in (True, False):
+                for first, second, rel in ((a, b, scene.layout), (b, a, inverse)):
+                    options.append(
+                        template.format(
+                            a=_phrase(first, with_size), b=_phrase(second, with_size), rel=RELATION_WORDS[rel]
+                        )
+                    )
+    picks = rng.choice(len(options), size=min(n, len(options)), replace=False)
+    return [_with_article(options[i]) for i in picks]
+
+
+def _box(centre: tuple[float, float], side: float, size: int) -> tuple[float, float, float, float]:
+    half = side / 2
+    cx = min(max(centre[0], half), size - half)
+    cy = min(max(centre[1], half), size - half)
+    return (cx - half, cy - half, cx + half, cy + half)
+
+
+def _overlap(a, b, margin: float = 1.0) -> bool:
+    return not (a[2] + margin <= b[0] or b[2] + margin <= a[0] or a[3] + margin <= b[1] or b[3] + margin <= a[1])
+
+
+def _draw_object(rng: np.random.Generator, size: int, centre, allowed) -> Shape:
+    shape, colour = allowed[rng.integers(len(allowed))]
+    size_word = ("small", "large")[rng.integers(2)]
+    side = SIZES[size_word] * size * rng.uniform(0.9, 1.1)
+    jitter = rng.uniform(-0.05, 0.05, size=2) * size
+    box = _box((centre[0] * size + jitter[0], centre[1] * size + jitter[1]), side, size)
+    rgb = tuple(int(v) for v in np.clip(np.array(COLOURS[colour]) + rng.integers(-20, 21, size=3), 0, 255))
+    return Shape(shape, colour, size_word, rgb, box)
+
+
+def sample_scene(rng: np.random.Generator, image_size: int = 40, novel: bool | None = None) -> Scene:
+    """Draw a scene. `novel=None`: the whole world; False: no NOVEL composition; True: at least one."""
+    every = [(s, c) for s in SHAPES for c in COLOURS]
+    familiar = [(s, c) for s, c in every if (c, s) not in NOVEL]
+    novel_only = [(s, c) for s, c in every if (c, s) in NOVEL]
+    background = tuple(int(v) for v in rng.integers(200, 256, size=3))
+    two = bool(rng.integers(2))
+    while True:
+        if not two:
+            layout = list(POSITIONS)[rng.integers(len(POSITIONS))]
+            pool = every if novel is None else (novel_only if novel else familiar)
+            objects = (_draw_object(rng, image_size, POSITIONS[layout][0], pool),)
+        else:
+            layout = list(RELATIONS)[rng.integers(len(RELATIONS))]
+            centre_a, centre_b, _ = RELATIONS[layout]
+            if novel:  # one object is novel (either one), the other from the whole world
+                pools = (novel_only, every) if rng.integers(2) else (every, novel_only)
+            else:
+                pools = (every, every) if novel is None else (familiar, familiar)
+            objects = (
+                _draw_object(rng, image_size, centre_a, pools[0]),
+                _draw_object(rng, image_size, centre_b, pools[1]),
+            )
+            if _overlap(objects[0].box, objects[1].box):
+                continue
+        return Scene(objects, layout, background)
+
+
+def render(scene: Scene, image_size: int = 40, rng: np.random.Generator | None = None, noise: float = 3.0):
+    """Scene -> RGB PIL image (anti-aliased; faint Gaussian noise of std `noise` when an rng is given)."""
+    big = image_size * SUPERSAMPLE
+    img = Image.new("RGB", (big, big), scene.background)
+    draw = ImageDraw.Draw(img)
+    for obj in scene.objects:
+        x0, y0, x1, y1 = (v * SUPERSAMPLE for v in obj.box)
+        if obj.shape == "circle":
+            draw.ellipse((x0, y0, x1, y1), fill=obj.rgb)
+        elif obj.shape == "square":
+            draw.rectangle((x0, y0, x1, y1), fill=obj.rgb)
+        else:
+            draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=obj.rgb)
+    img = img.resize((image_size, image_size), Image.Resampling.BOX)
+    if rng is not None and noise > 0:
+        arr = np.asarray(img, dtype=np.float32) + rng.normal(0.0, noise, size=(image_size, image_size, 3))
+        img = Image.fromarray(np.clip(arr, 0, 255).round().astype(np.uint8))
+    return img
+
+
+def _split_rng(seed: int, split: str) -> np.random.Generator:
+    return np.random.default_rng([seed, SPLITS.index(split)])
+
+
+def generate_world(
+    out: str | Path,
+    counts: dict[str, int] | None = None,
+    seed: int = 0,
+    image_size: int = 40,
+    captions_per_image: int = 5,
+    progress: bool = True,
+) -> Path:
+    """Write `out/images/*.png` and `out/dataset_coco.json` (Karpathy format, splits per SPLITS); return the json.
+
+    `counts` maps split -> number of images (missing splits: DEFAULT_COUNTS; 0 skips a split). The same seed gives
+    the same world, split by split, whatever the other splits' counts. Each image entry also records its scene
+    (`objects`, `layout`) for scoring."""
+    counts = {**DEFAULT_COUNTS, **(counts or {})}
+    unknown = sorted(set(counts) - set(SPLITS))
+    if unknown:
+        raise ClipCapError(f"unknown shapes-world split(s) {unknown}; the splits are {', '.join(SPLITS)}")
+    if image_size < 16:
+        raise ClipCapError(f"image_size must be at least 16 pixels, got {image_size}")
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    entries = []
+    total = sum(counts[s] for s in SPLITS)
+    with tqdm(total=total, desc="shapes world", unit="img", disable=not progress) as bar:
+        for split in SPLITS:
+            rng = _split_rng(seed, split)
+            novel = {"pretrain": None, "novel": True}.get(split, False)
+            for i in range(counts[split]):
+                scene = sample_scene(rng, image_size, novel=novel)
+                filename = f"{split}_{i:06d}.png"
+                render(scene, image_size, rng).save(out / "images" / filename)
+                imgid = len(entries)
+                texts = captions(scene, rng, captions_per_image)
+                entries.append(
+                    {
+                        "filepath": "images",
+                        "filename": filename,
+                        "imgid": imgid,
+                        "cocoid": imgid,
+                        "split": split,
+                        "sentences": [
+                            {"raw": t, "tokens": t.rstrip(".").split(), "imgid": imgid, "sentid": imgid * 100 + j}
+                            for j, t in enumerate(texts)
+                        ],
+                        "sentids": [imgid * 100 + j for j in range(len(texts))],
+                        "layout": scene.layout,
+                        "objects": [{k: v for k, v in asdict(o).items() if k != "rgb"} for o in scene.objects],
+                    }
+                )
+                bar.update()
+    path = out / DATASET_NAME
+    path.write_text(json.dumps({"dataset": "shapes", "images": entries}))
+    return path
+
+
+def object_pairs(text: str) -> list[tuple[str, str]]:
+    """(colour, shape) pairs a caption names with the colour directly before its shape (a size word may precede)."""
+    return [(m.group(1), m.group(2)) for m in _PAIR_RE.finditer(text.lower())]
+
+
+def binding_accuracy(predictions: list[str], references: list[list[str]]) -> dict[str, float | int]:
+    """How often generated captions name the right colour attached to the right shape.
+
+    The truth is read from the references (each names every object as "[size] colour shape"). Returns
+    `single` (fraction of one-object images whose caption names exactly that object), `objects` (fraction of all
+    objects named), `images_exact` (fraction of images whose named pairs equal the truth) and the counts."""
+    if len(predictions) != len(references):
+        raise ClipCapError(f"{len(predictions)} predictions but {len(references)} reference lists")
+    single = single_ok = objects = objects_ok = exact = 0
+    for prediction, refs in zip(predictions, references, strict=True):
+        truth = object_pairs(refs[0]) if refs else []
+        named = object_pairs(prediction)
+        objects += len(truth)
+        objects_ok += sum(pair in named for pair in truth)
+        same = sorted(named) == sorted(truth)
+        exact += same
+        if len(truth) == 1:
+            single += 1
+            single_ok += same
+    return {
+        "single": single_ok / single if single else float("nan"),
+        "objects": objects_ok / objects if objects else float("nan"),
+        "images_exact": exact / len(predictions) if predictions else float("nan"),
+        "num_images": len(predictions),
+        "num_single": single,
+        "num_objects": objects,
+    }

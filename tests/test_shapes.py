@@ -1,0 +1,149 @@
+"""The shapes world: deterministic, follows DESIGN §7, keeps novel compositions out of ClipCap's splits."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from clipcap.data import shapes
+from clipcap.errors import ClipCapError
+
+COUNTS = {"pretrain": 60, "train": 60, "val": 5, "test": 10, "novel": 30}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("world")
+    return json.loads(shapes.generate_world(out, COUNTS, seed=3, progress=False).read_text()), out
+
+
+def test_splits_counts_and_files(world):
+    data, out = world
+    by_split = {s: [e for e in data["images"] if e["split"] == s] for s in shapes.SPLITS}
+    assert {s: len(v) for s, v in by_split.items()} == COUNTS
+    for entry in data["images"]:
+        img = Image.open(out / entry["filepath"] / entry["filename"])
+        assert img.size == (40, 40) and img.mode == "RGB"
+        assert len(entry["sentences"]) == 5
+        assert len({s["raw"] for s in entry["sentences"]}) == 5
+
+
+def test_same_seed_same_world(tmp_path, world):
+    data, out = world
+    again = json.loads(shapes.generate_world(tmp_path, COUNTS, seed=3, progress=False).read_text())
+    assert again == data
+    name = data["images"][7]["filename"]
+    assert (tmp_path / "images" / name).read_bytes() == (out / "images" / name).read_bytes()
+    other = json.loads(shapes.generate_world(tmp_path / "b", COUNTS, seed=4, progress=False).read_text())
+    assert [e["sentences"] for e in other["images"]] != [e["sentences"] for e in data["images"]]
+
+
+def test_a_split_does_not_depend_on_the_others_counts(tmp_path, world):
+    data, _ = world
+    only_test = json.loads(
+        shapes.generate_world(
+            tmp_path, {s: 0 for s in shapes.SPLITS} | {"test": 10}, seed=3, progress=False
+        ).read_text()
+    )
+
+    def raw(entries):
+        return [[s["raw"] for s in e["sentences"]] + [e["objects"]] for e in entries]
+
+    assert raw(only_test["images"]) == raw(e for e in data["images"] if e["split"] == "test")
+
+
+def test_novel_compositions_only_in_pretrain_and_novel(world):
+    data, _ = world
+    for entry in data["images"]:
+        truth = {(o["colour"], o["shape"]) for o in entry["objects"]}
+        novel = bool(truth & set(shapes.NOVEL))
+        if entry["split"] in ("train", "val", "test"):
+            assert not novel
+            assert not any(set(shapes.object_pairs(s["raw"])) & set(shapes.NOVEL) for s in entry["sentences"])
+        elif entry["split"] == "novel":
+            assert novel
+
+
+def test_pretrain_covers_the_whole_world(tmp_path):
+    data = json.loads(
+        shapes.generate_world(tmp_path, {s: 0 for s in shapes.SPLITS} | {"pretrain": 400}, progress=False).read_text()
+    )
+    seen = {(o["colour"], o["shape"]) for e in data["images"] for o in e["objects"]}
+    assert seen == {(c, s) for c in shapes.COLOURS for s in shapes.SHAPES}
+
+
+def test_captions_name_every_object_as_colour_before_shape(world):
+    data, _ = world
+    for entry in data["images"]:
+        truth = sorted((o["colour"], o["shape"]) for o in entry["objects"])
+        for sentence in entry["sentences"]:
+            raw = sentence["raw"]
+            assert raw == raw.lower() and raw.endswith(".")
+            assert sorted(shapes.object_pairs(raw)) == truth
+            assert " a orange" not in raw and not raw.startswith("a orange")
+
+
+def test_layout_matches_geometry(world):
+    data, _ = world
+    for entry in data["images"]:
+        objs = entry["objects"]
+        for o in objs:
+            x0, y0, x1, y1 = o["box"]
+            assert 0 <= x0 < x1 <= 40 and 0 <= y0 < y1 <= 40
+            side = x1 - x0
+            assert side == pytest.approx(shapes.SIZES[o["size"]] * 40, rel=0.11)
+        if len(objs) == 2:
+            a, b = (np.array(o["box"]) for o in objs)
+            assert not shapes._overlap(a, b, margin=0)
+            ca, cb = (a[:2] + a[2:]) / 2, (b[:2] + b[2:]) / 2
+            expected = {"left of": ca[0] < cb[0], "right of": ca[0] > cb[0], "above": ca[1] < cb[1]}
+            assert expected.get(entry["layout"], ca[1] > cb[1])
+
+
+def test_render_draws_the_colour_on_a_light_background():
+    rng = np.random.default_rng(0)
+    scene = shapes.sample_scene(rng)
+    pixels = np.asarray(shapes.render(scene, 40)).reshape(-1, 3)
+    assert (pixels.min(axis=1) >= 200).mean() > 0.4  # background channels 200-255
+    for obj in scene.objects:
+        assert np.abs(pixels.astype(int) - obj.rgb).sum(axis=1).min() <= 6
+
+
+def test_object_pairs():
+    assert shapes.object_pairs("a large purple triangle above a small Red circle.") == [
+        ("purple", "triangle"),
+        ("red", "circle"),
+    ]
+    assert shapes.object_pairs("a purple large triangle.") == []  # colour not attached to the shape
+
+
+def test_binding_accuracy_counts_exactly():
+    refs = [
+        ["a red circle on the left."],
+        ["a purple triangle at the top."],
+        ["a blue square above a green circle."],
+        ["a yellow circle below an orange square."],
+    ]
+    preds = [
+        "a small red circle on the left.",  # right
+        "a purple square at the top.",  # wrong shape
+        "a blue square above a green circle.",  # both right
+        "a yellow circle below a red square.",  # one of two
+    ]
+    acc = shapes.binding_accuracy(preds, refs)
+    assert acc["single"] == 0.5
+    assert acc["objects"] == 4 / 6
+    assert acc["images_exact"] == 0.5
+    assert (acc["num_images"], acc["num_single"], acc["num_objects"]) == (4, 2, 6)
+
+
+def test_bad_arguments_raise(tmp_path):
+    with pytest.raises(ClipCapError, match="unknown shapes-world split"):
+        shapes.generate_world(tmp_path, {"training": 3})
+    with pytest.raises(ClipCapError, match="image_size"):
+        shapes.generate_world(tmp_path, image_size=4)
+    with pytest.raises(ClipCapError, match="predictions"):
+        shapes.binding_accuracy(["a."], [])
