@@ -142,17 +142,26 @@ class ClipCapModel(nn.Module):
         prefix = self.prefix(clip_embeds).to(self.lm.get_input_embeddings().weight.dtype)
         mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
         # A fresh GenerationConfig: the LM's own defaults (e.g. GPT-2's eos 50256) must not change when we stop.
+        # generate() fills every None field from the LM's generation_config, so "never stop" cannot be None: it is
+        # an id one past the vocabulary, which the LM can never emit.
+        never = self.lm.config.get_text_config().vocab_size
+        pad = self.pad_token_id
         generation_config = GenerationConfig(
             max_new_tokens=max_new_tokens,
             num_beams=num_beams,
             do_sample=do_sample,
             num_return_sequences=num_return_sequences,
-            eos_token_id=stop,
-            pad_token_id=self.pad_token_id,
+            eos_token_id=never if stop is None else stop,
+            pad_token_id=pad,
             bos_token_id=None,
             **generate_kwargs,
         )
-        return self.lm.generate(inputs_embeds=prefix, attention_mask=mask, generation_config=generation_config)
+        ids = self.lm.generate(inputs_embeds=prefix, attention_mask=mask, generation_config=generation_config)
+        if stop is None:
+            return ids
+        # Beam search pads finished rows with the eos id when the pad id is 0; enforce the pad id after each stop.
+        is_stop = (ids == stop).long()
+        return ids.masked_fill(is_stop.cumsum(1) - is_stop > 0, pad)
 
     # -- persistence -------------------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path, save_lm: bool = True) -> None:
