@@ -78,6 +78,79 @@ def cmd_demo(args) -> int:
     return 0
 
 
+# -- embed -------------------------------------------------------------------------------------------------------
+def add_embed(sub) -> None:
+    p = sub.add_parser(
+        "embed",
+        help="encode a captioning dataset into an embedding store (resumable)",
+        description="Encode every image of SOURCE with a CLIP-family encoder into an embedding store "
+        "(clip-retrieval layout: img_emb/*.npy float16 + metadata/*.parquet + info.json). Bad items (missing, "
+        "corrupt, oversized images, empty captions, duplicate keys) are skipped and listed in STORE/skipped.jsonl. "
+        "Rerun the same command after an interruption to resume. Under torchrun each rank takes every "
+        "WORLD_SIZE-th shard: torchrun --nproc-per-node 8 -m clipcap.cli embed SOURCE --out STORE ...",
+    )
+    p.add_argument(
+        "source",
+        help="dataset: Karpathy/COCO/nocaps JSON, Conceptual Captions TSV, CSV/JSONL/parquet, a folder of images "
+        "with .txt sidecars, or webdataset .tar shards (a dir, a glob or shard-{00000..00009}.tar)",
+    )
+    p.add_argument("--out", required=True, help="store directory to write (or resume)")
+    p.add_argument("--clip-model", required=True, help="HF id or dir of the CLIP-family encoder")
+    p.add_argument(
+        "--format",
+        default="auto",
+        choices=["auto", "karpathy", "coco", "nocaps", "cc", "csv", "jsonl", "parquet", "folder", "webdataset"],
+        help="source format (default: auto, from the extension or the JSON content)",
+    )
+    p.add_argument(
+        "--images",
+        help="image root for sources that name images by relative path (default: the source file's folder); "
+        "for cc, the img2dataset output (folder or .tar shards) whose .json sidecars map URLs to images",
+    )
+    p.add_argument("--split", help="only this split (Karpathy: train, val, test, ...; restval counts as train)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per encoder forward pass (default: 64)")
+    p.add_argument("--workers", type=int, default=2, help="image-decoding worker processes; 0 decodes in-process")
+    p.add_argument(
+        "--text-only",
+        action="store_true",
+        help="store CLIP text embeddings of the captions instead (one row per caption; for text-only training)",
+    )
+    p.add_argument(
+        "--normalize",
+        action="store_true",
+        help="L2-normalise the embeddings, as clip-retrieval does (default: raw features, as the paper trained on)",
+    )
+    p.add_argument("--shard-size", type=int, default=10_000, help="records per shard file (default: 10000)")
+    p.add_argument("--device", help="torch device (default: cuda:LOCAL_RANK when available, else cpu)")
+    p.add_argument("--image-column", help="CSV/JSONL/parquet column holding the image path (default: guessed)")
+    p.add_argument("--caption-column", help="CSV/JSONL/parquet column holding the caption(s) (default: guessed)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary line")
+    p.set_defaults(func=cmd_embed)
+
+
+def cmd_embed(args) -> int:
+    from .embed import embed
+
+    embed(
+        args.source,
+        args.out,
+        args.clip_model,
+        format=args.format,
+        images=args.images,
+        split=args.split,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        text_only=args.text_only,
+        normalize=args.normalize,
+        shard_size=args.shard_size,
+        device=args.device,
+        image_column=args.image_column,
+        caption_column=args.caption_column,
+        progress=not args.quiet,
+    )
+    return 0
+
+
 # -- entry point -------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -86,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"clipcap {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (add_convert, add_demo):
+    for add in (add_convert, add_demo, add_embed):
         add(sub)
     return parser
 

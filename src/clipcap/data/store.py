@@ -5,6 +5,7 @@ STORE/img_emb/img_emb_{i}.npy        float16 [n_i, clip_dim]   (text_emb/text_em
 STORE/metadata/metadata_{i}.parquet  same row order: key, image_path, split, captions list<string>, caption, extra
 STORE/info.json                      clip_model, clip_dim, normalized, modality, counts, skipped
 STORE/skipped.jsonl                  one line per bad item: {"key", "image", "reason", "shard"}
+STORE/job.json                       the `clipcap embed` parameters, checked when it resumes
 ```
 Every file is written to a temporary name and renamed, so a killed job leaves whole shards or none; the embedding
 file is renamed last and marks its shard complete (what `clipcap embed` resumes from). Stores made by
@@ -25,6 +26,7 @@ from ..errors import ClipCapError
 
 INFO = "info.json"
 SKIPPED = "skipped.jsonl"
+JOB = "job.json"  # written by `clipcap embed` when it starts; info.json appears when it finishes
 _EMB_DIRS = {"image": "img_emb", "text": "text_emb"}
 
 
@@ -257,6 +259,10 @@ class EmbeddingStore:
             raise ClipCapError(f"embedding store not found: {self.path}")
         info_file = self.path / INFO
         self._info = json.loads(info_file.read_text()) if info_file.is_file() else None
+        if self._info is None and (self.path / JOB).is_file():
+            raise ClipCapError(
+                f"embedding store {self.path} is unfinished: rerun the same `clipcap embed` command to complete it"
+            )
         modality = (self._info or {}).get("modality", "image")
         emb_dir = self.path / _EMB_DIRS.get(modality, "img_emb")
         if not emb_dir.is_dir() and (self.path / "text_emb").is_dir():
