@@ -151,6 +151,64 @@ def cmd_embed(args) -> int:
     return 0
 
 
+# -- serve -------------------------------------------------------------------------------------------------------
+def add_serve(sub) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="run the captioning REST API and upload page",
+        description="Serve a model dir over HTTP: GET / is an upload page, POST /v1/captions takes multipart "
+        "`image` fields (+ num_beams, max_new_tokens, num_captions) and returns {results: [{filename, captions}]}, "
+        "GET /healthz, OpenAPI docs at /docs. The model loads once; concurrent requests are batched together.",
+    )
+    p.add_argument("--model", required=True, help="model dir (or HF Hub id) to serve")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1; the API has no auth)")
+    p.add_argument("--port", type=int, default=8000, help="port to bind (default: 8000)")
+    p.add_argument("--clip-model", help="CLIP encoder dir or id (default: the one named in the model's config)")
+    p.add_argument("--device", help="torch device for the model, e.g. cuda (default: cpu)")
+    p.add_argument("--max-batch-size", type=int, default=32, help="images per batched model run (default: 32)")
+    p.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=10.0,
+        help="how long a request waits for others to share its batch (default: 10)",
+    )
+    p.add_argument(
+        "--max-queue", type=int, default=256, help="requests waiting for the model before 503 (default: 256)"
+    )
+    p.add_argument("--max-images", type=int, default=16, help="images per request (default: 16)")
+    p.add_argument("--max-upload-mb", type=float, default=10.0, help="request body size limit in MB (default: 10)")
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=64_000_000,
+        help="pixels per image, checked before decoding (default: 64000000)",
+    )
+    p.add_argument("--timeout", type=float, default=60.0, help="per-request time limit in seconds (default: 60)")
+    p.add_argument("--beams", type=int, default=1, help="beam width when a request gives none (default: 1, greedy)")
+    p.add_argument(
+        "--max-new-tokens", type=int, default=67, help="caption length when a request gives none (default: 67)"
+    )
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args) -> int:
+    from .serve import ServeConfig, serve
+
+    config = ServeConfig(
+        max_batch_size=args.max_batch_size,
+        max_wait_ms=args.max_wait_ms,
+        max_queue=args.max_queue,
+        max_images=args.max_images,
+        max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+        max_pixels=args.max_pixels,
+        timeout_s=args.timeout,
+        num_beams=args.beams,
+        default_new_tokens=args.max_new_tokens,
+    )
+    serve(args.model, host=args.host, port=args.port, clip_model=args.clip_model, device=args.device, config=config)
+    return 0
+
+
 # -- entry point -------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -159,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"clipcap {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (add_convert, add_demo, add_embed):
+    for add in (add_convert, add_demo, add_embed, add_serve):
         add(sub)
     return parser
 
