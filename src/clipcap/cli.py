@@ -209,6 +209,148 @@ def cmd_serve(args) -> int:
     return 0
 
 
+# -- evaluate ----------------------------------------------------------------------------------------------------
+def add_evaluate(sub) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="score captions: coco-caption metrics (BLEU, METEOR, ROUGE-L, CIDEr-D, SPICE) + CLIPScore",
+        description="Either caption a dataset split with a model and score the captions (--model DIR --data "
+        "SOURCE), or score a file of predictions (--predictions P --references R). Metrics are pycocoevalcap's "
+        "(PTB tokenizer, BLEU-1..4, METEOR, ROUGE-L, CIDEr-D, SPICE when its CoreNLP jars are installed) plus "
+        "CLIPScore / RefCLIPScore; nocaps data is also scored per domain. Prints a Markdown table and writes "
+        "OUT (metrics with the exact decoding settings and timings), OUT.csv (one row per image) and, when "
+        "generating, OUT.predictions.json (COCO results format).",
+    )
+    p.add_argument("--model", help="model dir (or HF id) to generate captions with")
+    p.add_argument(
+        "--data",
+        help="with --model: a dataset source (Karpathy/COCO/nocaps JSON, CSV/JSONL, image folder, webdataset, ...; "
+        "images are encoded with the model's CLIP) or an embedding store dir (its embeddings are captioned)",
+    )
+    p.add_argument(
+        "--predictions",
+        help="captions to score: COCO results JSON [{image_id, caption}], `clipcap caption` JSONL, or {id: caption}",
+    )
+    p.add_argument(
+        "--references",
+        help="reference captions: COCO/nocaps annotation JSON, Karpathy JSON, JSONL/CSV, or {id: [captions]}",
+    )
+    p.add_argument(
+        "--out", default="metrics.json", help="metrics file; OUT.csv etc. are written beside it (default: metrics.json)"
+    )
+    p.add_argument(
+        "--split", help="split to evaluate; 'all' for every image (default: test with --model, all otherwise)"
+    )
+    p.add_argument(
+        "--format",
+        default="auto",
+        choices=["auto", "karpathy", "coco", "nocaps", "cc", "csv", "jsonl", "parquet", "folder", "webdataset"],
+        help="format of --data / --references (default: auto, from the extension or the JSON content)",
+    )
+    p.add_argument(
+        "--images",
+        help="image root for sources that name images by relative path (default: the source file's folder); with "
+        "--predictions, where CLIPScore looks for the images (ID.jpg or the references' file names)",
+    )
+    p.add_argument("--beams", type=int, help="beam width; 1 = greedy (default: 5, length-normalised, as the paper)")
+    p.add_argument("--max-new-tokens", type=int, help="longest caption in tokens (default: 67, as the paper)")
+    p.add_argument("--batch-size", type=int, help="images per batch for CLIP and decoding (default: 32)")
+    p.add_argument("--limit", type=int, help="evaluate only the first N images of the split (quick checks)")
+    p.add_argument(
+        "--clip-model",
+        help="CLIP for CLIPScore (HF id or dir); with --model it also replaces the encoder the model config names "
+        "(default there: the model's own CLIP; with --predictions CLIPScore is skipped without it)",
+    )
+    p.add_argument("--no-clipscore", action="store_true", help="skip CLIPScore / RefCLIPScore")
+    p.add_argument("--no-spice", action="store_true", help="skip SPICE (slow; needs Java and Stanford CoreNLP jars)")
+    p.add_argument("--device", help="torch device, e.g. cuda (default: cpu)")
+    p.set_defaults(func=cmd_evaluate)
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import evaluate, format_table
+
+    result = evaluate(
+        model=args.model,
+        data=args.data,
+        predictions=args.predictions,
+        references=args.references,
+        out=args.out,
+        split=args.split,
+        format=args.format,
+        images=args.images,
+        clip_model=args.clip_model,
+        clipscore=not args.no_clipscore,
+        spice=not args.no_spice,
+        batch_size=args.batch_size,
+        device=args.device,
+        num_beams=args.beams,
+        max_new_tokens=args.max_new_tokens,
+        limit=args.limit,
+    )
+    print(format_table(result))
+    return 0
+
+
+# -- caption -----------------------------------------------------------------------------------------------------
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def add_caption(sub) -> None:
+    p = sub.add_parser(
+        "caption",
+        help="caption image files, directories or globs",
+        description="Caption images with a model dir. Directories are searched recursively and globs expanded "
+        "(both pick files with an image extension). One record per image goes to stdout as its batch finishes: "
+        'JSON lines {"image": ..., "caption": ...} ({"image": ..., "captions": [...]} with --num-captions > 1) '
+        "or CSV. A bad image (missing, corrupt, not an image, too many pixels) is skipped with one line on stderr; "
+        "the exit status is non-zero only when no image could be captioned.",
+    )
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR_OR_GLOB", help="image files, directories or globs")
+    p.add_argument("--model", required=True, help="model dir (or HF Hub id) to caption with")
+    p.add_argument("--beams", type=_count, default=1, help="beam width; 1 is greedy decoding (default: 1)")
+    p.add_argument(
+        "--max-new-tokens", type=_count, default=67, help="longest caption in tokens (default: 67, the original's)"
+    )
+    p.add_argument(
+        "--num-captions", type=_count, default=1, help="captions per image, the best beams (needs --beams >= N)"
+    )
+    p.add_argument("--batch-size", type=_count, default=32, help="images encoded and decoded together (default: 32)")
+    p.add_argument("--format", choices=["jsonl", "csv"], default="jsonl", help="stdout format (default: jsonl)")
+    p.add_argument("--clip-model", help="CLIP encoder dir or id (default: the one named in the model's config)")
+    p.add_argument(
+        "--device", default="auto", help="torch device, e.g. cuda:0 (default: cuda when available, else cpu)"
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16"],
+        help="weights and compute dtype (default: as saved; float16/bfloat16 are for GPUs)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary line (bad images still reported)")
+    p.set_defaults(func=cmd_caption)
+
+
+def cmd_caption(args) -> int:
+    from .captioner import Captioner
+
+    Captioner.from_pretrained(
+        args.model, clip_model=args.clip_model, device=args.device, dtype=args.dtype, batch_size=args.batch_size
+    ).caption_files(
+        args.images,
+        sys.stdout,
+        fmt=args.format,
+        progress=not args.quiet,
+        num_beams=args.beams,
+        max_new_tokens=args.max_new_tokens,
+        num_return_sequences=args.num_captions,
+    )
+    return 0
+
+
 # -- entry point -------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -217,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"clipcap {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (add_convert, add_demo, add_embed, add_serve):
+    for add in (add_convert, add_demo, add_embed, add_serve, add_evaluate):
         add(sub)
     return parser
 

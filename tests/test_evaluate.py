@@ -1,0 +1,359 @@
+"""Evaluation: coco-caption parity on CLIPScore's public example, CIDEr-D's corpus idf, the no-Java fallback,
+CLIPScore / RefCLIPScore on a tiny CLIP, input formats, nocaps domains, and `clipcap evaluate` end to end."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clipcap import evaluate as ev
+from clipcap.cli import main
+from clipcap.errors import ClipCapError
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "clipscore-example"
+if not EXAMPLE.is_dir():  # a clone with shared/ beside it (CI)
+    EXAMPLE = Path(__file__).resolve().parents[1] / "shared" / "reference" / "clipscore-example"
+CAPTION_SETS = ("good_captions.json", "bad_captions.json")
+NO_JAVA = ev.java_problem()
+needs_example = pytest.mark.skipif(not EXAMPLE.is_dir(), reason=f"reference example not found at {EXAMPLE}")
+
+
+def load(name: str):
+    return json.loads((EXAMPLE / name).read_text())
+
+
+@pytest.fixture(scope="module")
+def example_scores():
+    refs = load("refs.json")
+    return {name: ev.compute_scores(load(name), refs) for name in CAPTION_SETS}
+
+
+@pytest.fixture
+def no_java(monkeypatch):
+    monkeypatch.setattr(ev.shutil, "which", lambda name, *a, **k: None if name == "java" else shutil.which(name))
+
+
+# -- coco-caption parity -----------------------------------------------------------------------------------------
+@needs_example
+@pytest.mark.parametrize("name", CAPTION_SETS)
+@pytest.mark.parametrize("metric", ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"])
+def test_reproduces_published_coco_caption_scores(example_scores, name, metric):
+    if metric == "METEOR" and NO_JAVA:
+        pytest.skip(f"METEOR runs on Java: {NO_JAVA}")
+    expected = load("expected.json")[name]["coco_caption"][metric]
+    scores = example_scores[name]
+    assert scores.tokenizer == (ev.PYTHON_TOKENIZER if NO_JAVA else ev.PTB_TOKENIZER)
+    assert scores.metrics[metric] == pytest.approx(expected, abs=1e-4)
+    # and the published 4-digit figure
+    assert round(scores.metrics[metric], 4) == pytest.approx(load("expected.json")[name]["published"][metric])
+
+
+@needs_example
+def test_spice_is_reported_unavailable_with_the_reason_never_faked(example_scores):
+    scores = example_scores["good_captions.json"]
+    if ev._spice_problem() is None and not NO_JAVA:
+        pytest.skip("Stanford CoreNLP is installed here: SPICE really runs")
+    assert "SPICE" not in scores.metrics
+    assert "CoreNLP" in scores.unavailable["SPICE"] or "Java" in scores.unavailable["SPICE"]
+    assert all("SPICE" not in row for row in scores.per_image.values())
+
+
+@needs_example
+def test_score_captions_returns_the_corpus_metrics(example_scores):
+    refs, good = load("refs.json"), load("good_captions.json")
+    assert ev.score_captions(good, refs) == example_scores["good_captions.json"].metrics
+
+
+# -- CIDEr-D is a corpus-level metric ------------------------------------------------------------------------------
+@needs_example
+def test_cider_idf_comes_from_the_evaluated_references(example_scores):
+    refs, good = load("refs.json"), load("good_captions.json")
+    together = example_scores["good_captions.json"]
+    # The corpus figure is the mean of the per-image values...
+    per = [together.per_image[k]["CIDEr"] for k in good]
+    assert together.metrics["CIDEr"] == pytest.approx(sum(per) / len(per), abs=1e-12)
+    assert per[0] > 0
+    # ...but each per-image value depends on the other images' references: alone, every n-gram of image1's
+    # references occurs in the one document there is, idf = log(1/1) = 0, and CIDEr-D is exactly 0.
+    alone = ev.compute_scores({"image1": good["image1"]}, {"image1": refs["image1"]}, spice=False)
+    assert alone.metrics["CIDEr"] == 0.0
+    # A third image whose references share no n-gram with image1 raises image1's idf weights: a new score.
+    distractor = {"image3": ["a red bus parked by a station."]}
+    three = ev.compute_scores(
+        {**good, "image3": "a bus at the station."}, {**refs, **distractor}, spice=False
+    ).per_image["image1"]["CIDEr"]
+    assert three != pytest.approx(per[0], abs=1e-6)
+
+
+# -- without Java --------------------------------------------------------------------------------------------------
+def test_python_tokenize_follows_coco_caption_rules():
+    assert ev.python_tokenize("A man's dog doesn't like \"T-shirts\", 3.5 m... (OK)?") == (
+        "a man 's dog does n't like t-shirts 3.5 m ok"
+    )
+    assert ev.python_tokenize("  Two dogs;\tone cat!\n") == "two dogs one cat"
+    assert ev.python_tokenize("") == ""
+
+
+@pytest.mark.skipif(bool(NO_JAVA), reason=f"comparison with the PTB tokenizer needs Java: {NO_JAVA}")
+def test_python_tokenize_equals_ptb_on_ordinary_captions():
+    refs = load("refs.json") if EXAMPLE.is_dir() else {}
+    captions = [c for caps in refs.values() for c in caps] + [
+        "A man's dog doesn't like T-shirts, 3.5 meters away.",
+        "Two people riding bikes down the street!",
+        "a small blue square above a green triangle.",
+        "The kids aren't playing; they're eating pizza.",
+    ]
+    ptb = ev._ptb_tokenize({"x": captions})["x"]
+    assert [ev.python_tokenize(c) for c in captions] == ptb
+
+
+def test_ptb_tokenize_keeps_alignment_with_empty_and_multiline_captions():
+    if NO_JAVA:
+        pytest.skip(f"the PTB tokenizer runs on Java: {NO_JAVA}")
+    out = ev._ptb_tokenize({"a": ["", "Two\nlines here."], "b": ["...", "A dog."]})
+    assert out == {"a": ["", "two lines here"], "b": ["", "a dog"]}
+
+
+@needs_example
+def test_without_java_bleu_rouge_cider_still_computed_and_labelled(no_java, capsys):
+    assert ev.java_problem() == "no `java` found on PATH"
+    refs = load("refs.json")
+    expected = load("expected.json")
+    for name in CAPTION_SETS:
+        scores = ev.compute_scores(load(name), refs)
+        assert scores.tokenizer == ev.PYTHON_TOKENIZER
+        assert "METEOR" not in scores.metrics and "SPICE" not in scores.metrics
+        for metric in ("METEOR", "SPICE"):
+            reason = scores.unavailable[metric]
+            assert "Java" in reason and "apt-get install default-jre-headless" in reason
+        # The example's captions tokenize identically, so even these digits match coco-caption.
+        for metric in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr"):
+            assert scores.metrics[metric] == pytest.approx(expected[name]["coco_caption"][metric], abs=1e-4)
+    result = ev._score(load("good_captions.json"), {k: ev._Item(k, v) for k, v in refs.items()}, {}, spice=True)
+    table = ev.format_table(result)
+    assert "| CIDEr* |" in table and "Python tokenizer because Java is missing" in table
+    assert "METEOR: n/a, METEOR runs on Java" in table
+    assert "| overall | 2 |" in table and "n/a" in table.splitlines()[2]
+
+
+# -- CLIPScore / RefCLIPScore ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def encoder(clip_dir):
+    from clipcap.encoder import ImageEncoder
+
+    return ImageEncoder.from_pretrained(clip_dir)
+
+
+def test_clipscore_formula_on_known_cosines(encoder):
+    text = encoder.encode_text([ev.CLIPSCORE_PREFIX + "a red circle."])
+    # An "image" whose feature equals the caption's text feature: cos = 1 -> CLIPScore = w = 2.5.
+    same = ev.clip_score(["a red circle."], encoder, image_features=3 * text, references=[["a red circle."]])
+    assert same["CLIPScore"] == pytest.approx(2.5, abs=1e-5)
+    # RefCLIPScore: harmonic mean of 2.5 and the best reference cosine (1 here) = 2*2.5*1/3.5.
+    assert same["RefCLIPScore"] == pytest.approx(5 / 3.5, abs=1e-5)
+    # The best reference counts, whatever the others are.
+    many = ev.clip_score(
+        ["a red circle."], encoder, image_features=text, references=[["two dogs on a beach.", "a red circle."]]
+    )
+    assert many["RefCLIPScore"] == pytest.approx(5 / 3.5, abs=1e-5)
+    # Negative cosine is clipped to 0, and the harmonic mean with 0 is 0.
+    opposite = ev.clip_score(["a red circle."], encoder, image_features=-text, references=[["a red circle."]])
+    assert opposite["CLIPScore"] == 0.0 and opposite["RefCLIPScore"] == 0.0
+
+
+@needs_example
+def test_clipscore_on_images_matches_clip_computed_directly(encoder, clip_dir):
+    from transformers import AutoProcessor, CLIPModel
+
+    paths = [str(EXAMPLE / "images" / f"image{i}.jpg") for i in (1, 2)]
+    good, refs = load("good_captions.json"), load("refs.json")
+    captions = [good["image1"], good["image2"]]
+    references = [refs["image1"], refs["image2"]]
+    scores = ev.clip_score(captions, encoder, images=paths, references=references, batch_size=1)
+
+    # Independently: the CLIPModel and its processor, all captions prefixed, cosines by hand.
+    from PIL import Image
+
+    model, processor = CLIPModel.from_pretrained(clip_dir).eval(), AutoProcessor.from_pretrained(clip_dir)
+    with torch.no_grad():
+        pixels = processor(images=[Image.open(p).convert("RGB") for p in paths], return_tensors="pt")
+        img = model.get_image_features(pixel_values=pixels["pixel_values"])
+        img = F.normalize(getattr(img, "pooler_output", img), dim=-1)
+
+        def text(texts):
+            # One text at a time, truncated to the text tower's context (CLIPScore's clip.tokenize(truncate=True)).
+            # The tiny tokenizer appends no end token, so padding would move the pooled position.
+            feats = []
+            for t in texts:
+                ids = processor.tokenizer("A photo depicts " + t, truncation=True, max_length=64, return_tensors="pt")
+                out = model.get_text_features(**ids)
+                feats.append(F.normalize(getattr(out, "pooler_output", out), dim=-1)[0])
+            return torch.stack(feats)
+
+        cand = text(captions)
+        clip_s = [2.5 * max(float(img[i] @ cand[i]), 0.0) for i in range(2)]
+        ref_s = []
+        for i in range(2):
+            best = max(max(float(cand[i] @ r) for r in text(references[i])), 0.0)
+            ref_s.append(0.0 if clip_s[i] + best == 0 else 2 * clip_s[i] * best / (clip_s[i] + best))
+    assert scores["per_image"]["CLIPScore"] == pytest.approx(clip_s, abs=1e-5)
+    assert scores["per_image"]["RefCLIPScore"] == pytest.approx(ref_s, abs=1e-5)
+    assert scores["CLIPScore"] == pytest.approx(sum(clip_s) / 2, abs=1e-5)
+
+
+def test_clipscore_rejects_mismatched_inputs(encoder):
+    feats = torch.zeros(2, encoder.dim)
+    with pytest.raises(ClipCapError, match="2 images"):
+        ev.clip_score(["one caption"], encoder, image_features=feats)
+    with pytest.raises(ClipCapError, match="exactly one of"):
+        ev.clip_score(["a"], encoder)
+
+
+# -- input formats and matching ------------------------------------------------------------------------------------
+def write(path: Path, obj) -> Path:
+    path.write_text(obj if isinstance(obj, str) else json.dumps(obj))
+    return path
+
+
+def test_load_predictions_formats(tmp_path):
+    coco = write(tmp_path / "res.json", [{"image_id": 7, "caption": "a dog."}, {"image_id": 9, "caption": "a cat."}])
+    assert ev.load_predictions(coco) == ({"7": "a dog.", "9": "a cat."}, {})
+    jsonl = write(tmp_path / "caps.jsonl", '{"image": "imgs/a.jpg", "caption": "a dog."}\n\n')
+    assert ev.load_predictions(jsonl) == ({"imgs/a.jpg": "a dog."}, {"imgs/a.jpg": "imgs/a.jpg"})
+    plain = write(tmp_path / "plain.json", {"image1": "a dog."})
+    assert ev.load_predictions(plain) == ({"image1": "a dog."}, {})
+    dup = write(tmp_path / "dup.json", [{"image_id": 7, "caption": "a."}, {"image_id": 7, "caption": "b."}])
+    with pytest.raises(ClipCapError, match="more than one prediction"):
+        ev.load_predictions(dup)
+    many = write(tmp_path / "many.jsonl", '{"image": "a.jpg", "captions": ["x.", "y."]}\n')
+    with pytest.raises(ClipCapError, match="one caption string"):
+        ev.load_predictions(many)
+    with pytest.raises(ClipCapError, match="not valid JSON"):
+        ev.load_predictions(write(tmp_path / "bad.json", "{"))
+
+
+def test_predictions_match_references_by_id_path_or_stem(tmp_path):
+    items = [ev._Item("1", ["a dog."], image=str(tmp_path / "img" / "dog.jpg")), ev._Item("2", ["a cat."])]
+    preds = {"1": "x", "cat/2.png": "y"}
+    assert ev._match(preds, {"cat/2.png": "cat/2.png"}, items) == {"1": items[0], "cat/2.png": items[1]}
+    assert ev._match({"elsewhere/dog.jpg": "x"}, {}, items) == {"elsewhere/dog.jpg": items[0]}
+    with pytest.raises(ClipCapError, match="match no reference"):
+        ev._match({"3": "z"}, {}, items)
+    with pytest.raises(ClipCapError, match="same image"):
+        ev._match({"1": "x", "dog": "y"}, {}, items)
+
+
+def test_compute_scores_rejects_unscorable_input():
+    with pytest.raises(ClipCapError, match="no references"):
+        ev.compute_scores({"a": "x."}, {"b": ["y."]})
+    with pytest.raises(ClipCapError, match="empty reference list"):
+        ev.compute_scores({"a": "x."}, {"a": []})
+    with pytest.raises(ClipCapError, match="nothing to score"):
+        ev.compute_scores({}, {"a": ["x."]})
+
+
+def nocaps_files(tmp_path: Path) -> tuple[Path, Path]:
+    """A nocaps-style annotation file (images carry `domain`) and COCO-results predictions for it."""
+    refs = {
+        1: ("in-domain", ["a man riding a horse on a beach.", "a person rides a horse."]),
+        2: ("in-domain", ["a plate of food on a table.", "food served on a white plate."]),
+        3: ("near-domain", ["a red fire truck on the street.", "a fire engine parked outside."]),
+        4: ("out-domain", ["a jellyfish floating in blue water.", "a jellyfish in the sea."]),
+        5: ("out-domain", ["an accordion on a wooden chair.", "a musical instrument on a chair."]),
+    }
+    ann = {
+        "info": {"description": "nocaps validation"},
+        "images": [{"id": i, "file_name": f"{i}.jpg", "domain": d} for i, (d, _) in refs.items()],
+        "annotations": [
+            {"id": 10 * i + j, "image_id": i, "caption": c} for i, (_, caps) in refs.items() for j, c in enumerate(caps)
+        ],
+    }
+    preds = [
+        {"image_id": 1, "caption": "a man riding a horse."},
+        {"image_id": 2, "caption": "a plate of food."},
+        {"image_id": 3, "caption": "a red truck on the street."},
+        {"image_id": 4, "caption": "a jellyfish in the water."},
+        {"image_id": 5, "caption": "a chair in a room."},
+    ]
+    return write(tmp_path / "pred.json", preds), write(tmp_path / "nocaps_val.json", ann)
+
+
+def test_nocaps_scores_per_domain_and_overall(tmp_path):
+    pred_file, ref_file = nocaps_files(tmp_path)
+    result = ev.evaluate_predictions(pred_file, ref_file, spice=False)
+    assert list(result["domains"]) == ["in-domain", "near-domain", "out-domain"]
+    assert [result["domains"][d]["num_images"] for d in result["domains"]] == [2, 1, 2]
+    assert result["num_images"] == 5 and result["missing_predictions"] == 0
+    preds, _ = ev.load_predictions(pred_file)
+    refs = {it.key: it.references for it in ev.load_references(ref_file)}
+    # Each domain is scored as its own corpus (CIDEr's idf from that domain's references), as nocaps does.
+    out = ev.compute_scores({k: preds[k] for k in ("4", "5")}, refs, spice=False).metrics
+    assert result["domains"]["out-domain"]["CIDEr"] == out["CIDEr"]
+    overall = ev.compute_scores(preds, refs, spice=False).metrics
+    assert result["CIDEr"] == overall["CIDEr"] and result["BLEU-4"] == overall["BLEU-4"]
+    assert [row["domain"] for row in result["per_image"]] == ["in-domain"] * 2 + ["near-domain"] + ["out-domain"] * 2
+    assert result["unavailable"]["CLIPScore"].startswith("needs a CLIP model")
+    table = ev.format_table(result)
+    assert "| in-domain | 2 |" in table and "| out-domain | 2 |" in table
+
+
+# -- clipcap evaluate ------------------------------------------------------------------------------------------------
+@needs_example
+def test_cli_scores_prediction_files_with_clipscore(tmp_path, clip_dir, capsys):
+    out = tmp_path / "eval" / "m.json"
+    code = main(
+        [
+            "evaluate",
+            "--predictions", str(EXAMPLE / "good_captions.json"),
+            "--references", str(EXAMPLE / "refs.json"),
+            "--images", str(EXAMPLE / "images"),
+            "--clip-model", str(clip_dir),
+            "--out", str(out),
+        ]
+    )  # fmt: skip
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    expected = load("expected.json")["good_captions.json"]["coco_caption"]
+    assert f"| {100 * expected['CIDEr']:.2f} |" in captured.out and "| overall | 2 |" in captured.out
+    metrics = json.loads(out.read_text())
+    assert metrics["CIDEr"] == pytest.approx(expected["CIDEr"], abs=1e-4)
+    assert 0 <= metrics["CLIPScore"] <= 2.5 and "RefCLIPScore" in metrics
+    assert metrics["settings"]["clip_model"] == str(clip_dir)
+    with open(out.with_suffix(".csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["image"] for r in rows] == ["image1", "image2"]
+    assert json.loads(rows[0]["references"]) == load("refs.json")["image1"]
+    per = ev.compute_scores(load("good_captions.json"), load("refs.json")).per_image
+    assert float(rows[1]["CIDEr"]) == pytest.approx(per["image2"]["CIDEr"], abs=1e-9)
+    assert {"prediction", "CLIPScore", "RefCLIPScore"} <= set(rows[0])
+    assert not out.with_name("m.predictions.json").exists()  # nothing was generated
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([], "either a model"),
+        (["--model", "m"], "--model needs --data"),
+        (["--predictions", "p.json", "--references", "r.json", "--beams", "3"], "--beams only apply when generating"),
+        (["--predictions", "missing.json", "--references", "r.json"], "file not found"),
+    ],
+)
+def test_cli_user_mistakes_are_one_line_errors(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["evaluate", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_cli_help_explains_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    out = capsys.readouterr().out
+    for flag in ("--model", "--data", "--predictions", "--references", "--beams", "--no-spice", "--clip-model"):
+        assert flag in out
