@@ -40,3 +40,17 @@ def model_dir(tmp_path_factory, tokenizer, clip_dir):
     tokenizer.save_pretrained(path)
     shutil.copytree(clip_dir, path / "clip")
     return path
+
+
+@pytest.fixture(scope="session")
+def varied_model_dir(tmp_path_factory, tokenizer, clip_dir):
+    """Like model_dir, but with tiny.varied_lm (captions of varied tokens) and "." as the stop token, as the
+    original stopped."""
+    import shutil
+
+    path = tmp_path_factory.mktemp("varied-model")
+    stop = tokenizer.convert_tokens_to_ids(".")
+    tiny.tiny_model("mlp", lm=tiny.varied_lm(vocab_size=len(tokenizer)), stop_token_id=stop).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    shutil.copytree(clip_dir, path / "clip")
+    return path

@@ -9,18 +9,8 @@ from tests import tiny
 LMS = {"gpt2": tiny.tiny_gpt2, "opt": tiny.tiny_opt, "llama": tiny.tiny_llama}
 
 
-def varied_lm(name: str, seed: int = 0):
-    """A tiny LM with untied, large random weights: the default tiny LMs mostly repeat one token, which would
-    let a broken cache or a wrong position go unnoticed."""
-    config = LMS[name](300).config
-    config.tie_word_embeddings = False
-    config.initializer_range = 0.3
-    torch.manual_seed(seed)
-    return type(LMS[name](300))(config).eval()
-
-
 def varied_model(lm_name: str = "gpt2", mapping: str = "mlp", **overrides):
-    return tiny.tiny_model(mapping, lm=varied_lm(lm_name), **overrides)
+    return tiny.tiny_model(mapping, lm=tiny.varied_lm(LMS[lm_name]), **overrides)
 
 
 def clip_batch(b: int = 4, seed: int = 0) -> torch.Tensor:

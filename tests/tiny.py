@@ -162,3 +162,13 @@ def load_lm(path):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+def varied_lm(make=tiny_gpt2, vocab_size: int = 300, seed: int = 0):
+    """A tiny LM (from tiny_gpt2 / tiny_opt / tiny_llama) with untied, large random weights. The default tiny LMs
+    mostly repeat one token, which would let a broken cache, position or decoding step go unnoticed."""
+    config = make(vocab_size).config
+    config.tie_word_embeddings = False
+    config.initializer_range = 0.3
+    torch.manual_seed(seed)
+    return type(make(vocab_size))(config).eval()

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import csv
+import glob
+import json
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import torch
 from PIL import Image
@@ -10,6 +17,59 @@ from PIL import Image
 from .errors import ClipCapError
 from .hub import load_tokenizer, resolve_dir
 from .model import ClipCapModel
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff"})
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def find_images(inputs: Iterable[str | Path]) -> list[Path]:
+    """Expand image files, directories (recursively) and glob patterns, in the order given, without duplicates.
+
+    Directories and globs contribute the files with an image extension; a file named explicitly is always kept
+    (even a missing one, so that it is reported). Raises ClipCapError when nothing at all is found."""
+    found: dict[Path, None] = {}
+    for item in inputs:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            matches = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        elif path.exists() or not glob.has_magic(str(path)):
+            matches = [path]
+        else:
+            hits = (Path(p) for p in glob.glob(str(path), recursive=True))
+            matches = sorted(p for p in hits if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        found.update(dict.fromkeys(matches))
+    if not found:
+        raise ClipCapError(f"no images found in {', '.join(map(str, inputs))}")
+    return list(found)
+
+
+@dataclass
+class CaptionReport:
+    """What `Captioner.caption_files` did: images captioned and images skipped (each reported on `errors`)."""
+
+    captioned: int = 0
+    skipped: int = 0
+
+
+class _Writer:
+    """Caption records as JSON lines ({"image", "caption"} or {"image", "captions"}) or CSV with a header."""
+
+    def __init__(self, out: TextIO, fmt: str, num_captions: int):
+        if fmt not in ("jsonl", "csv"):
+            raise ClipCapError(f"format must be jsonl or csv, got {fmt!r}")
+        self.out, self.fmt, self.n = out, fmt, num_captions
+        if fmt == "csv":
+            self.csv = csv.writer(out)
+            columns = ["caption"] if num_captions == 1 else [f"caption_{i + 1}" for i in range(num_captions)]
+            self.csv.writerow(["image", *columns])
+
+    def write(self, image: str, caption: str | list[str]) -> None:
+        captions = [caption] if isinstance(caption, str) else caption
+        if self.fmt == "csv":
+            self.csv.writerow([image, *captions])
+        else:
+            record = {"image": image, "caption": caption} if self.n == 1 else {"image": image, "captions": captions}
+            self.out.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 class Captioner:
@@ -32,13 +92,20 @@ class Captioner:
         name_or_path: str | Path,
         clip_model: str | None = None,
         device: str | torch.device | None = None,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
         batch_size: int = 32,
     ) -> Captioner:
         """Load the model dir, its tokenizer and the encoder its config names (`clip_model=` overrides;
-        a relative `clip_model` in the config resolves against the model dir)."""
+        a relative `clip_model` in the config resolves against the model dir). `device="auto"` picks cuda when
+        available; `dtype` may be a torch dtype or "float32" / "float16" / "bfloat16"."""
         from .encoder import ImageEncoder
 
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if isinstance(dtype, str):
+            if dtype not in DTYPES:
+                raise ClipCapError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+            dtype = DTYPES[dtype]
         path = resolve_dir(name_or_path)
         model = ClipCapModel.from_pretrained(path, device=device, dtype=dtype)
         has_tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
@@ -74,6 +141,11 @@ class Captioner:
         **generate_kwargs,
     ) -> list[str] | list[list[str]]:
         """Captions for precomputed CLIP embeddings (B, clip_dim), in batches of `batch_size`."""
+        if num_return_sequences > num_beams and not generate_kwargs.get("do_sample"):
+            raise ClipCapError(
+                f"{num_return_sequences} captions per image need at least {num_return_sequences} beams "
+                "(num_beams / --beams) or sampling (do_sample=True)"
+            )
         out: list = []
         for i in range(0, len(clip_embeds), self.batch_size):
             ids = self.model.generate(
@@ -109,3 +181,57 @@ class Captioner:
                 self.caption_embeddings(embeds, num_beams, max_new_tokens, num_return_sequences, **generate_kwargs)
             )
         return out
+
+    def caption_files(
+        self,
+        inputs: Iterable[str | Path],
+        out: TextIO,
+        fmt: str = "jsonl",
+        errors: TextIO | None = None,
+        progress: bool = True,
+        num_beams: int = 1,
+        max_new_tokens: int = 67,
+        num_return_sequences: int = 1,
+        **generate_kwargs,
+    ) -> CaptionReport:
+        """Caption image files, directories (recursive) and globs (see `find_images`), writing one record per
+        image to `out` as each batch finishes. A bad image is skipped with one line on `errors` naming it and the
+        reason. Raises ClipCapError when nothing is found or no image could be captioned."""
+        from tqdm.auto import tqdm
+
+        from .encoder import ImageLoadError, load_image
+
+        errors = errors if errors is not None else sys.stderr
+        paths = find_images(inputs)
+        writer = _Writer(out, fmt, num_return_sequences)
+        report = CaptionReport()
+        bar = tqdm(total=len(paths), unit="img", desc="captioning", file=errors, disable=not progress or len(paths) < 2)
+
+        def flush(batch: list[tuple[Path, Image.Image]]) -> None:
+            images = [img for _, img in batch]
+            captions = self.caption(images, num_beams, max_new_tokens, num_return_sequences, **generate_kwargs)
+            for (path, _), caption in zip(batch, captions, strict=True):
+                writer.write(str(path), caption)
+            out.flush()  # records stream out batch by batch
+            report.captioned += len(batch)
+            bar.update(len(batch))
+            batch.clear()
+
+        batch: list[tuple[Path, Image.Image]] = []
+        with bar:
+            for path in paths:
+                try:
+                    batch.append((path, load_image(path)))
+                except ImageLoadError as e:
+                    bar.write(f"skipped {e}", file=errors)
+                    report.skipped += 1
+                    bar.update(1)
+                if len(batch) == self.batch_size:
+                    flush(batch)
+            if batch:
+                flush(batch)
+        if not report.captioned:
+            raise ClipCapError(f"none of the {len(paths)} images could be captioned (reasons above)")
+        if progress:
+            print(f"captioned {report.captioned} images, skipped {report.skipped}", file=errors)
+        return report
