@@ -359,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"clipcap {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (add_convert, add_demo, add_embed, add_serve, add_evaluate):
+    for add in (add_convert, add_demo, add_embed, add_serve, add_evaluate, add_caption):
         add(sub)
     return parser
 
