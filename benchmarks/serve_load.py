@@ -1,7 +1,7 @@
 """`clipcap serve` under load: many concurrent clients (dynamic micro-batching) vs one request at a time, on the same
 server in one run. Bounded: a fixed number of requests to 127.0.0.1, then the server is stopped.
 
-    .venv/bin/python benchmarks/serve_load.py [--clients 32] [--requests 256] [--sequential 48] [--tokens 20]
+    .venv/bin/python benchmarks/serve_load.py [--clients 32] [--requests 256] [--sequential 48] [--rounds 4]
 
 The server is a real `clipcap serve` subprocess (uvicorn, default limits and batching settings) over a model dir
 built in a temp dir with random weights: a GPT-2-shaped LM (4 layers, 384 hidden, 4096-token vocabulary) and a small
@@ -139,7 +139,7 @@ def summary(name: str, results: list[tuple[float, int]], wall: float) -> dict:
         p99=latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))] * 1000,
     )
     print(
-        f"{name:<22} {row['requests']:>8} {row['errors']:>6} {wall:>8.1f} {row['rate']:>11.1f} "
+        f"{name:<23} {row['requests']:>8} {row['errors']:>6} {wall:>8.1f} {row['rate']:>11.1f} "
         f"{row['p50']:>9.0f} {row['p99']:>9.0f}"
     )
     return row
@@ -159,26 +159,29 @@ async def main_async(args, model_dir: Path, log: Path) -> int:
             await sequential(client, images, 4, args.tokens)  # warm-up
             await concurrent(client, images, args.clients, args.clients, args.tokens)
 
-            print(f"server: {' '.join(command[1:])}")
-            print(
-                f"{'':<22} {'requests':>8} {'errors':>6} {'wall s':>8} {'captions/s':>11} {'p50 ms':>9} {'p99 ms':>9}"
-            )
-            start = time.perf_counter()
-            seq = summary("sequential (1 client)", await sequential(client, images, args.sequential, args.tokens),
-                          time.perf_counter() - start)  # fmt: skip
-            before = (await client.get("/healthz")).json()
-            start = time.perf_counter()
-            conc = summary(f"concurrent ({args.clients} clients)",
-                           await concurrent(client, images, args.requests, args.clients, args.tokens),
-                           time.perf_counter() - start)  # fmt: skip
-            after = (await client.get("/healthz")).json()
+            # Alternate the two sides in rounds, so both see the same background load on a shared machine.
+            seq, conc, seq_wall, conc_wall, batches = [], [], 0.0, 0.0, 0
+            for _ in range(args.rounds):
+                start = time.perf_counter()
+                seq += await sequential(client, images, args.sequential // args.rounds, args.tokens)
+                seq_wall += time.perf_counter() - start
+                before = (await client.get("/healthz")).json()["batches"]
+                start = time.perf_counter()
+                conc += await concurrent(client, images, args.requests // args.rounds, args.clients, args.tokens)
+                conc_wall += time.perf_counter() - start
+                batches += (await client.get("/healthz")).json()["batches"] - before
     finally:
         server.terminate()
         server.wait(timeout=30)
-    batches = after["batches"] - before["batches"]
+    print(f"server: {' '.join(command[1:])}; {args.rounds} rounds of sequential then concurrent requests")
+    print(f"{'':<23} {'requests':>8} {'errors':>6} {'wall s':>8} {'captions/s':>11} {'p50 ms':>9} {'p99 ms':>9}")
+    seq = summary("sequential (1 client)", seq, seq_wall)
+    conc = summary(f"concurrent ({args.clients} clients)", conc, conc_wall)
     ratio = conc["rate"] / seq["rate"]
     errors = seq["errors"] + conc["errors"]
-    print(f"concurrent phase: {batches} generate runs, {args.requests / max(batches, 1):.1f} images per run on average")
+    print(
+        f"concurrent phase: {batches} generate runs, {conc['requests'] / max(batches, 1):.1f} images per run on average"
+    )
     print(
         f"captions/s ratio concurrent / sequential: {ratio:.2f}x (target >= 4x: {'met' if ratio >= 4 else 'NOT met'})"
     )
@@ -192,6 +195,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=256, help="requests in the concurrent phase (default: 256)")
     parser.add_argument("--sequential", type=int, default=48, help="requests in the sequential phase (default: 48)")
     parser.add_argument("--tokens", type=int, default=20, help="caption length in tokens (default: 20)")
+    parser.add_argument("--rounds", type=int, default=4, help="sequential/concurrent alternations (default: 4)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = make_model_dir(Path(tmp) / "model")
