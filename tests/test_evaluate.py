@@ -357,3 +357,130 @@ def test_cli_help_explains_every_flag(capsys):
     out = capsys.readouterr().out
     for flag in ("--model", "--data", "--predictions", "--references", "--beams", "--no-spice", "--clip-model"):
         assert flag in out
+
+
+# -- end to end: a tiny trained model through `clipcap evaluate` -----------------------------------------------------
+TRAINED = {  # image -> (nocaps domain, the caption the tiny model is trained to say, another reference)
+    "img1": ("in-domain", "a large red circle on the left.", "a red circle at the left."),
+    "img2": ("near-domain", "a small blue square above a green triangle.", "a blue square over a triangle."),
+    "img3": ("out-domain", "two people riding bikes down the street.", "people on bikes in the street."),
+}
+
+
+def overfit(model, features: torch.Tensor, captions: list[str], tokenizer, steps: int = 40) -> None:
+    """Train `model` on (feature, caption + stop token) pairs until it says them back."""
+    stop = model.config.stop_token_id
+    rows = [tokenizer(c)["input_ids"] + [stop] for c in captions]
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [stop] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(steps):
+        loss = model(features, ids, attention_mask=mask, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tokenizer, clip_dir):
+    """A model dir overfitted on three images, and a nocaps-style source for them plus one corrupt image."""
+    from PIL import Image
+
+    from clipcap.encoder import ImageEncoder
+    from tests import tiny
+
+    root = tmp_path_factory.mktemp("e2e")
+    # Solid colours: the random tiny CLIP tells them apart (noise images all look alike to it).
+    for name, colour in zip(TRAINED, [(255, 0, 0), (0, 0, 255), (0, 255, 0)], strict=True):
+        Image.new("RGB", (32, 32), colour).save(root / f"{name}.png")
+    (root / "img4.png").write_bytes(b"not an image")
+    names = [*TRAINED, "img4"]
+    domains = [d for d, _, _ in TRAINED.values()] + ["in-domain"]
+    refs = [[said, other] for _, said, other in TRAINED.values()] + [["a dog on a beach."]]
+    source = write(
+        root / "nocaps_tiny.json",
+        {
+            "info": {"description": "nocaps-style fixture"},
+            "images": [
+                {"id": i + 1, "file_name": f"{n}.png", "domain": d}
+                for i, (n, d) in enumerate(zip(names, domains, strict=True))
+            ],
+            "annotations": [
+                {"id": 10 * i + j, "image_id": i + 1, "caption": c}
+                for i, caps in enumerate(refs)
+                for j, c in enumerate(caps)
+            ],
+        },
+    )
+    encoder = ImageEncoder.from_pretrained(clip_dir)
+    features = encoder.encode([root / f"{n}.png" for n in TRAINED])
+    model = tiny.tiny_model("mlp", lm=tiny.tiny_gpt2(len(tokenizer)))
+    overfit(model, features, [said for _, said, _ in TRAINED.values()], tokenizer)
+    model_dir = root / "model"
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    shutil.copytree(clip_dir, model_dir / "clip")
+    return model_dir, source
+
+
+def test_cli_evaluates_a_trained_model_on_a_nocaps_style_source(trained, tmp_path, capsys):
+    model_dir, source = trained
+    out = tmp_path / "metrics.json"
+    args = ["evaluate", "--model", str(model_dir), "--data", str(source), "--split", "all", "--out", str(out)]
+    code = main([*args, "--beams", "2", "--max-new-tokens", "30", "--batch-size", "2"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    metrics = json.loads(out.read_text())
+    with open(out.with_suffix(".csv"), newline="") as f:
+        rows = list(csv.DictReader(f))
+    # The model says back what it was trained on, so every caption matches one of its references exactly.
+    assert {r["image"]: r["prediction"] for r in rows} == {"1": TRAINED["img1"][1], "2": TRAINED["img2"][1],
+                                                           "3": TRAINED["img3"][1]}  # fmt: skip
+    assert [r["domain"] for r in rows] == ["in-domain", "near-domain", "out-domain"]
+    assert metrics["ROUGE-L"] == 1.0 and metrics["BLEU-4"] == pytest.approx(1.0, abs=1e-6)
+    assert metrics["num_images"] == 3 and list(metrics["domains"]) == ["in-domain", "near-domain", "out-domain"]
+    assert all(metrics["domains"][d]["num_images"] == 1 for d in metrics["domains"])
+    # The corrupt image was skipped, counted and named, not scored.
+    assert metrics["skipped"]["count"] == 1 and metrics["skipped"]["items"][0]["image"].endswith("img4.png")
+    assert "skipped 1 images" in captured.err
+    # Exact decoding settings and timings are recorded.
+    decoding = metrics["settings"]["decoding"]
+    assert decoding["num_beams"] == 2 and decoding["max_new_tokens"] == 30 and decoding["strategy"] == "beam search"
+    assert decoding["length_penalty"] == 1.0 and decoding["stop_token_id"] == 0 and decoding["batch_size"] == 2
+    assert set(metrics["time"]) >= {"generation_s", "images_per_s", "total_s"}
+    assert 0 <= metrics["CLIPScore"] <= 2.5 and "RefCLIPScore" in metrics
+    assert "| overall | 3 |" in captured.out and "| near-domain | 1 |" in captured.out
+    assert "beam search (num_beams=2, max_new_tokens=30)" in captured.out
+    # The written predictions (COCO results format) rescore to the same numbers.
+    predictions = out.with_name("metrics.predictions.json")
+    assert json.loads(predictions.read_text())[0] == {"image_id": 1, "caption": TRAINED["img1"][1]}
+    rescored = ev.evaluate_predictions(predictions, source, clipscore=False, spice=False)
+    for name in ("BLEU-4", "ROUGE-L", "CIDEr"):
+        assert rescored[name] == metrics[name]
+        for domain in metrics["domains"]:
+            assert rescored["domains"][domain][name] == metrics["domains"][domain][name]
+
+
+def test_evaluate_model_on_an_embedding_store_matches_the_source(trained, tmp_path):
+    from clipcap.embed import embed
+
+    model_dir, source = trained
+    store = embed(source, tmp_path / "store", model_dir / "clip", workers=0, progress=False)
+    from_store = ev.evaluate_model(model_dir, store, split=None, num_beams=1, max_new_tokens=30, spice=False)
+    from_source = ev.evaluate_model(model_dir, source, split=None, num_beams=1, max_new_tokens=30, spice=False)
+    assert [r["prediction"] for r in from_store["per_image"]] == [said for _, said, _ in TRAINED.values()]
+    assert [r["prediction"] for r in from_store["per_image"]] == [r["prediction"] for r in from_source["per_image"]]
+    assert from_store["CIDEr"] == from_source["CIDEr"]
+    assert from_store["settings"]["decoding"]["strategy"] == "greedy"
+    # float16 store embeddings: CLIPScore agrees with the source's to fp16 precision.
+    assert from_store["CLIPScore"] == pytest.approx(from_source["CLIPScore"], abs=1e-2)
+    assert list(from_store["domains"]) == list(from_source["domains"])
+
+
+def test_evaluate_model_says_which_splits_exist(trained):
+    model_dir, source = trained
+    with pytest.raises(ClipCapError, match="no records in split 'test'"):
+        ev.evaluate_model(model_dir, source, split="test")

@@ -106,12 +106,13 @@ def _ptb_tokenize(captions: dict) -> dict:
 @dataclass
 class CaptionScores:
     """Corpus-level `metrics`, `per_image` scores (id -> metric -> value), metrics that could not be computed
-    (`unavailable`: metric -> reason) and the `tokenizer` used ("ptb" or "python")."""
+    (`unavailable`: metric -> reason), the `tokenizer` used ("ptb" or "python") and the scores of named `subsets`."""
 
     metrics: dict[str, float]
     per_image: dict[object, dict[str, float]]
     unavailable: dict[str, str] = field(default_factory=dict)
     tokenizer: str = PTB_TOKENIZER
+    subsets: dict[str, CaptionScores] = field(default_factory=dict)
 
 
 @functools.cache
@@ -137,50 +138,31 @@ def _spice_problem() -> str | None:
     )
 
 
-def compute_scores(
-    predictions: Mapping[object, str],
-    references: Mapping[object, list[str]],
-    spice: bool = True,
-) -> CaptionScores:
-    """coco-caption scores of `predictions` (id -> caption) against `references` (id -> captions), over the ids
-    of `predictions`. Corpus-level: CIDEr-D's idf comes from these references, so a subset scores differently."""
-    _pycocoevalcap()
+def _tokenize(gts: dict, res: dict) -> tuple[dict, dict, str, str | None]:
+    """(tokenized gts, tokenized res, tokenizer name, why Java cannot be used or None)."""
+    java = java_problem()
+    if java is None:
+        try:
+            return _ptb_tokenize(gts), _ptb_tokenize(res), PTB_TOKENIZER, None
+        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+            java = f"the PTB tokenizer failed ({e})"
+    gts = {i: [python_tokenize(c) for c in caps] for i, caps in gts.items()}
+    res = {i: [python_tokenize(c) for c in caps] for i, caps in res.items()}
+    return gts, res, PYTHON_TOKENIZER, java
+
+
+def _score_tokenized(gts: dict, res: dict, tokenizer: str, java: str | None, spice: bool) -> CaptionScores:
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
 
-    if not predictions:
-        raise ClipCapError("nothing to score: no predictions")
-    missing = [i for i in predictions if i not in references]
-    if missing:
-        raise ClipCapError(f"{len(missing)} predictions have no references, e.g. {missing[:3]}")
-    empty = [i for i in predictions if not references[i]]
-    if empty:
-        raise ClipCapError(f"{len(empty)} images have an empty reference list, e.g. {empty[:3]}")
-    bad = [i for i, c in predictions.items() if not isinstance(c, str)]
-    if bad:
-        raise ClipCapError(f"predictions must be one string per image; not so for {bad[:3]}")
-
-    gts = {i: list(references[i]) for i in predictions}
-    res = {i: [predictions[i]] for i in predictions}
     unavailable: dict[str, str] = {}
-    java = java_problem()
-    tokenizer = PTB_TOKENIZER
-    if java is None:
-        try:
-            gts, res = _ptb_tokenize(gts), _ptb_tokenize(res)
-        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-            java = f"the PTB tokenizer failed ({e})"
     if java is not None:
-        tokenizer = PYTHON_TOKENIZER
-        gts = {i: [python_tokenize(c) for c in caps] for i, caps in gts.items()}
-        res = {i: [python_tokenize(c) for c in caps] for i, caps in res.items()}
         for name in ("METEOR", "SPICE"):
             unavailable[name] = (
                 f"{name} runs on Java: {java}. To compute METEOR and SPICE, and BLEU/ROUGE-L/CIDEr with "
                 f"coco-caption's PTB tokenizer, {JAVA_HINT}"
             )
-
     ids = list(gts)
     per_image: dict[object, dict[str, float]] = {i: {} for i in ids}
     metrics: dict[str, float] = {}
@@ -214,6 +196,39 @@ def compute_scores(
         else:
             unavailable["SPICE"] = problem
     return CaptionScores(metrics, per_image, unavailable, tokenizer)
+
+
+def compute_scores(
+    predictions: Mapping[object, str],
+    references: Mapping[object, list[str]],
+    spice: bool = True,
+    subsets: Mapping[str, Iterable] | None = None,
+) -> CaptionScores:
+    """coco-caption scores of `predictions` (id -> caption) against `references` (id -> captions), over the ids
+    of `predictions`. Corpus-level: CIDEr-D's idf comes from these references, so a subset scores differently.
+    `subsets` (name -> ids, e.g. nocaps domains) are also scored, each as its own corpus, into `.subsets`."""
+    _pycocoevalcap()
+    if not predictions:
+        raise ClipCapError("nothing to score: no predictions")
+    missing = [i for i in predictions if i not in references]
+    if missing:
+        raise ClipCapError(f"{len(missing)} predictions have no references, e.g. {missing[:3]}")
+    empty = [i for i in predictions if not references[i]]
+    if empty:
+        raise ClipCapError(f"{len(empty)} images have an empty reference list, e.g. {empty[:3]}")
+    bad = [i for i, c in predictions.items() if not isinstance(c, str)]
+    if bad:
+        raise ClipCapError(f"predictions must be one string per image; not so for {bad[:3]}")
+    gts = {i: list(references[i]) for i in predictions}
+    res = {i: [predictions[i]] for i in predictions}
+    # Tokenize once (PTB handles each caption on its own line), then score the whole set and every subset.
+    gts, res, tokenizer, java = _tokenize(gts, res)
+    scores = _score_tokenized(gts, res, tokenizer, java, spice)
+    for name, ids in (subsets or {}).items():
+        ids = list(ids)
+        sub_gts, sub_res = {i: gts[i] for i in ids}, {i: res[i] for i in ids}
+        scores.subsets[name] = _score_tokenized(sub_gts, sub_res, tokenizer, java, spice)
+    return scores
 
 
 def score_captions(
@@ -391,7 +406,11 @@ def _mean(values: list[float]) -> float:
 def _score(predictions: dict[str, str], items: dict[str, _Item], clip: dict[str, dict[str, float]], spice: bool):
     """Overall and per-domain scores, per-image rows. `clip` maps image id -> {"CLIPScore": .., ...} for the images
     CLIPScore could be computed on."""
-    overall = compute_scores(predictions, {k: items[k].references for k in predictions}, spice=spice)
+    present = {items[k].domain for k in predictions} - {None}
+    order = [d for d in NOCAPS_DOMAINS if d in present] + sorted(present - set(NOCAPS_DOMAINS))
+    domains = {d: [k for k in predictions if items[k].domain == d] for d in order}
+    references = {k: items[k].references for k in predictions}
+    overall = compute_scores(predictions, references, spice=spice, subsets=domains)
 
     def with_clip(metrics: dict[str, float], keys: list[str]) -> dict:
         out = dict(metrics)
@@ -404,14 +423,8 @@ def _score(predictions: dict[str, str], items: dict[str, _Item], clip: dict[str,
     result = with_clip(overall.metrics, list(predictions))
     result["tokenizer"] = overall.tokenizer
     result["unavailable"] = dict(overall.unavailable)
-    present = {items[k].domain for k in predictions} - {None}
-    if present:
-        order = [d for d in NOCAPS_DOMAINS if d in present] + sorted(present - set(NOCAPS_DOMAINS))
-        result["domains"] = {}
-        for domain in order:
-            keys = [k for k in predictions if items[k].domain == domain]
-            sub = compute_scores({k: predictions[k] for k in keys}, {k: items[k].references for k in keys}, spice)
-            result["domains"][domain] = with_clip(sub.metrics, keys)
+    if domains:
+        result["domains"] = {d: with_clip(overall.subsets[d].metrics, keys) for d, keys in domains.items()}
     rows = []
     for key, caption in predictions.items():
         row = {"image": key}
@@ -494,6 +507,7 @@ def evaluate_model(
     images: str | Path | None = None,
     num_beams: int = 5,
     max_new_tokens: int = 67,
+    length_penalty: float = 1.0,
     batch_size: int = 32,
     clip_model: str | None = None,
     clipscore: bool = True,
@@ -502,7 +516,8 @@ def evaluate_model(
     device: str | None = None,
 ) -> dict:
     """Caption the `split` of `data` (a dataset source, images encoded with the model's CLIP, or an embedding
-    store dir, its embeddings captioned directly) with batched beam search (`num_beams=1`: greedy), then score.
+    store dir, its embeddings captioned directly) with batched beam search (`num_beams=1`: greedy; scores divided
+    by length**length_penalty, 1.0 = the paper's length normalisation), then score.
     Returns the metrics (overall, and per nocaps domain under "domains"), the decoding settings, timings, skipped
     images and "per_image" rows; `write_results` saves it, `format_table` renders it."""
     from .captioner import Captioner
@@ -553,7 +568,9 @@ def evaluate_model(
     with tqdm(total=len(items), desc="captioning", unit="img", disable=None) as bar:
         for i in range(0, len(items), batch_size):
             chunk = features[i : i + batch_size]
-            captions += captioner.caption_embeddings(chunk, num_beams=num_beams, max_new_tokens=max_new_tokens)
+            captions += captioner.caption_embeddings(
+                chunk, num_beams=num_beams, max_new_tokens=max_new_tokens, length_penalty=length_penalty
+            )
             bar.update(len(chunk))
     generated = time.perf_counter()
 
@@ -568,8 +585,6 @@ def evaluate_model(
     result = _score(predictions, by_key, clip_rows, spice)
     if not clipscore:
         result["unavailable"].update({m: "turned off (--no-clipscore)" for m in CLIP_METRICS})
-    from transformers import GenerationConfig
-
     result["settings"] = {
         "model": str(model_dir),
         "data": str(data),
@@ -581,7 +596,7 @@ def evaluate_model(
             "num_beams": num_beams,
             "max_new_tokens": max_new_tokens,
             "do_sample": False,
-            "length_penalty": GenerationConfig().length_penalty if num_beams > 1 else None,
+            "length_penalty": length_penalty if num_beams > 1 else None,
             "stop_token_id": captioner.model.config.stop_token_id,
             "batch_size": batch_size,
         },
@@ -768,6 +783,7 @@ def evaluate(
     device: str | None = None,
     num_beams: int | None = None,
     max_new_tokens: int | None = None,
+    length_penalty: float | None = None,
     limit: int | None = None,
 ) -> dict:
     """`clipcap evaluate`: either `model` + `data` (generate, then score; `split` defaults to "test", "all" keeps
@@ -780,13 +796,20 @@ def evaluate(
             "evaluate either a model (--model DIR --data SOURCE) or a file of predictions "
             "(--predictions P --references R), not both or neither"
         )
+    if split is None and model is not None:
+        split = "test"
     split = None if split == "all" else split
     common = {"format": format, "images": images, "clip_model": clip_model, "clipscore": clipscore, "spice": spice}
     common.update({k: v for k, v in {"batch_size": batch_size, "device": device}.items() if v is not None})
-    generation = {"num_beams": num_beams, "max_new_tokens": max_new_tokens, "limit": limit}
+    generation = {
+        "num_beams": num_beams,
+        "max_new_tokens": max_new_tokens,
+        "length_penalty": length_penalty,
+        "limit": limit,
+    }
     generation = {k: v for k, v in generation.items() if v is not None}
     if model is not None:
-        result = evaluate_model(model, data, split="test" if split is None else split, **common, **generation)
+        result = evaluate_model(model, data, split=split, **common, **generation)
     elif generation:
         flags = ", ".join("--" + {"num_beams": "beams"}.get(k, k).replace("_", "-") for k in generation)
         raise ClipCapError(f"{flags} only apply when generating (--model DIR --data SOURCE)")
