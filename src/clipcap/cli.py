@@ -357,6 +357,101 @@ def cmd_caption(args) -> int:
     return 0
 
 
+# -- train -------------------------------------------------------------------------------------------------------
+def add_train(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a ClipCap model on an embedding store",
+        description="Train the mapping network (and optionally the LM) on (CLIP embedding, caption) pairs of an "
+        "embedding store made by `clipcap embed`. Defaults are the original implementation's. Runs on CPU, one GPU, "
+        "or many GPUs / nodes when started with `torchrun` or `accelerate launch` (DDP). Writes RUN_DIR/final/ (a "
+        "model dir for `clipcap caption --model`), RUN_DIR/best/ (lowest validation loss, with validation data), "
+        "RUN_DIR/metrics.jsonl, RUN_DIR/loss.png, RUN_DIR/skipped.jsonl and RUN_DIR/checkpoints/.",
+    )
+    p.add_argument("--data", required=True, help="embedding store to train on (`clipcap embed --out`)")
+    p.add_argument("--out", required=True, help="run dir to write (RUN_DIR)")
+    p.add_argument("--lm", default="gpt2", help="HF id or dir of the causal LM and its tokenizer (default: gpt2)")
+    p.add_argument("--mapping", choices=["mlp", "transformer"], default="mlp", help="mapping network (default: mlp)")
+    p.add_argument("--prefix-length", type=int, default=10, help="prefix length k (default: 10)")
+    p.add_argument("--clip-length", type=int, help="transformer mapper's clip_length (default: the prefix length)")
+    p.add_argument("--num-layers", type=int, default=8, help="transformer mapper layers (default: 8)")
+    lm = p.add_mutually_exclusive_group()
+    lm.add_argument(
+        "--tune-lm", dest="tune_lm", action="store_true", default=None, help="train the LM too (default for mlp)"
+    )
+    lm.add_argument(
+        "--frozen-lm",
+        dest="tune_lm",
+        action="store_false",
+        help="train only the mapping network (default for transformer, the paper's pairing)",
+    )
+    p.add_argument("--epochs", type=int, default=10, help="passes over every (image, caption) pair (default: 10)")
+    p.add_argument("--batch-size", type=int, default=40, help="pairs per batch per process (default: 40)")
+    p.add_argument("--lr", type=float, default=2e-5, help="AdamW learning rate (default: 2e-5)")
+    p.add_argument("--lm-lr", type=float, help="separate, e.g. lower, learning rate for a tuned LM (default: --lr)")
+    p.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=5000,
+        help="linear warm-up steps, then linear decay to 0 (default: 5000; clipped to 10%% of a shorter run)",
+    )
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0, as the original)")
+    p.add_argument(
+        "--grad-accum", type=int, default=1, help="micro-batches accumulated per optimizer step (default: 1)"
+    )
+    p.add_argument("--max-grad-norm", type=float, help="clip the gradient norm to this (default: no clipping)")
+    p.add_argument(
+        "--max-caption-tokens",
+        type=int,
+        default=67,
+        help="longest caption in tokens, end token included; longer ones are skipped and counted (default: 67)",
+    )
+    p.add_argument(
+        "--mixed-precision",
+        choices=["auto", "no", "fp16", "bf16"],
+        default="auto",
+        help="autocast precision (default: auto = bf16, or fp16 without bf16 support, on GPU; fp32 on CPU)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation, sample order and noise (default: 0)")
+    p.add_argument("--split", help="train only on images of this split of --data (default: all)")
+    p.add_argument("--val-data", help="embedding store for validation loss and sample captions")
+    p.add_argument("--val-split", help="split of --val-data (or of --data when --val-data is not given) to validate on")
+    p.add_argument(
+        "--val-every", type=int, default=0, help="validate every N steps as well as after each epoch (default: 0)"
+    )
+    p.add_argument("--num-samples", type=int, default=4, help="sample captions logged per validation (default: 4)")
+    p.add_argument("--log-every", type=int, default=50, help="log the training loss every N steps (default: 50)")
+    p.add_argument(
+        "--save-every", type=int, default=1000, help="checkpoint every N steps and after each epoch (default: 1000)"
+    )
+    p.add_argument("--keep-checkpoints", type=int, default=2, help="checkpoints kept, newest first (default: 2)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue RUN_DIR from its newest checkpoint exactly where it stopped (starts fresh if there is none)",
+    )
+    p.add_argument(
+        "--text-only",
+        action="store_true",
+        help="CapDec: train on CLIP text embeddings (`clipcap embed --text-only`) with noise; caption images later",
+    )
+    p.add_argument(
+        "--noise-variance", type=float, default=0.016, help="--text-only Gaussian noise variance (default: 0.016)"
+    )
+    p.add_argument("--lm-text", help="plain-text file (one passage per line) for extra LM loss while tuning the LM")
+    p.add_argument("--lm-text-weight", type=float, default=0.0, help="weight of the --lm-text loss (default: 0 = off)")
+    p.add_argument("--lm-text-block", type=int, default=64, help="tokens per packed --lm-text block (default: 64)")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args) -> int:
+    from .train import TrainConfig, train
+
+    fields = {k: v for k, v in vars(args).items() if k not in ("func", "command")}
+    train(TrainConfig(**fields))
+    return 0
+
+
 # -- entry point -------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
