@@ -1,94 +1,328 @@
-"""`clipcap demo`: for now, caption a few generated images with a tiny *randomly initialised* model.
+"""`clipcap demo`: the whole method, offline, on the shapes world (DESIGN §7), in minutes on a laptop CPU.
 
-This exercises the real pipeline (model dir -> Captioner -> captions) offline; the captions are noise until the
-shapes-world demo trains real weights.
+The real pipeline, through the library's own entry points: generate the world (data/shapes.py) -> `embed` it with
+the shipped tiny CLIP -> `train` the paper's two variants (MLP + tuned LM; Transformer + frozen LM) on the shipped
+tiny GPT-2 -> `evaluate` both on the in-domain test split and the novel split (purple triangles and yellow squares,
+never seen in ClipCap's training pairs) -> caption sample images with `Captioner`. Writes DIR/report.html,
+DIR/metrics.json and DIR/model/ (the better variant, self-contained: its encoder is copied to DIR/model/clip).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from PIL import Image, ImageDraw
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (
-    CLIPConfig,
-    CLIPImageProcessor,
-    CLIPModel,
-    GPT2Config,
-    GPT2LMHeadModel,
-    PreTrainedTokenizerFast,
-)
-
-from .captioner import Captioner
-from .config import ClipCapConfig
-from .model import ClipCapModel
-
-WORDS = "a small large red green blue yellow purple orange circle square triangle on the left right above below of ."
+from .data import shapes
+from .errors import ClipCapError
+from .shapes_encoders import ASSETS, EncoderRecipe, build_encoders, scene_stream
 
 
-def _images(out: Path) -> list[Path]:
-    paths = []
-    for i, colour in enumerate(["red", "green", "blue", "yellow"]):
-        img = Image.new("RGB", (64, 64), (235, 235, 235))
-        ImageDraw.Draw(img).ellipse((12 + i * 4, 12, 44 + i * 4, 44), fill=colour)
-        paths.append(out / f"image_{i}.png")
-        img.save(paths[-1])
-    return paths
+@dataclass
+class Variant:
+    """One ClipCap training recipe (fields map onto TrainConfig)."""
+
+    name: str
+    title: str
+    mapping: str
+    tune_lm: bool
+    prefix_length: int = 10
+    clip_length: int | None = None
+    num_layers: int = 8
+    epochs: int = 3
+    batch_size: int = 64
+    lr: float = 2e-3
+    lm_lr: float | None = None
+    lm_text_weight: float = 0.0
 
 
-def _random_model_dir(out: Path) -> Path:
-    torch.manual_seed(0)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([WORDS] * 4, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"]))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-    clip = CLIPModel(
-        CLIPConfig(
-            text_config=dict(
-                vocab_size=len(tokenizer),
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=1,
-                num_attention_heads=2,
-            ),
-            vision_config=dict(
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=1,
-                num_attention_heads=2,
-                image_size=32,
-                patch_size=8,
-            ),
-            projection_dim=32,
+@dataclass
+class DemoRecipe:
+    """World sizes, variants and decoding of one demo run; `quick()` is the small version the tests run."""
+
+    seed: int = 0
+    counts: dict = field(default_factory=lambda: {"train": 6000, "val": 300, "test": 1000, "novel": 1000})
+    variants: tuple[Variant, ...] = (
+        Variant("mlp_tuned", "MLP + tuned LM", "mlp", True, lm_lr=2e-4, lm_text_weight=1.0),
+        Variant("transformer_frozen", "Transformer + frozen LM", "transformer", False, clip_length=10, num_layers=4),
+    )
+    num_beams: int = 3
+    max_new_tokens: int = 24
+    lm_text_lines: int = 20000
+    samples_per_split: int = 8
+
+    @classmethod
+    def quick(cls) -> DemoRecipe:
+        return cls(
+            counts={"train": 800, "val": 60, "test": 120, "novel": 120},
+            variants=tuple(dataclasses.replace(v, epochs=2) for v in cls().variants),
+            num_beams=1,
+            lm_text_lines=2000,
+            samples_per_split=4,
         )
-    )
-    model_dir = out / "model"
-    clip.save_pretrained(model_dir / "clip")
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
-        model_dir / "clip"
-    )
-    lm = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=2))
-    config = ClipCapConfig(
-        lm="random-gpt2",
-        clip_model="clip",
-        clip_dim=32,
-        prefix_length=4,
-        stop_token_id=tokenizer.convert_tokens_to_ids("."),
-    )
-    ClipCapModel(config, lm=lm).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    return model_dir
 
 
-def run_demo(out: str | Path) -> None:
-    """Write a random tiny model dir and sample images under `out`, caption them, print JSON lines."""
+def _say(message: str) -> None:
+    print(f"clipcap demo: {message}", file=sys.stderr, flush=True)
+
+
+def write_lm_text(path: Path, lines: int, seed: int) -> Path:
+    """Whole-world captions, one per line (the LM's own pretraining distribution), for `--lm-text`: mixing plain LM
+    loss on them into ClipCap training keeps the word pairs ClipCap's training captions never show."""
+    stream = scene_stream(seed + 10_000, 40)
+    with path.open("w") as f:
+        written = 0
+        while written < lines:
+            scene, rng = next(stream)
+            for caption in shapes.captions(scene, rng, int(rng.integers(2, 6))):
+                f.write(caption + "\n")
+                written += 1
+    return path
+
+
+def evaluate_variant(model_dir: Path, store: Path, split: str, recipe: DemoRecipe) -> dict:
+    """Caption `split` of the store with the model; pycocoevalcap metrics + colour-shape binding accuracy."""
+    from .evaluate import evaluate_model
+
+    result = evaluate_model(
+        model_dir,
+        store,
+        split=split,
+        num_beams=recipe.num_beams,
+        max_new_tokens=recipe.max_new_tokens,
+        batch_size=256,
+        clipscore=False,
+        spice=False,
+    )
+    rows = result["per_image"]
+    binding = shapes.binding_accuracy([r["prediction"] for r in rows], [r["references"] for r in rows])
+    return {"metrics": {k: v for k, v in result.items() if k != "per_image"}, "binding": binding, "rows": rows}
+
+
+def loss_plot(runs: dict[str, Path], titles: dict[str, str], png: Path) -> Path:
+    """Both variants' training and validation loss on one figure (from each run's metrics.jsonl)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for name, run in runs.items():
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        train = [(r["step"], r["loss"]) for r in rows if r.get("type") == "train"]
+        val = [(r["step"], r["val_loss"]) for r in rows if r.get("type") == "val"]
+        (line,) = ax.plot(*zip(*train, strict=True), label=f"{titles[name]} (train)")
+        if val:
+            ax.plot(*zip(*val, strict=True), "o--", color=line.get_color(), label=f"{titles[name]} (validation)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("caption cross-entropy")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return png
+
+
+def _portable_model(src: Path, dst: Path, clip_dir: Path) -> Path:
+    """Copy a model dir and its encoder (as dst/clip, named relatively in config.json) so dst works anywhere."""
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(src, dst)
+    shutil.copytree(clip_dir, dst / "clip")
+    config = json.loads((dst / "config.json").read_text())
+    config["clip_model"] = "clip"
+    (dst / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return dst
+
+
+def _score(entry: dict) -> float:
+    """How the better variant is chosen: mean colour-shape binding accuracy over the two splits."""
+    return (entry["test"]["binding"]["objects"] + entry["novel"]["binding"]["objects"]) / 2
+
+
+def _samples(world: dict, split: str, n: int) -> list[dict]:
+    entries = [e for e in world["images"] if e["split"] == split]
+    singles = [e for e in entries if len(e["objects"]) == 1][: (n + 1) // 2]
+    pairs = [e for e in entries if len(e["objects"]) == 2][: n // 2]
+    return singles + pairs
+
+
+def run_demo(
+    out: str | Path = "demo-out",
+    quick: bool = False,
+    rebuild_encoders: bool = False,
+    recipe: DemoRecipe | None = None,
+    encoders: str | Path | None = None,
+) -> dict:
+    """Run the demo into `out`; return the metrics written to out/metrics.json. `encoders` is a dir holding clip/
+    and lm/ (default: the shipped ones; `rebuild_encoders` remakes them under out/encoders first)."""
+    from .captioner import Captioner
+    from .embed import embed
+    from .report import table, write_report
+    from .train import TrainConfig, train
+
+    recipe = recipe or (DemoRecipe.quick() if quick else DemoRecipe())
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    print("clipcap demo: tiny RANDOMLY INITIALISED model (no training yet) -- captions are noise.", flush=True)
-    captioner = Captioner.from_pretrained(_random_model_dir(out))
-    images = _images(out)
-    for path, caption in zip(images, captioner.caption(images, max_new_tokens=12), strict=True):
-        print(json.dumps({"image": str(path), "caption": caption}))
+    timings: dict[str, float] = {}
+    start = last = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal last
+        now = time.perf_counter()
+        timings[name] = round(now - last, 1)
+        last = now
+        _say(f"{name} done in {timings[name]:.0f} s (total {now - start:.0f} s)")
+
+    encoders = Path(encoders) if encoders is not None else ASSETS
+    if rebuild_encoders:
+        _say("rebuilding the small pretrained encoders (tiny CLIP + tokenizer + tiny GPT-2) -- this takes a while")
+        encoders = build_encoders(out / "encoders", EncoderRecipe())
+        lap("encoders")
+    clip_dir, lm_dir = encoders / "clip", encoders / "lm"
+    if not (clip_dir / "config.json").is_file() or not (lm_dir / "config.json").is_file():
+        raise ClipCapError(
+            f"the shipped shapes-world encoders are missing under {encoders}: run with --rebuild-encoders"
+        )
+
+    _say(f"[1/5] generating the shapes world ({', '.join(f'{k} {v}' for k, v in recipe.counts.items())} images)")
+    counts = {s: 0 for s in shapes.SPLITS} | recipe.counts
+    world_dir = out / "world"
+    if world_dir.exists():
+        shutil.rmtree(world_dir)
+    world_json = shapes.generate_world(world_dir, counts, seed=recipe.seed)
+    world = json.loads(world_json.read_text())
+    lm_text = write_lm_text(out / "world" / "lm_text.txt", recipe.lm_text_lines, recipe.seed)
+    lap("world")
+
+    _say("[2/5] embedding every split with the tiny CLIP (clipcap embed)")
+    store = out / "store"
+    shutil.rmtree(store, ignore_errors=True)
+    embed(world_json, store, clip_dir, batch_size=256, workers=0)
+    lap("embed")
+
+    runs: dict[str, Path] = {}
+    for v in recipe.variants:
+        _say(f"[3/5] training {v.title} (clipcap train, {v.epochs} epochs)")
+        run_dir = out / "runs" / v.name
+        shutil.rmtree(run_dir, ignore_errors=True)
+        cfg = TrainConfig(
+            data=str(store),
+            out=str(run_dir),
+            lm=str(lm_dir),
+            mapping=v.mapping,
+            tune_lm=v.tune_lm,
+            prefix_length=v.prefix_length,
+            clip_length=v.clip_length,
+            num_layers=v.num_layers,
+            epochs=v.epochs,
+            batch_size=v.batch_size,
+            lr=v.lr,
+            lm_lr=v.lm_lr if v.tune_lm else None,
+            warmup_steps=100,
+            seed=recipe.seed,
+            split="train",
+            val_split="val",
+            num_samples=0,
+            save_every=10**9,
+            lm_text=str(lm_text) if v.lm_text_weight > 0 else None,
+            lm_text_weight=v.lm_text_weight,
+        )
+        runs[v.name] = train(cfg)
+        lap(f"train {v.name}")
+
+    _say("[4/5] evaluating both variants on the in-domain test split and the novel split (clipcap evaluate)")
+    results: dict[str, dict] = {}
+    for v in recipe.variants:
+        model_dir = runs[v.name] / ("best" if (runs[v.name] / "best").is_dir() else "final")
+        results[v.name] = {split: evaluate_variant(model_dir, store, split, recipe) for split in ("test", "novel")}
+    lap("evaluate")
+
+    best = max(recipe.variants, key=lambda v: _score(results[v.name]))
+    best_dir = runs[best.name] / ("best" if (runs[best.name] / "best").is_dir() else "final")
+    model_dir = _portable_model(best_dir, out / "model", clip_dir)
+
+    _say(f"[5/5] captioning sample images with the better variant ({best.title}) through Captioner")
+    captioner = Captioner.from_pretrained(model_dir)
+    chosen = [(e, split) for split in ("test", "novel") for e in _samples(world, split, recipe.samples_per_split)]
+    paths = [world_dir / e["filepath"] / e["filename"] for e, _ in chosen]
+    generated = captioner.caption(paths, num_beams=recipe.num_beams, max_new_tokens=recipe.max_new_tokens)
+    samples = []
+    for (entry, split), path, caption in zip(chosen, paths, generated, strict=True):
+        refs = [s["raw"] for s in entry["sentences"]]
+        truth = sorted((o["colour"], o["shape"]) for o in entry["objects"])
+        samples.append(
+            {
+                "image": str(path),
+                "generated": caption,
+                "references": refs,
+                "correct": sorted(shapes.object_pairs(caption)) == truth,
+                "tag": f"{split} split" + (" · novel object" if split == "novel" else ""),
+            }
+        )
+    plot = loss_plot(runs, {v.name: v.title for v in recipe.variants}, out / "loss.png")
+    lap("report")
+
+    summary = {
+        "best": best.name,
+        "chosen_by": "mean fraction of objects named with the right colour on the right shape (test and novel)",
+        "variants": {
+            v.name: {
+                "title": v.title,
+                "recipe": dataclasses.asdict(v),
+                **{split: {**r["binding"], **_headline(r["metrics"])} for split, r in results[v.name].items()},
+            }
+            for v in recipe.variants
+        },
+        "world": {
+            "counts": recipe.counts,
+            "seed": recipe.seed,
+            "novel_compositions": [" ".join(p) for p in shapes.NOVEL],
+        },
+        "decoding": {"num_beams": recipe.num_beams, "max_new_tokens": recipe.max_new_tokens},
+        "encoders": str(encoders),
+        "timings_s": {**timings, "total": round(time.perf_counter() - start, 1)},
+        "samples": [{k: s[k] for k in ("image", "generated", "references", "correct")} for s in samples],
+    }
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+    columns = ["variant", "split", "single", "objects", "images_exact", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"]
+    rows = [
+        {"variant": v.title, "split": split, **summary["variants"][v.name][split]}
+        for v in recipe.variants
+        for split in ("test", "novel")
+    ]
+    intro = (
+        f"ClipCap trained offline on the synthetic shapes world. <b>single</b>: one-object images whose caption "
+        f"names exactly the right colour on the right shape; <b>objects</b>: all objects named so; "
+        f"<b>images_exact</b>: images whose named objects are exactly right. The novel split holds images with a "
+        f"{' or a '.join(' '.join(p) for p in shapes.NOVEL)}, which ClipCap's training pairs never contain "
+        f"(the encoders saw the whole world, as CLIP and GPT-2 saw the web). DIR/model is {best.title}. "
+        f"Total time {summary['timings_s']['total']:.0f} s."
+    )
+    write_report(
+        out / "report.html",
+        "clipcap demo — shapes world",
+        intro,
+        [("Metrics (variant × split)", table(rows, columns))],
+        [("Loss curves", plot)],
+        samples,
+        extra={"timings_s": summary["timings_s"], "decoding": summary["decoding"]},
+    )
+    _say(f"wrote {out / 'report.html'}, {out / 'metrics.json'} and {model_dir}")
+    for row in rows:
+        _say(
+            f"{row['variant']:<26} {row['split']:<6} single {row['single']:.3f}  objects {row['objects']:.3f}  "
+            f"CIDEr {row.get('CIDEr', math.nan):.3f}  BLEU-4 {row.get('BLEU-4', math.nan):.3f}"
+        )
+    return summary
+
+
+def _headline(metrics: dict) -> dict:
+    return {k: metrics[k] for k in ("BLEU-1", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr") if k in metrics}

@@ -1,0 +1,355 @@
+"""The shapes world's small "pretrained" encoders, made by the project: they stand in for CLIP and GPT-2 offline.
+
+Like the web-scale pretraining of the real CLIP and GPT-2, they learn from the *whole* world (a seeded stream of
+scenes drawn exactly as the `pretrain` split is, novel compositions included, DESIGN §7); ClipCap's own training
+pairs are what keep novel compositions out. Three ordinary HF directories come out, so `--clip-model DIR` and
+`--lm DIR` use the real loading code:
+
+    clip/   a tiny CLIPModel (ViT, patch 5 on 40-px images) trained contrastively, + image processor + tokenizer
+    lm/     a tiny GPT-2 pretrained as a language model on packed "documents" (several captions of one scene),
+            + the byte-level BPE tokenizer trained with HF `tokenizers`
+
+The shipped copies live in `clipcap/assets/shapes/`; `build_encoders()` (`clipcap demo --rebuild-encoders`) remakes
+them. `probe_clip` checks the ceiling they set: a linear probe of shape/colour trained on familiar images only and
+tested on novel ones.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .data import shapes
+
+ASSETS = Path(__file__).parent / "assets" / "shapes"
+EOS = "<|endoftext|>"
+
+
+@dataclass
+class EncoderRecipe:
+    """Everything that determines the shipped encoders (recorded in recipe.json next to them)."""
+
+    seed: int = 0
+    image_size: int = 40
+    vocab_size: int = 400
+    tokenizer_texts: int = 20000
+    # CLIP
+    clip_patch: int = 5
+    clip_hidden: int = 128
+    clip_layers: int = 4
+    clip_text_layers: int = 3
+    clip_projection: int = 64
+    clip_steps: int = 2000
+    clip_batch: int = 256
+    clip_lr: float = 1e-3
+    clip_partial: float = 0.5  # share of captions that name only some attributes (so each is readable alone)
+    # LM
+    lm_hidden: int = 192
+    lm_layers: int = 4
+    lm_heads: int = 6
+    lm_context: int = 128
+    lm_steps: int = 1500
+    lm_batch: int = 32
+    lm_lr: float = 2e-3
+    warmup: float = 0.05  # fraction of steps
+    probe_images: int = 3000
+    extra: dict = field(default_factory=dict)
+
+
+def scene_stream(seed: int, image_size: int) -> Iterator[tuple[shapes.Scene, np.random.Generator]]:
+    """An endless, seeded stream of whole-world scenes (the `pretrain` distribution)."""
+    rng = np.random.default_rng([seed, 7919])
+    while True:
+        yield shapes.sample_scene(rng, image_size, novel=None), rng
+
+
+def _lr_lambda(steps: int, warmup: float) -> Callable[[int], float]:
+    warm = max(1, int(steps * warmup))
+    return lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))
+
+
+# -- tokenizer -----------------------------------------------------------------------------------------------------
+def train_tokenizer(recipe: EncoderRecipe):
+    """Byte-level BPE (GPT-2 style) trained on whole-world captions; eos doubles as pad and bos."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    stream = scene_stream(recipe.seed + 1, recipe.image_size)
+    texts = []
+    for _ in range(recipe.tokenizer_texts):
+        scene, rng = next(stream)
+        texts.extend(shapes.captions(scene, rng, 2))
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=recipe.vocab_size,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(["\n".join(texts[i : i + 5]) for i in range(0, len(texts), 5)], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=EOS, bos_token=EOS)
+
+
+def _clip_tokenizer(tokenizer):
+    """The LM tokenizer plus an eos after every text: CLIP's text tower pools at the first eos."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    backend = tokenizer.backend_tokenizer.__class__.from_str(tokenizer.backend_tokenizer.to_str())
+    eos_id = tokenizer.eos_token_id
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"$A {EOS}", pair=f"$A {EOS} $B {EOS}", special_tokens=[(EOS, eos_id)]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=EOS, pad_token=EOS, bos_token=EOS)
+
+
+# -- CLIP ----------------------------------------------------------------------------------------------------------
+def _partial_caption(scene: shapes.Scene, rng: np.random.Generator) -> str:
+    """A caption that names only some attributes ("a purple shape.", "a triangle and a red circle."), so that
+    shape and colour must each be readable from the image embedding on their own."""
+    parts = []
+    for obj in scene.objects:
+        size, colour, shape = rng.random() < 0.5, rng.random() < 0.6, rng.random() < 0.6
+        if not (colour or shape):
+            colour, shape = (True, False) if rng.random() < 0.5 else (False, True)
+        words = [obj.size] * size + [obj.colour] * colour + [obj.shape if shape else "shape"]
+        parts.append("a " + " ".join(words))
+    return shapes._with_article(" and ".join(parts) + ".")
+
+
+def _clip_batch(stream, recipe: EncoderRecipe, processor, tokenizer, rng: np.random.Generator):
+    images, texts = [], []
+    for _ in range(recipe.clip_batch):
+        scene, scene_rng = next(stream)
+        images.append(shapes.render(scene, recipe.image_size, scene_rng))
+        if rng.random() < recipe.clip_partial:
+            texts.append(_partial_caption(scene, rng))
+        else:
+            texts.append(shapes.captions(scene, scene_rng, 1)[0])
+    pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+    tokens = tokenizer(texts, padding=True, return_tensors="pt")
+    return pixels, tokens, texts
+
+
+def _soft_clip_loss(logits_per_image: torch.Tensor, texts: list[str]) -> torch.Tensor:
+    """Symmetric CLIP loss where every identical text counts as a positive (small worlds repeat captions)."""
+    ids = {t: i for i, t in enumerate(dict.fromkeys(texts))}
+    key = torch.tensor([ids[t] for t in texts])
+    target = (key[:, None] == key[None, :]).float()
+    target = target / target.sum(dim=1, keepdim=True)
+    image_loss = -(target * F.log_softmax(logits_per_image, dim=1)).sum(dim=1).mean()
+    text_loss = -(target * F.log_softmax(logits_per_image.t(), dim=1)).sum(dim=1).mean()
+    return (image_loss + text_loss) / 2
+
+
+def build_clip(recipe: EncoderRecipe, vocab_size: int, eos_id: int):
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(recipe.seed)
+    config = CLIPConfig(
+        text_config=dict(
+            vocab_size=vocab_size,
+            hidden_size=recipe.clip_hidden,
+            intermediate_size=recipe.clip_hidden * 2,
+            num_hidden_layers=recipe.clip_text_layers,
+            num_attention_heads=4,
+            max_position_embeddings=48,
+            bos_token_id=eos_id,
+            eos_token_id=eos_id,
+            pad_token_id=eos_id,
+        ),
+        vision_config=dict(
+            hidden_size=recipe.clip_hidden,
+            intermediate_size=recipe.clip_hidden * 2,
+            num_hidden_layers=recipe.clip_layers,
+            num_attention_heads=4,
+            image_size=recipe.image_size,
+            patch_size=recipe.clip_patch,
+        ),
+        projection_dim=recipe.clip_projection,
+    )
+    return CLIPModel(config)
+
+
+def train_clip(recipe: EncoderRecipe, tokenizer, out: Path, log: Callable[[str], None] = print) -> Path:
+    """Train the tiny CLIP contrastively on a stream of whole-world scenes; save model + processor + tokenizer."""
+    from transformers import CLIPImageProcessor
+
+    size = recipe.image_size
+    processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    clip_tok = _clip_tokenizer(tokenizer)
+    model = build_clip(recipe, len(tokenizer), tokenizer.eos_token_id)
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.clip_lr, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(recipe.clip_steps, recipe.warmup))
+    stream = scene_stream(recipe.seed, size)
+    rng = np.random.default_rng([recipe.seed, 31])
+    model.train()
+    start = time.time()
+    bar = tqdm(range(recipe.clip_steps), desc="pretrain CLIP", unit="step")
+    for step in bar:
+        pixels, tokens, texts = _clip_batch(stream, recipe, processor, clip_tok, rng)
+        out_ = model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"], pixel_values=pixels)
+        loss = _soft_clip_loss(out_.logits_per_image, texts)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if step % 200 == 0 or step == recipe.clip_steps - 1:
+            log(f"clip step {step} loss {loss.item():.4f} ({time.time() - start:.0f}s)")
+    model.eval()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    clip_tok.save_pretrained(out)
+    return out
+
+
+# -- LM ------------------------------------------------------------------------------------------------------------
+def document_stream(seed: int, image_size: int, tokenizer) -> Iterator[int]:
+    """Token ids of packed documents: each document is 2-5 captions of one scene, each caption ended by eos (the
+    end token ClipCap's training appends).
+
+    Real LMs learn from documents that stay on a topic; here that teaches the LM to continue a description
+    consistently with what came before it, which is what a prefix needs to steer."""
+    for scene, rng in scene_stream(seed, image_size):
+        for ids in tokenizer(shapes.captions(scene, rng, int(rng.integers(2, 6))))["input_ids"]:
+            yield from ids
+            yield tokenizer.eos_token_id
+
+
+def build_lm(recipe: EncoderRecipe, vocab_size: int, eos_id: int):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(recipe.seed)
+    config = GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=max(recipe.lm_context, 256),
+        n_embd=recipe.lm_hidden,
+        n_layer=recipe.lm_layers,
+        n_head=recipe.lm_heads,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+        pad_token_id=eos_id,
+    )
+    return GPT2LMHeadModel(config)
+
+
+def train_lm(recipe: EncoderRecipe, tokenizer, out: Path, log: Callable[[str], None] = print) -> Path:
+    """Pretrain the tiny GPT-2 on packed whole-world documents (every position of every window trained)."""
+    model = build_lm(recipe, len(tokenizer), tokenizer.eos_token_id)
+    opt = torch.optim.AdamW(model.parameters(), lr=recipe.lm_lr, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(recipe.lm_steps, recipe.warmup))
+    stream = document_stream(recipe.seed + 2, recipe.image_size, tokenizer)
+    window = recipe.lm_batch * recipe.lm_context
+    model.train()
+    start = time.time()
+    bar = tqdm(range(recipe.lm_steps), desc="pretrain LM", unit="step")
+    for step in bar:
+        ids = torch.tensor([next(stream) for _ in range(window)]).view(recipe.lm_batch, recipe.lm_context)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if step % 200 == 0 or step == recipe.lm_steps - 1:
+            log(f"lm step {step} loss {loss.item():.4f} ({time.time() - start:.0f}s)")
+    model.eval()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+# -- checks --------------------------------------------------------------------------------------------------------
+def _fit_probe(x: torch.Tensor, y: torch.Tensor, classes: int, steps: int = 300) -> torch.nn.Linear:
+    torch.manual_seed(0)
+    probe = torch.nn.Linear(x.shape[1], classes)
+    opt = torch.optim.LBFGS(probe.parameters(), max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(probe(x), y) + 1e-4 * probe.weight.square().sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return probe
+
+
+def probe_clip(clip_dir: str | Path, n: int = 3000, seed: int = 123, image_size: int = 40) -> dict[str, float]:
+    """Linear probes of shape and colour on single-object image embeddings: fit on familiar compositions only,
+    score on held-out familiar images and on novel ones (purple triangle / yellow square)."""
+    from .encoder import ImageEncoder
+
+    encoder = ImageEncoder.from_pretrained(str(clip_dir))
+    rng = np.random.default_rng(seed)
+
+    def draw(novel: bool, count: int):
+        scenes = []
+        while len(scenes) < count:
+            scene = shapes.sample_scene(rng, image_size, novel=novel)
+            if len(scene.objects) == 1:
+                scenes.append(scene)
+        feats = encoder.encode([shapes.render(s, image_size, rng) for s in scenes], batch_size=256)
+        shape_y = torch.tensor([shapes.SHAPES.index(s.objects[0].shape) for s in scenes])
+        colour_y = torch.tensor([list(shapes.COLOURS).index(s.objects[0].colour) for s in scenes])
+        return F.normalize(feats, dim=-1), shape_y, colour_y
+
+    train_x, train_s, train_c = draw(False, n)
+    test_x, test_s, test_c = draw(False, n // 3)
+    novel_x, novel_s, novel_c = draw(True, n // 3)
+    result = {}
+    for name, train_y, test_y, novel_y, k in (
+        ("shape", train_s, test_s, novel_s, len(shapes.SHAPES)),
+        ("colour", train_c, test_c, novel_c, len(shapes.COLOURS)),
+    ):
+        probe = _fit_probe(train_x, train_y, k)
+        with torch.no_grad():
+            result[f"{name}_in_domain"] = (probe(test_x).argmax(1) == test_y).float().mean().item()
+            result[f"{name}_novel"] = (probe(novel_x).argmax(1) == novel_y).float().mean().item()
+    return result
+
+
+def build_encoders(
+    out: str | Path = ASSETS,
+    recipe: EncoderRecipe | None = None,
+    parts: tuple[str, ...] = ("clip", "lm"),
+    threads: int | None = None,
+) -> Path:
+    """Make the tokenizer, then the parts asked for (`clip`, `lm`), under `out`; write recipe.json and the probe."""
+    recipe = recipe or EncoderRecipe()
+    if threads:
+        torch.set_num_threads(threads)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = train_tokenizer(recipe)
+    report: dict = {"recipe": asdict(recipe)}
+    if "lm" in parts:
+        start = time.time()
+        train_lm(recipe, tokenizer, out / "lm")
+        report["lm_seconds"] = round(time.time() - start, 1)
+    if "clip" in parts:
+        start = time.time()
+        train_clip(recipe, tokenizer, out / "clip")
+        report["clip_seconds"] = round(time.time() - start, 1)
+        report["clip_probe"] = probe_clip(out / "clip", n=recipe.probe_images, image_size=recipe.image_size)
+        print(f"CLIP linear probe: {report['clip_probe']}", flush=True)
+    (out / "recipe.json").write_text(json.dumps(report, indent=2) + "\n")
+    return out

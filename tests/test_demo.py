@@ -1,0 +1,82 @@
+"""`clipcap demo`: the report writer, the LM text, and a quick run of the real pipeline that must learn."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from clipcap import demo
+from clipcap.cli import main
+from clipcap.data import shapes
+from clipcap.report import table, write_report
+from clipcap.shapes_encoders import ASSETS
+
+
+def test_report_embeds_images_and_escapes_text(tmp_path):
+    img = tmp_path / "a.png"
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(img)
+    html = write_report(
+        tmp_path / "r.html",
+        "title <x>",
+        "intro",
+        [
+            (
+                "Metrics",
+                table([{"variant": "MLP", "CIDEr": 1.23456, "BLEU-4": float("nan")}], ["variant", "CIDEr", "BLEU-4"]),
+            )
+        ],
+        [("Loss", img)],
+        [{"image": str(img), "generated": "a <red> circle.", "references": ["a red circle."], "correct": False}],
+    ).read_text()
+    assert "title &lt;x&gt;" in html and "a &lt;red&gt; circle." in html
+    assert '<td class="num">1.235</td>' in html and '<td class="num">–</td>' in html
+    assert html.count("data:image/png;base64,") == 2
+    assert "gen bad" in html
+
+
+def test_lm_text_is_whole_world_captions(tmp_path):
+    path = demo.write_lm_text(tmp_path / "t.txt", 3000, seed=0)
+    lines = path.read_text().splitlines()
+    assert len(lines) >= 3000 and all(line.endswith(".") for line in lines)
+    named = {pair for line in lines for pair in shapes.object_pairs(line)}
+    assert set(shapes.NOVEL) <= named  # the LM keeps seeing what ClipCap's pairs never show
+
+
+def test_demo_help_lists_flags(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--out", "--quick", "--rebuild-encoders", "--encoders"):
+        assert flag in text
+
+
+def test_missing_encoders_is_a_one_line_error(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "o"), "--encoders", str(tmp_path)]) == 2
+    assert "--rebuild-encoders" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not (ASSETS / "clip" / "config.json").is_file(), reason="shipped encoders not built")
+def test_quick_demo_learns(tmp_path):
+    """The real pipeline at a small scale: loss must fall and captions must name objects far above chance."""
+    from clipcap import Captioner
+
+    out = tmp_path / "demo"
+    summary = demo.run_demo(out, quick=True)
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["best"] == summary["best"] and saved["best"] in saved["variants"]
+    chance = 1 / (len(shapes.COLOURS) * len(shapes.SHAPES))
+    for name, variant in saved["variants"].items():
+        rows = [json.loads(line) for line in (out / "runs" / name / "metrics.jsonl").read_text().splitlines()]
+        losses = [r["loss"] for r in rows if r.get("type") == "train"]
+        assert losses[-1] < 0.6 * losses[0], name
+        assert {"test", "novel"} <= set(variant)
+        assert variant["test"]["num_images"] == demo.DemoRecipe.quick().counts["test"]
+    best = saved["variants"][saved["best"]]["test"]
+    assert best["objects"] > 5 * chance and best["CIDEr"] > 0.3
+    html = (out / "report.html").read_text()
+    assert html.count("class='card'") == len(saved["samples"]) > 0 and "Loss curves" in html
+    captioner = Captioner.from_pretrained(out / "model")
+    sample = saved["samples"][0]
+    assert captioner.caption(sample["image"], num_beams=demo.DemoRecipe.quick().num_beams) == [sample["generated"]]

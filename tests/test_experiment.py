@@ -1,0 +1,73 @@
+"""The ablation runner: every configuration is trained and scored, results and plots are written."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from clipcap.errors import ClipCapError
+from clipcap.experiment import ExperimentSettings, mapping_table, plot_prefix_length, run_experiment
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, clip_dir):
+    from clipcap.data import shapes
+    from clipcap.embed import embed
+
+    out = tmp_path_factory.mktemp("exp")
+    world = shapes.generate_world(
+        out / "world", {s: 0 for s in shapes.SPLITS} | {"train": 24, "test": 8}, progress=False
+    )
+    return str(embed(world, out / "store", clip_dir, batch_size=32, workers=0, progress=False))
+
+
+def test_prefix_length_ablation_trains_every_length_for_both_tunings(tmp_path, store, lm_dir):
+    out = tmp_path / "pl"
+    results = run_experiment(
+        "prefix-length", out, data=store, lm=str(lm_dir), lengths=[2], epochs=1, batch_size=16, max_new_tokens=6
+    )
+    assert sorted(results["runs"]) == ["frozen_k2", "tuned_k2"]
+    for name, run in results["runs"].items():
+        assert run["prefix_length"] == int(name[-1])
+        for which in ("train", "test"):
+            assert set(run[which]) >= {"BLEU-4", "CIDEr", "examples"}
+            assert math.isfinite(run[which]["CIDEr"])
+        assert (out / "runs" / f"mlp_{name}" / "final" / "model.safetensors").is_file()
+    assert json.loads((out / "results.json").read_text())["runs"].keys() == results["runs"].keys()
+    assert (out / "prefix_length.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_mapping_table_lists_each_configuration(tmp_path):
+    runs = {
+        f"{m}_{t}": {"mapping": m, "tuning": t, "test": {"BLEU-4": 0.25, "METEOR": 0.5, "ROUGE-L": 0.75, "CIDEr": 1.5}}
+        for m in ("mlp", "transformer")
+        for t in ("tuned", "frozen")
+    }
+    table = mapping_table({"runs": runs})
+    lines = table.strip().splitlines()
+    assert lines[0] == "| mapping | LM | BLEU-4 | METEOR | ROUGE-L | CIDEr |"
+    assert lines[2] == "| mlp | tuned | 0.250 | 0.500 | 0.750 | 1.500 |"
+    assert len(lines) == 6
+
+
+def test_prefix_length_plot(tmp_path):
+    runs = {
+        f"{t}_k{k}": {"tuning": t, "prefix_length": k, "train": {"CIDEr": k / 10}, "test": {"CIDEr": k / 20}}
+        for t in ("tuned", "frozen")
+        for k in (1, 10)
+    }
+    png = plot_prefix_length({"mapping": "mlp", "runs": runs}, tmp_path / "p.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bad_requests_raise(tmp_path):
+    with pytest.raises(ClipCapError, match="unknown experiment"):
+        run_experiment("depth", tmp_path)
+    with pytest.raises(ClipCapError, match="--data STORE and --lm"):
+        run_experiment("mapping", tmp_path)
+    with pytest.raises(ClipCapError, match="--lengths"):
+        from clipcap.experiment import prefix_length_ablation
+
+        prefix_length_ablation(ExperimentSettings(data="x", lm="y", out=str(tmp_path)), [0, 2])

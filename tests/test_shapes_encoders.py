@@ -1,0 +1,112 @@
+"""The shapes world's small pretrained encoders: recipe pieces, and that the shipped ones load and work."""
+
+from __future__ import annotations
+
+import json
+from itertools import islice
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clipcap import shapes_encoders as se
+from clipcap.data import shapes
+
+TINY = se.EncoderRecipe(
+    tokenizer_texts=500,
+    clip_patch=8,
+    clip_hidden=32,
+    clip_layers=1,
+    clip_text_layers=1,
+    clip_projection=16,
+    clip_steps=3,
+    clip_batch=16,
+    lm_hidden=32,
+    lm_layers=1,
+    lm_heads=2,
+    lm_context=32,
+    lm_steps=3,
+    lm_batch=4,
+    probe_images=90,
+)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return se.train_tokenizer(TINY)
+
+
+def test_tokenizer_keeps_world_words_whole(tokenizer):
+    for word in [*shapes.COLOURS, *shapes.SHAPES, "small", "large"]:
+        assert tokenizer.tokenize(" " + word) == ["Ġ" + word]
+    text = "a large purple triangle to the left of an orange square."
+    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+    assert tokenizer.tokenize("square.")[-1] == "."
+
+
+def test_clip_tokenizer_ends_every_text_with_eos(tokenizer):
+    clip_tok = se._clip_tokenizer(tokenizer)
+    ids = clip_tok(["a red circle.", "a large blue square on the left."], padding=True)["input_ids"]
+    eos = tokenizer.eos_token_id
+    assert ids[0][: ids[0].index(eos)] == tokenizer("a red circle.")["input_ids"]
+    assert ids[1][-1] == eos and ids[1].count(eos) == 1
+    assert tokenizer("a red circle.")["input_ids"][-1] != eos  # the LM's own tokenizer adds nothing
+
+
+def test_document_stream_is_captions_of_one_scene_each_ended_by_eos(tokenizer):
+    ids = list(islice(se.document_stream(0, 40, tokenizer), 400))
+    eos = tokenizer.eos_token_id
+    texts = tokenizer.decode(ids).split(tokenizer.eos_token)[:-1]
+    assert len(texts) > 10 and all(t.endswith(".") and t == t.strip() for t in texts)
+    assert ids == list(islice(se.document_stream(0, 40, tokenizer), 400))  # seeded
+    assert ids.count(eos) == len(texts)
+
+
+def test_soft_clip_loss_is_clip_loss_for_distinct_texts_and_shares_duplicates():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 4)
+    labels = torch.arange(4)
+    clip = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+    assert se._soft_clip_loss(logits, ["a", "b", "c", "d"]).item() == pytest.approx(clip.item(), rel=1e-6)
+    # Two identical texts: swapping their columns cannot change the loss.
+    swapped = logits[:, [1, 0, 2, 3]]
+    same = ["a", "a", "c", "d"]
+    assert se._soft_clip_loss(logits, same).item() == pytest.approx(se._soft_clip_loss(swapped, same).item())
+
+
+def test_partial_captions_name_some_attributes():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        scene = shapes.sample_scene(rng)
+        text = se._partial_caption(scene, rng)
+        assert text.endswith(".") and text.count(" and ") == len(scene.objects) - 1
+        for obj in scene.objects:
+            assert obj.colour in text or obj.shape in text
+
+
+def test_build_encoders_writes_loadable_hf_dirs(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from clipcap.encoder import ImageEncoder
+
+    out = se.build_encoders(tmp_path, TINY)
+    encoder = ImageEncoder.from_pretrained(out / "clip")
+    img = shapes.render(shapes.sample_scene(np.random.default_rng(1)), 40)
+    assert encoder.encode([img]).shape == (1, 16)
+    assert encoder.encode_text(["a red circle."]).shape == (1, 16)
+    lm = AutoModelForCausalLM.from_pretrained(out / "lm")
+    tok = AutoTokenizer.from_pretrained(out / "lm")
+    assert lm.config.vocab_size == len(tok) and lm.config.eos_token_id == tok.eos_token_id
+    report = json.loads((out / "recipe.json").read_text())
+    assert report["recipe"]["clip_steps"] == 3
+    assert set(report["clip_probe"]) == {"shape_in_domain", "shape_novel", "colour_in_domain", "colour_novel"}
+
+
+@pytest.mark.skipif(not (se.ASSETS / "recipe.json").is_file(), reason="shipped encoders not built")
+def test_shipped_encoders_read_shape_and_colour():
+    """The shipped CLIP's linear-probe figures, measured when it was made, are recorded next to it."""
+    report = json.loads((se.ASSETS / "recipe.json").read_text())
+    probe = report["clip_probe"]
+    assert probe["colour_in_domain"] > 0.95 and probe["shape_in_domain"] > 0.9
+    assert probe["shape_novel"] > 0.5  # well above chance (1/3) on compositions the probe never saw
