@@ -1,4 +1,4 @@
-"""The embedding store: clip-retrieval's on-disk layout, written shard by shard and read memory-mapped.
+"""The embedding store: clip-retrieval's on-disk layout, written shard by shard, read without loading it.
 
 ```
 STORE/img_emb/img_emb_{i}.npy        float16 [n_i, clip_dim]   (text_emb/text_emb_{i}.npy for text-only stores)
@@ -7,13 +7,15 @@ STORE/info.json                      clip_model, clip_dim, normalized, modality,
 STORE/skipped.jsonl                  one line per bad item: {"key", "image", "reason", "shard"}
 STORE/job.json                       the `clipcap embed` parameters, checked when it resumes
 ```
-Every file is written to a temporary name and renamed, so a killed job leaves whole shards or none; the embedding
-file is renamed last and marks its shard complete (what `clipcap embed` resumes from). Stores made by
-clip-retrieval (no info.json, a string `caption` column) read the same way.
+Rows are read on demand at offsets taken from the .npy headers (numpy's memmap parses them), so memory stays flat
+whatever the store size. Every file is written to a temporary name and renamed, so a killed job leaves whole shards
+or none; the embedding file is renamed last and marks its shard complete (what `clipcap embed` resumes from).
+Stores made by clip-retrieval (no info.json, a string `caption` column) read the same way.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -239,16 +241,28 @@ def _concat(pa, tables, column: str):
     )
 
 
+def _npy_layout(path: Path) -> tuple[int, int, np.dtype, int]:
+    """(rows, dim, dtype, byte offset of the data) of a 2-D C-order .npy file, from its header alone."""
+    try:
+        mm = np.load(path, mmap_mode="r")
+    except (ValueError, OSError) as e:
+        raise ClipCapError(f"{path} is not a readable .npy file ({e})") from None
+    if mm.ndim != 2 or not mm.flags.c_contiguous:
+        raise ClipCapError(f"{path} is not a 2-D row-major embedding array (shape {mm.shape})")
+    return mm.shape[0], mm.shape[1], mm.dtype, mm.offset
+
+
 def _shard_number(path: Path) -> int:
     return int(re.search(r"_(\d+)\.\w+$", path.name).group(1))
 
 
 class EmbeddingStore:
-    """A store read memory-mapped: `store[i]` -> (float32 embedding, caption) for the i-th (image, caption) pair.
+    """A store read row by row from disk: `store[i]` -> (float32 embedding, caption) for the i-th (image, caption) pair.
 
     `split` keeps only images of that split; `caption_column` names the metadata column holding the captions
     (a list<string> column gives several pairs per image; a string column, as clip-retrieval writes, one).
-    Memory stays flat in the store size: embeddings stay on disk, captions in one Arrow buffer.
+    Memory stays flat in the store size: embeddings stay on disk and are read row by row, captions sit in one Arrow
+    buffer.
     """
 
     def __init__(self, path: str | Path, caption_column: str = "captions", split: str | None = None):
@@ -278,9 +292,10 @@ class EmbeddingStore:
             if not f.is_file():
                 raise ClipCapError(f"embedding store {self.path} is incomplete: {f} is missing")
 
-        self._mm: list[np.ndarray] | None = None
-        lengths = [m.shape[0] for m in self._maps()]
-        dims = {m.shape[1] for m in self._maps()}
+        self._files: dict[int, io.FileIO] = {}
+        self._layout = [_npy_layout(f) for f in self._emb_files]  # (rows, dim, dtype, data offset)
+        lengths = [rows for rows, *_ in self._layout]
+        dims = {dim for _, dim, *_ in self._layout}
         if len(dims) != 1:
             raise ClipCapError(f"embedding store {self.path}: shards disagree on the embedding size {sorted(dims)}")
         self._dim = dims.pop()
@@ -339,18 +354,21 @@ class EmbeddingStore:
         self._image_caption_start = offsets[self._rows]
         self._image_caption_count = kept
 
-    # -- memory maps (reopened lazily, so DataLoader workers pickle the store without copying the embeddings) --
-    def _maps(self) -> list[np.ndarray]:
-        if self._mm is None:
-            self._mm = [np.load(f, mmap_mode="r") for f in self._emb_files]
-            for f, m in zip(self._emb_files, self._mm, strict=True):
-                if m.ndim != 2:
-                    raise ClipCapError(f"{f} is not a 2-D embedding array (shape {m.shape})")
-        return self._mm
+    # -- reading rows --------------------------------------------------------------------------------------------
+    def _read_row(self, shard: int, local: int) -> np.ndarray:
+        # A positioned read per row, not a slice of a mapping: random reads through a mapping pull whole page-cache
+        # folios (~1-2 MiB each, measured) into RSS until unmapped, so an epoch over a mapped store grows RSS to the
+        # store's size. pread leaves the caching to the kernel and keeps the process flat.
+        fh = self._files.get(shard)
+        if fh is None:
+            fh = self._files[shard] = open(self._emb_files[shard], "rb", buffering=0)  # noqa: SIM115 (kept open)
+        _, dim, dtype, offset = self._layout[shard]
+        size = dim * dtype.itemsize
+        return np.frombuffer(os.pread(fh.fileno(), size, offset + local * size), dtype=dtype).astype(np.float32)
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state["_mm"] = None
+        state["_files"] = {}  # each DataLoader worker opens its own file handles
         return state
 
     # -- metadata ----------------------------------------------------------------------------------------------
@@ -369,7 +387,7 @@ class EmbeddingStore:
         }
 
     def _looks_normalized(self) -> bool:
-        sample = np.asarray(self._maps()[0][:100], dtype=np.float32)
+        sample = np.stack([self._read_row(0, n) for n in range(min(100, self._layout[0][0]))] or [np.ones(1)])
         return bool(len(sample)) and bool(np.allclose(np.linalg.norm(sample, axis=1), 1.0, atol=1e-2))
 
     @property
@@ -405,23 +423,21 @@ class EmbeddingStore:
         """The image (0..num_images-1) that pair `i` belongs to."""
         return int(self._pair_image[i])
 
-    def _locate(self, j: int) -> tuple[np.ndarray, int]:
+    def _locate(self, j: int) -> tuple[int, int]:
         row = int(self._rows[j])
         shard = int(np.searchsorted(self._starts, row, side="right")) - 1
-        return self._maps()[shard], row - int(self._starts[shard])
+        return shard, row - int(self._starts[shard])
 
     def image_embedding(self, j: int) -> np.ndarray:
         """Embedding of image `j` as float32 (clip_dim,)."""
-        mm, local = self._locate(j)
-        return np.asarray(mm[local], dtype=np.float32)
+        return self._read_row(*self._locate(j))
 
     def image_embeddings(self, indices=None) -> np.ndarray:
         """Embeddings of the given images (default: all kept images) as one float32 array (n, clip_dim)."""
         indices = range(self.num_images) if indices is None else indices
         out = np.empty((len(indices), self._dim), dtype=np.float32)
         for n, j in enumerate(indices):
-            mm, local = self._locate(j)
-            out[n] = mm[local]
+            out[n] = self.image_embedding(j)
         return out
 
     def image_captions(self, j: int) -> list[str]:
