@@ -37,7 +37,12 @@ function makeCard(file) {
   const img = document.createElement("img");
   img.alt = file.name;
   img.src = URL.createObjectURL(file);
-  img.onerror = () => { img.style.visibility = "hidden"; };
+  img.onerror = () => {  // not something the browser can show either: keep the card's shape
+    const blank = document.createElement("div");
+    blank.className = "no-preview";
+    blank.textContent = "no preview";
+    img.replaceWith(blank);
+  };
   const body = document.createElement("div");
   body.className = "body";
   const name = document.createElement("div");
