@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import io
+import re
+import signal
 import struct
+import subprocess
+import sys
 import threading
 import zlib
 
@@ -345,6 +349,29 @@ def test_request_timeout_is_504_and_the_queued_job_is_dropped(captioner):
 
 
 # -- CLI -----------------------------------------------------------------------------------------------------------
+def test_cli_serves_until_terminated(model_dir):
+    """`clipcap serve` as users run it: the model loads once, uvicorn binds 127.0.0.1 (port 0: a free one), the API
+    answers, SIGTERM shuts it down cleanly."""
+    command = [sys.executable, "-m", "clipcap.cli", "serve", "--model", str(model_dir), "--port", "0"]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = []
+    try:
+        for line in server.stdout:
+            log.append(line)
+            if "Uvicorn running on" in line:
+                break
+        url = re.search(r"http://127\.0\.0\.1:\d+", log[-1]).group(0)
+        assert httpx.get(f"{url}/healthz").json()["status"] == "ok"
+        r = httpx.post(f"{url}/v1/captions", files=files(("a.png", png())), data={"max_new_tokens": 4}, timeout=60)
+        assert r.status_code == 200 and r.json()["results"][0]["filename"] == "a.png"
+    finally:
+        server.terminate()
+        log += server.communicate(timeout=60)[0].splitlines(keepends=True)
+    assert server.returncode in (0, -signal.SIGTERM), "".join(log)  # uvicorn re-raises the signal once shut down
+    assert sum("loaded on cpu" in line for line in log) == 1
+    assert any("Application shutdown complete" in line for line in log)
+
+
 def test_cli_help_lists_every_flag(capsys):
     with pytest.raises(SystemExit):
         main(["serve", "--help"])
