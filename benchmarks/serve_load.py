@@ -149,6 +149,7 @@ async def main_async(args, model_dir: Path, log: Path) -> int:
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, "-m", "clipcap.cli", "serve", "--model", str(model_dir), "--port", str(port)]
+    command += ["--max-wait-ms", str(args.max_wait_ms)] if args.max_wait_ms is not None else []
     with open(log, "w") as log_file:
         server = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
     images = make_images(16)
@@ -195,6 +196,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=256, help="requests in the concurrent phase (default: 256)")
     parser.add_argument("--sequential", type=int, default=48, help="requests in the sequential phase (default: 48)")
     parser.add_argument("--tokens", type=int, default=20, help="caption length in tokens (default: 20)")
+    parser.add_argument("--max-wait-ms", type=float, help="the server's batching wait (default: the server's, 10)")
     parser.add_argument("--rounds", type=int, default=4, help="sequential/concurrent alternations (default: 4)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
