@@ -24,6 +24,15 @@ NO_JAVA = ev.java_problem()
 needs_example = pytest.mark.skipif(not EXAMPLE.is_dir(), reason=f"reference example not found at {EXAMPLE}")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models gain nothing from intra-op threads; on a shared 2-core machine they only add contention.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def load(name: str):
     return json.loads((EXAMPLE / name).read_text())
 
@@ -367,46 +376,15 @@ TRAINED = {  # image -> (nocaps domain, the caption the tiny model is trained to
 }
 
 
-def overfit(model, features: torch.Tensor, captions: list[str], tokenizer, steps: int = 40) -> None:
-    """Train `model` on (feature, caption + stop token) pairs until it says them back."""
-    stop = model.config.stop_token_id
-    rows = [tokenizer(c)["input_ids"] + [stop] for c in captions]
-    width = max(map(len, rows))
-    ids = torch.tensor([r + [stop] * (width - len(r)) for r in rows])
-    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    model.train()
-    for _ in range(steps):
-        loss = model(features, ids, attention_mask=mask, labels=ids).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, tokenizer, clip_dir):
-    """A model dir overfitted on three images, and a nocaps-style source for them plus one corrupt image."""
-    from PIL import Image
-
-    from clipcap.encoder import ImageEncoder
-    from tests import tiny
-
-    root = tmp_path_factory.mktemp("e2e")
-    # Solid colours: the random tiny CLIP tells them apart (noise images all look alike to it).
-    for name, colour in zip(TRAINED, [(255, 0, 0), (0, 0, 255), (0, 255, 0)], strict=True):
-        Image.new("RGB", (32, 32), colour).save(root / f"{name}.png")
-    (root / "img4.png").write_bytes(b"not an image")
-    names = [*TRAINED, "img4"]
-    domains = [d for d, _, _ in TRAINED.values()] + ["in-domain"]
-    refs = [[said, other] for _, said, other in TRAINED.values()] + [["a dog on a beach."]]
-    source = write(
-        root / "nocaps_tiny.json",
+def nocaps_source(path: Path, images: list[str], domains: list[str], refs: list[list[str]]) -> Path:
+    """A nocaps-style annotation file: images with a `domain`, captions as COCO annotations."""
+    return write(
+        path,
         {
             "info": {"description": "nocaps-style fixture"},
             "images": [
                 {"id": i + 1, "file_name": f"{n}.png", "domain": d}
-                for i, (n, d) in enumerate(zip(names, domains, strict=True))
+                for i, (n, d) in enumerate(zip(images, domains, strict=True))
             ],
             "annotations": [
                 {"id": 10 * i + j, "image_id": i + 1, "caption": c}
@@ -415,15 +393,46 @@ def trained(tmp_path_factory, tokenizer, clip_dir):
             ],
         },
     )
-    encoder = ImageEncoder.from_pretrained(clip_dir)
-    features = encoder.encode([root / f"{n}.png" for n in TRAINED])
-    model = tiny.tiny_model("mlp", lm=tiny.tiny_gpt2(len(tokenizer)))
-    overfit(model, features, [said for _, said, _ in TRAINED.values()], tokenizer)
-    model_dir = root / "model"
-    model.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    shutil.copytree(clip_dir, model_dir / "clip")
-    return model_dir, source
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, lm_dir, clip_dir):
+    """A model trained by `clipcap.train` (embed -> store -> train) until it says back one caption for each of
+    three images, and a nocaps-style evaluation source: those images with two references each, plus a corrupt one."""
+    from PIL import Image
+
+    from clipcap.embed import embed
+    from clipcap.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("e2e")
+    # Solid colours: the random tiny CLIP tells them apart (noise images all look alike to it).
+    for name, colour in zip(TRAINED, [(255, 0, 0), (0, 0, 255), (0, 255, 0)], strict=True):
+        Image.new("RGB", (32, 32), colour).save(root / f"{name}.png")
+    (root / "img4.png").write_bytes(b"not an image")
+    domains = [d for d, _, _ in TRAINED.values()]
+    # Each image listed 5 times: 5 optimizer steps per epoch (an epoch also writes a checkpoint).
+    said = [[s] for _, s, _ in TRAINED.values()] * 5
+    train_source = nocaps_source(root / "train.json", list(TRAINED) * 5, domains * 5, said)
+    store = embed(train_source, root / "train-store", clip_dir, workers=0, progress=False)
+    cfg = TrainConfig(
+        data=str(store),
+        out=str(root / "run"),
+        lm=str(lm_dir),
+        prefix_length=4,
+        num_layers=2,
+        epochs=12,
+        batch_size=3,
+        lr=1e-2,
+        warmup_steps=0,
+        num_samples=0,
+        log_every=100,
+        save_every=1000,
+        keep_checkpoints=1,
+    )
+    run = train(cfg)
+    refs = [[s, other] for _, s, other in TRAINED.values()] + [["a dog on a beach."]]
+    source = nocaps_source(root / "nocaps_tiny.json", [*TRAINED, "img4"], [*domains, "in-domain"], refs)
+    return run / "final", source
 
 
 def test_cli_evaluates_a_trained_model_on_a_nocaps_style_source(trained, tmp_path, capsys):
@@ -464,11 +473,11 @@ def test_cli_evaluates_a_trained_model_on_a_nocaps_style_source(trained, tmp_pat
             assert rescored["domains"][domain][name] == metrics["domains"][domain][name]
 
 
-def test_evaluate_model_on_an_embedding_store_matches_the_source(trained, tmp_path):
+def test_evaluate_model_on_an_embedding_store_matches_the_source(trained, tmp_path, clip_dir):
     from clipcap.embed import embed
 
     model_dir, source = trained
-    store = embed(source, tmp_path / "store", model_dir / "clip", workers=0, progress=False)
+    store = embed(source, tmp_path / "store", clip_dir, workers=0, progress=False)
     from_store = ev.evaluate_model(model_dir, store, split=None, num_beams=1, max_new_tokens=30, spice=False)
     from_source = ev.evaluate_model(model_dir, source, split=None, num_beams=1, max_new_tokens=30, spice=False)
     assert [r["prediction"] for r in from_store["per_image"]] == [said for _, said, _ in TRAINED.values()]
