@@ -170,3 +170,19 @@ def test_stop_token_from_config_and_none_disables_stopping():
 def test_default_max_new_tokens_is_the_papers_67():
     model = tiny.tiny_model("mlp")
     assert model.generate(clip_batch(1), stop_token_id=None).shape == (1, 67)
+
+
+def test_the_lms_own_generation_defaults_do_not_apply():
+    # e.g. a chat LM's generation_config.json with sampling and repetition settings
+    model = varied_model("llama")
+    clip = clip_batch(3, seed=9)
+    expected = naive_greedy(model, clip, 10)
+    gc = model.lm.generation_config
+    gc.do_sample, gc.temperature, gc.top_k, gc.top_p = True, 0.6, 5, 0.9
+    gc.repetition_penalty, gc.no_repeat_ngram_size, gc.min_new_tokens = 3.0, 1, 10
+    assert model.generate(clip, max_new_tokens=10, stop_token_id=None).tolist() == expected
+    torch.manual_seed(0)
+    a = model.generate(clip, max_new_tokens=10, do_sample=True, stop_token_id=None)
+    gc.temperature, gc.top_k, gc.top_p = None, None, None
+    torch.manual_seed(0)
+    assert torch.equal(model.generate(clip, max_new_tokens=10, do_sample=True, stop_token_id=None), a)

@@ -141,12 +141,13 @@ class ClipCapModel(nn.Module):
         stop = self.config.stop_token_id if stop_token_id is _FROM_CONFIG else stop_token_id
         prefix = self.prefix(clip_embeds).to(self.lm.get_input_embeddings().weight.dtype)
         mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
-        # A fresh GenerationConfig: the LM's own defaults (e.g. GPT-2's eos 50256) must not change when we stop.
-        # generate() fills every None field from the LM's generation_config, so "never stop" cannot be None: it is
-        # an id one past the vocabulary, which the LM can never emit.
+        # A fresh GenerationConfig: the LM's own defaults (GPT-2's eos 50256, a chat LM's sampling or repetition
+        # settings) must not change our decoding. generate() fills every field left None from the LM's
+        # generation_config, so every field starts at transformers' global default, and "never stop" is not None
+        # but an id one past the vocabulary, which the LM can never emit.
         never = self.lm.config.get_text_config().vocab_size
         pad = self.pad_token_id
-        generation_config = GenerationConfig(
+        ours = dict(
             max_new_tokens=max_new_tokens,
             num_beams=num_beams,
             do_sample=do_sample,
@@ -156,6 +157,7 @@ class ClipCapModel(nn.Module):
             bos_token_id=None,
             **generate_kwargs,
         )
+        generation_config = GenerationConfig(**{**GenerationConfig._get_default_generation_params(), **ours})
         ids = self.lm.generate(inputs_embeds=prefix, attention_mask=mask, generation_config=generation_config)
         if stop is None:
             return ids
