@@ -29,6 +29,7 @@ import os
 import shutil
 import sys
 import time
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +47,7 @@ CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 SKIPPED = "skipped.jsonl"
 STATE = "trainer_state.json"
+CONFIG = "train_config.json"
 OPTIMIZER = "optimizer.safetensors"
 WARMUP_FRACTION = 0.1  # the original's 5000 warm-up steps were 3.5 % of its run; never warm up for more than 10 %
 
@@ -161,7 +163,8 @@ class CaptionPairs:
 
         self.store = store
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        tokens, offsets, pairs, self.image, self.skipped = [], [0], [], [], []
+        tokens, offsets, pairs, image = array("i"), array("q", [0]), array("q"), array("q")
+        self.skipped: list[dict] = []
         keys = store.keys
         pair = 0
         chunk = 2048  # images per tokenizer call
@@ -176,16 +179,16 @@ class CaptionPairs:
                     tokens.extend(seq)
                     offsets.append(offsets[-1] + len(seq))
                     pairs.append(pair)
-                    self.image.append(j)
+                    image.append(j)
                 else:
                     self.skipped.append(
                         {"data": name, "pair": pair, "key": keys[j], "caption": caption[:200], "reason": problem}
                     )
                 pair += 1
-        self.tokens = np.asarray(tokens, dtype=np.int32)
-        self.offsets = np.asarray(offsets, dtype=np.int64)
-        self.pairs = np.asarray(pairs, dtype=np.int64)
-        self.image = np.asarray(self.image, dtype=np.int64)
+        self.tokens = np.frombuffer(tokens, dtype=np.int32)
+        self.offsets = np.frombuffer(offsets, dtype=np.int64)
+        self.pairs = np.frombuffer(pairs, dtype=np.int64)
+        self.image = np.frombuffer(image, dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -401,7 +404,8 @@ class Trainer:
             stop_token_id=self.tokenizer.eos_token_id,
             pad_token_id=self.tokenizer.pad_token_id,
         )
-        self.model = ClipCapModel(config)
+        # fp32 master weights whatever dtype the LM was saved in; autocast gives bf16/fp16 compute on GPU.
+        self.model = ClipCapModel(config).float()
         self.max_tokens = self._caption_budget()
 
         progress = self.main
@@ -421,7 +425,10 @@ class Trainer:
         self.warmup = min(cfg.warmup_steps, int(WARMUP_FRACTION * self.total_steps))
 
         self.objective = Objective(self.model, cfg.noise_variance if cfg.text_only else 0.0)
-        optimizer = torch.optim.AdamW(self._param_groups(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.model.to(self.accelerator.device)
+        # The fused kernel updates all parameters in one pass instead of a Python loop over them.
+        fused = self.accelerator.device.type in ("cpu", "cuda")
+        optimizer = torch.optim.AdamW(self._param_groups(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
         from transformers import get_linear_schedule_with_warmup
 
         # The scheduler is stepped by hand (not prepared): accelerate would step it once per process.
@@ -433,9 +440,7 @@ class Trainer:
 
     # -- set-up helpers ---------------------------------------------------------------------------------------
     def _check_run_dir(self) -> None:
-        started = (self.run_dir / STATE).exists() or any(
-            (self.run_dir / name).exists() for name in (CHECKPOINTS, "final", METRICS)
-        )
+        started = any((self.run_dir / name).exists() for name in (CHECKPOINTS, "final", METRICS, CONFIG))
         if started and not self.cfg.resume:
             raise ClipCapError(f"{self.run_dir} already holds a training run: pass --resume or choose another --out")
 
@@ -707,7 +712,7 @@ class Trainer:
         if cfg.resume:
             self._restore()
         if self.main and self.step == 0:
-            (self.run_dir / "train_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+            (self.run_dir / CONFIG).write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
             skipped = self.pairs.skipped + (self.val.skipped if self.val else [])
             (self.run_dir / SKIPPED).write_text("".join(json.dumps(s) + "\n" for s in skipped))
         for name, pairs in (("training", self.pairs), ("validation", self.val)):
