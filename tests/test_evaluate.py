@@ -493,3 +493,20 @@ def test_evaluate_model_says_which_splits_exist(trained):
     model_dir, source = trained
     with pytest.raises(ClipCapError, match="no records in split 'test'"):
         ev.evaluate_model(model_dir, source, split="test")
+
+
+def test_clipscore_is_unavailable_not_fatal_when_the_clip_has_no_tokenizer(trained, clip_dir, monkeypatch):
+    import transformers
+
+    model_dir, source = trained
+    load = transformers.AutoTokenizer.from_pretrained
+
+    def no_clip_tokenizer(name, *args, **kwargs):  # the encoder dir ships no tokenizer (ImageEncoder -> None)
+        if str(name) == str(clip_dir):
+            raise OSError("no tokenizer files")
+        return load(name, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", no_clip_tokenizer)
+    result = ev.evaluate_model(model_dir, source, split=None, num_beams=1, max_new_tokens=30, spice=False)
+    assert "CLIPScore" not in result and "no tokenizer files" in result["unavailable"]["RefCLIPScore"]
+    assert [r["prediction"] for r in result["per_image"]] == [said for _, said, _ in TRAINED.values()]

@@ -331,7 +331,9 @@ def add_evaluate(sub) -> None:
         type=float,
         help="beam scores are divided by length**F (default: 1.0, the paper's length normalisation)",
     )
-    p.add_argument("--batch-size", type=int, help="images per batch for CLIP and decoding (default: 32)")
+    p.add_argument(
+        "--batch-size", type=int, help="images per batch for CLIP and decoding (default: 32; 64 for --predictions)"
+    )
     p.add_argument("--limit", type=int, help="evaluate only the first N images of the split (quick checks)")
     p.add_argument(
         "--clip-model",

@@ -579,12 +579,16 @@ def evaluate_model(
     by_key = {it.key: it for it in items}
     if len(by_key) != len(items):
         raise ClipCapError(f"{data} names some images twice (duplicate keys): evaluation needs one row per image")
-    clip_rows = (
-        _clip_rows(encoder, keys, captions, features, [it.references for it in items], batch_size) if clipscore else {}
-    )
-    result = _score(predictions, by_key, clip_rows, spice)
+    clip_reason = None
     if not clipscore:
-        result["unavailable"].update({m: "turned off (--no-clipscore)" for m in CLIP_METRICS})
+        clip_reason = "turned off (--no-clipscore)"
+    elif encoder.tokenizer is None:
+        clip_reason = f"the encoder {encoder.name} has no tokenizer files, so its text tower cannot be used"
+    references = [it.references for it in items]
+    clip_rows = {} if clip_reason else _clip_rows(encoder, keys, captions, features, references, batch_size)
+    result = _score(predictions, by_key, clip_rows, spice)
+    if clip_reason:
+        result["unavailable"].update({m: clip_reason for m in CLIP_METRICS})
     result["settings"] = {
         "model": str(model_dir),
         "data": str(data),
