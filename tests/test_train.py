@@ -361,6 +361,20 @@ def test_text_only_training_learns_captions_and_captions_images(tmp_path, tokeni
     assert len(captioner.caption([Image.new("RGB", (40, 40), (40, 70, 220))], max_new_tokens=5)) == 1
 
 
+def test_text_only_trains_on_a_store_from_embed_text_only(tmp_path, lm_dir, clip_dir):
+    from clipcap.embed import embed
+
+    source = tmp_path / "captions.jsonl"
+    source.write_text(
+        "".join(json.dumps({"image": f"{i}.jpg", "caption": c}) + "\n" for i, c in enumerate(tiny.CORPUS))
+    )
+    store = embed(source, tmp_path / "store", clip_model=str(clip_dir), text_only=True, workers=0, progress=False)
+    run = train(small_cfg(store, tmp_path / "run", lm_dir, text_only=True, epochs=1, batch_size=3, num_samples=0))
+    config = ClipCapModel.from_pretrained(run / "final").config
+    assert config.normalize_prefix and config.clip_model == str(clip_dir) and config.clip_dim == DIM
+    assert [r["step"] for r in metrics(run) if r["type"] == "train"] == [1, 2]
+
+
 # -- LM-text mixing ---------------------------------------------------------------------------------------------------
 def test_packed_text_blocks_cover_the_stream_once_per_cycle(tmp_path, tokenizer):
     text = tmp_path / "lm.txt"
