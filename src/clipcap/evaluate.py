@@ -15,7 +15,6 @@ from __future__ import annotations
 import csv
 import functools
 import json
-import math
 import re
 import shutil
 import subprocess
@@ -43,15 +42,13 @@ JAVA_HINT = (
     "install a Java runtime (Debian/Ubuntu: apt-get install default-jre-headless; macOS: brew install openjdk; "
     "conda: conda install -c conda-forge openjdk) and make sure `java` is on PATH"
 )
-_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
-def _pycocoevalcap():
+def _require_pycocoevalcap() -> None:
     try:
-        import pycocoevalcap
+        import pycocoevalcap  # noqa: F401
     except ImportError:
         raise ClipCapError("evaluation needs pycocoevalcap: pip install 'clipcap[eval]'") from None
-    return pycocoevalcap
 
 
 # -- Java --------------------------------------------------------------------------------------------------------
@@ -207,7 +204,7 @@ def compute_scores(
     """coco-caption scores of `predictions` (id -> caption) against `references` (id -> captions), over the ids
     of `predictions`. Corpus-level: CIDEr-D's idf comes from these references, so a subset scores differently.
     `subsets` (name -> ids, e.g. nocaps domains) are also scored, each as its own corpus, into `.subsets`."""
-    _pycocoevalcap()
+    _require_pycocoevalcap()
     if not predictions:
         raise ClipCapError("nothing to score: no predictions")
     missing = [i for i in predictions if i not in references]
@@ -399,10 +396,6 @@ def _match(predictions: dict[str, str], pred_images: dict[str, str], items: list
 
 
 # -- scoring a set of images, per nocaps domain --------------------------------------------------------------------
-def _mean(values: list[float]) -> float:
-    return float(sum(values) / len(values)) if values else math.nan
-
-
 def _score(predictions: dict[str, str], items: dict[str, _Item], clip: dict[str, dict[str, float]], spice: bool):
     """Overall and per-domain scores, per-image rows. `clip` maps image id -> {"CLIPScore": .., ...} for the images
     CLIPScore could be computed on."""
@@ -417,7 +410,7 @@ def _score(predictions: dict[str, str], items: dict[str, _Item], clip: dict[str,
         for name in CLIP_METRICS:
             values = [clip[k][name] for k in keys if name in clip.get(k, {})]
             if values:
-                out[name] = _mean(values)
+                out[name] = float(sum(values) / len(values))
         return {**out, "num_images": len(keys)}
 
     result = with_clip(overall.metrics, list(predictions))
@@ -524,7 +517,7 @@ def evaluate_model(
 
     if num_beams < 1 or max_new_tokens < 1 or batch_size < 1:
         raise ClipCapError("num_beams, max_new_tokens and batch_size must be positive")
-    _pycocoevalcap()  # fail before generating for minutes, not after
+    _require_pycocoevalcap()  # fail before generating for minutes, not after
     start = time.perf_counter()
     captioner = Captioner.from_pretrained(model_dir, clip_model=clip_model, device=device, batch_size=batch_size)
     encoder = captioner.encoder
@@ -622,9 +615,11 @@ def evaluate_model(
 
 # -- evaluating prediction files -----------------------------------------------------------------------------------
 def _find_image(key: str, item: _Item, pred_image: str | None, root: Path | None) -> str | None:
+    from .data.sources import IMAGE_EXTENSIONS
+
     candidates = [pred_image, item.image]
     if root is not None:
-        candidates += [root / key, *(root / f"{key}{s}" for s in _IMAGE_SUFFIXES)]
+        candidates += [root / key, *(root / f"{key}{s}" for s in IMAGE_EXTENSIONS)]
     return next((str(c) for c in candidates if c and Path(c).is_file()), None)
 
 
@@ -643,7 +638,7 @@ def evaluate_predictions(
     """Score a predictions file against a references file (formats: `load_predictions`, `load_references`).
     CLIPScore/RefCLIPScore need `clip_model` (HF CLIP id or dir) and the images: paths named in the predictions,
     the references' image files (under `images` for COCO/nocaps annotation files) or `images`/ID.jpg."""
-    _pycocoevalcap()
+    _require_pycocoevalcap()
     start = time.perf_counter()
     preds, pred_images = load_predictions(predictions)
     reference_items = load_references(references, format=format, images=images, split=split)
@@ -714,7 +709,7 @@ def write_results(result: dict, out: str | Path = "metrics.json") -> list[Path]:
     out.parent.mkdir(parents=True, exist_ok=True)
     rows = result.get("per_image", [])
     metrics = {k: v for k, v in result.items() if k != "per_image"}
-    out.write_text(json.dumps(metrics, indent=2, allow_nan=False, default=str) + "\n")
+    out.write_text(json.dumps(metrics, indent=2, default=str) + "\n")
     written = [out]
     table = out.with_suffix(".csv")
     columns = list(dict.fromkeys(c for row in rows for c in row))
