@@ -3,6 +3,7 @@
 import csv
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -171,3 +172,10 @@ def test_help_and_flag_validation(capsys):
     with pytest.raises(SystemExit) as info:
         main(["caption", "x.jpg", "--model", "m", "--beams", "0"])
     assert info.value.code == 2 and "must be at least 1" in capsys.readouterr().err
+
+
+def test_real_photographs_directory(capsys, varied_model_dir):
+    real = Path("/work/shared/reference/real-images")
+    code, out, err = run(capsys, real, "--model", varied_model_dir, "--max-new-tokens", 4, "--quiet")
+    assert code == 0 and err == ""
+    assert sorted(r["image"] for r in records(out)) == sorted(str(p) for p in real.glob("*.jpg"))  # 12, no README

@@ -27,19 +27,20 @@ def find_images(inputs: Iterable[str | Path]) -> list[Path]:
 
     Directories and globs contribute the files with an image extension; a file named explicitly is always kept
     (even a missing one, so that it is reported). Raises ClipCapError when nothing at all is found."""
+    inputs = [str(item) for item in inputs]
     found: dict[Path, None] = {}
     for item in inputs:
         path = Path(item).expanduser()
         if path.is_dir():
             matches = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-        elif path.exists() or not glob.has_magic(str(path)):
+        elif path.exists() or not any(c in item for c in "*?["):
             matches = [path]
         else:
             hits = (Path(p) for p in glob.glob(str(path), recursive=True))
             matches = sorted(p for p in hits if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
         found.update(dict.fromkeys(matches))
     if not found:
-        raise ClipCapError(f"no images found in {', '.join(map(str, inputs))}")
+        raise ClipCapError(f"no images found in {', '.join(inputs)}")
     return list(found)
 
 
