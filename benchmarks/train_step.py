@@ -4,12 +4,13 @@ min(mean + 10·std, max) of all caption lengths, fp32, cross-entropy with ignore
 same data and the same initial weights. Also checks that both give the same loss on the same batch, and reports each
 side's peak RSS.
 
-    .venv/bin/python benchmarks/train_step.py [--layers 4] [--batch-size 40] [--steps 3] [--rounds 2]
+    .venv/bin/python benchmarks/train_step.py [--layers 4] [--batch-size 40] [--steps 6] [--threads 1]
 
 Random weights with GPT-2-small's width and vocabulary (768, 50257) and --layers blocks; MLP mapper, k = 10, tuned
 LM (the paper's MLP setting), CPU. Captions are random word sequences with COCO-like lengths (mean ≈ 11.5 tokens,
-std ≈ 2.7, plus a thin tail of long captions), one word = one token. Each side runs in its own process (so its peak
-RSS is its own); the sides alternate, --rounds times each, so they share whatever background load the machine has.
+std ≈ 2.9, plus a thin tail of long captions), one word = one token. Throughput: both sides in one process,
+alternating step by step on the same batches, so they share whatever background load the machine has. Peak RSS and
+the same-batch loss: each side alone in its own process.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -101,9 +101,8 @@ def original_step(trainer, max_len: int):
     return step
 
 
-def run_side(side: str, root: Path, batch_size: int, steps: int) -> dict:
-    """One side: a first (untimed) step, then `steps` timed steps, on the first batches of epoch 0: the same rows and
-    the same initial weights on both sides."""
+def make_side(side: str, root: Path, batch_size: int):
+    """A trainer on the store (same seed, so the same initial weights on both sides) and that side's step function."""
     from clipcap.train import TrainConfig, Trainer
 
     cfg = TrainConfig(
@@ -116,76 +115,95 @@ def run_side(side: str, root: Path, batch_size: int, steps: int) -> dict:
         num_samples=0,
     )
     trainer = Trainer(cfg)
-    plan = trainer.epoch_steps(0)[: steps + 1]
     lengths = np.diff(trainer.pairs.offsets)
     # The original dataset: max_seq_len = min(int(mean + 10 * std), max); every caption padded (or cut) to it.
     global_len = min(int(lengths.mean() + lengths.std() * 10), int(lengths.max()))
-    step = trainer.train_step if side == "ours" else original_step(trainer, global_len)
+    if side == "ours":
+        return trainer, trainer.train_step, lambda rows: K + int(max(lengths[r] for r in rows))
+    return trainer, original_step(trainer, global_len), lambda rows: K + global_len
+
+
+def run_memory(side: str, root: Path, batch_size: int) -> dict:
+    """One side alone in this process: its first step (the loss on batch 0) and its peak RSS after two steps."""
+    trainer, step, _ = make_side(side, root, batch_size)
+    plan = trainer.epoch_steps(0)
     first_loss = step(plan[0])[0]
-    start = time.perf_counter()
-    for micro_batches in plan[1:]:
-        step(micro_batches)
-    elapsed = time.perf_counter() - start
-    padded = [K + (max(lengths[r] for r in rows) if side == "ours" else global_len) for (rows,) in plan[1:]]
+    step(plan[1])
+    return {"first_loss": first_loss, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def run_speed(root: Path, batch_size: int, steps: int) -> dict:
+    """Both sides in one process, alternating step by step on the same batches, so background load hits both."""
+    sides = {side: make_side(side, root, batch_size) for side in ("ours", "original")}
+    plan = sides["ours"][0].epoch_steps(0)[: steps + 1]
+    seconds = {side: 0.0 for side in sides}
+    length = {side: [] for side in sides}
+    for i, micro_batches in enumerate(plan):
+        for side, (_, step, padded) in sides.items():
+            start = time.perf_counter()
+            step(micro_batches)
+            if i:  # the first step of each side is a warm-up
+                seconds[side] += time.perf_counter() - start
+                length[side].append(padded(micro_batches[0]))
     return {
-        "side": side,
-        "samples_per_s": steps * batch_size / elapsed,
-        "first_loss": first_loss,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "sequence_length": float(np.mean(padded)),
+        side: {"samples_per_s": steps * batch_size / seconds[side], "sequence_length": float(np.mean(length[side]))}
+        for side in sides
     }
+
+
+def child(args, *extra) -> dict:
+    cmd = [sys.executable, __file__, "--root", args.root, "--batch-size", str(args.batch_size)]
+    cmd += ["--steps", str(args.steps), "--threads", str(args.threads), *extra]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"{' '.join(extra)} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=4, help="GPT-2 blocks (GPT-2 small has 12)")
     parser.add_argument("--batch-size", type=int, default=40)
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per round and side")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per side")
     parser.add_argument("--images", type=int, default=2000, help="store size (5 captions per image)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--side", choices=["ours", "original"], help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: steadier on a busy machine)")
+    parser.add_argument("--memory", choices=["ours", "original"], help=argparse.SUPPRESS)
+    parser.add_argument("--speed", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.side:
-        print(json.dumps(run_side(args.side, Path(args.root), args.batch_size, args.steps)))
+    torch.set_num_threads(args.threads)
+    if args.memory:
+        print(json.dumps(run_memory(args.memory, Path(args.root), args.batch_size)))
+        return
+    if args.speed:
+        print(json.dumps(run_speed(Path(args.root), args.batch_size, args.steps)))
         return
 
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        lengths = make_assets(root, args.layers, args.images)
+        args.root = tmp
+        lengths = make_assets(Path(tmp), args.layers, args.images)
         global_len = min(int(lengths.mean() + 10 * lengths.std()), int(lengths.max()))
         print(
             f"captions: {len(lengths)}, length mean {lengths.mean():.1f} std {lengths.std():.1f} max {lengths.max()} "
             f"-> original global length {global_len}; GPT-2 width 768, {args.layers} layers, batch {args.batch_size}, "
-            f"k={K}, MLP + tuned LM, fp32, {torch.get_num_threads()} threads"
+            f"k={K}, MLP + tuned LM, fp32, {args.threads} thread(s)"
         )
-        results: dict[str, list[dict]] = {"ours": [], "original": []}
-        for _ in range(args.rounds):
-            for side in ("ours", "original"):
-                cmd = [sys.executable, __file__, "--side", side, "--root", tmp, "--batch-size", str(args.batch_size)]
-                cmd += ["--steps", str(args.steps), "--threads", str(args.threads)]
-                done = subprocess.run(cmd, capture_output=True, text=True)
-                if done.returncode:
-                    sys.exit(f"{side} side failed:\n{done.stderr[-3000:]}")
-                out = done.stdout
-                results[side].append(json.loads(out.strip().splitlines()[-1]))
-                r = results[side][-1]
-                print(
-                    f"  {side:8s} {r['samples_per_s']:7.2f} samples/s, mean sequence length (prefix + caption) "
-                    f"{r['sequence_length']:5.1f}, peak RSS {r['peak_rss_mib']:6.0f} MiB"
-                )
-    ours = statistics.median(r["samples_per_s"] for r in results["ours"])
-    original = statistics.median(r["samples_per_s"] for r in results["original"])
-    loss_ours, loss_original = results["ours"][0]["first_loss"], results["original"][0]["first_loss"]
-    print(f"same batch, same weights: loss ours {loss_ours:.6f} vs original-style {loss_original:.6f}")
-    print(f"  |difference| = {abs(loss_ours - loss_original):.2e}")
-    print(f"training samples/s (median of {args.rounds}): ours {ours:.2f}, original-style {original:.2f}")
-    print(f"ratio ours / original-style: {ours / original:.2f}x  (target >= 1.5x on CPU)")
-    rss = {side: max(r["peak_rss_mib"] for r in rs) for side, rs in results.items()}
-    print(f"peak RSS: ours {rss['ours']:.0f} MiB, original-style {rss['original']:.0f} MiB")
+        memory = {side: child(args, "--memory", side) for side in ("ours", "original")}
+        speed = child(args, "--speed")
+    for side in ("ours", "original"):
+        print(
+            f"  {side:8s} {speed[side]['samples_per_s']:6.2f} samples/s, mean sequence (prefix + caption) "
+            f"{speed[side]['sequence_length']:4.1f} tokens, peak RSS {memory[side]['peak_rss_mib']:5.0f} MiB"
+        )
+    loss_ours, loss_original = memory["ours"]["first_loss"], memory["original"]["first_loss"]
+    print(
+        f"same batch, same weights: loss ours {loss_ours:.6f}, original-style {loss_original:.6f} "
+        f"(|difference| {abs(loss_ours - loss_original):.1e})"
+    )
+    ratio = speed["ours"]["samples_per_s"] / speed["original"]["samples_per_s"]
+    print(f"training samples/s ratio ours / original-style: {ratio:.2f}x  (target >= 1.5x on CPU)")
+    rss_ratio = memory["original"]["peak_rss_mib"] / memory["ours"]["peak_rss_mib"]
+    print(f"peak RSS ratio original-style / ours: {rss_ratio:.2f}x")
 
 
 if __name__ == "__main__":
