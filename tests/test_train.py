@@ -314,6 +314,18 @@ def test_two_process_ddp_through_torchrun_matches_one_process_with_double_batch(
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
 
 
+def test_gradient_accumulation_matches_the_larger_batch(tmp_path, tokenizer, lm_dir):
+    store = write_store(tmp_path / "store", [[c] for c in equal_length_captions(tokenizer, 32)])
+    flags = dict(tune_lm=False, epochs=2, warmup_steps=0, num_samples=0)
+    accumulated = train(small_cfg(store, tmp_path / "accum", lm_dir, batch_size=4, grad_accum=2, **flags))
+    single = train(small_cfg(store, tmp_path / "single", lm_dir, batch_size=8, **flags))
+    assert [r["step"] for r in metrics(accumulated) if r["type"] == "train"] == list(range(1, 9))
+    a = load_file(str(accumulated / "final" / "model.safetensors"))
+    b = load_file(str(single / "final" / "model.safetensors"))
+    for key in (k for k in a if k.startswith("mapper.")):
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+
+
 # -- text-only (CapDec) ---------------------------------------------------------------------------------------------
 def test_noise_injection_is_capdec_noise():
     torch.manual_seed(0)
