@@ -290,3 +290,17 @@ def test_encoder_rejects_a_model_without_image_features(tmp_path, lm_dir):
     CLIPImageProcessor().save_pretrained(tmp_path)
     with pytest.raises(ClipCapError, match="not a CLIP-family model"):
         ImageEncoder.from_pretrained(tmp_path)
+
+
+def test_encoder_without_tokenizer_files_has_no_tokenizer(tmp_path, clip_dir):
+    import shutil
+
+    image_only = tmp_path / "clip-image-only"
+    image_only.mkdir()
+    for name in ("config.json", "model.safetensors", "preprocessor_config.json"):
+        shutil.copy(clip_dir / name, image_only / name)
+    encoder = ImageEncoder.from_pretrained(image_only)
+    assert encoder.tokenizer is None
+    with pytest.raises(ClipCapError, match="has no tokenizer files"):
+        encoder.encode_text(["a red circle."])
+    assert ImageEncoder.from_pretrained(clip_dir).encode_text(["a red circle."]).shape == (1, 16)

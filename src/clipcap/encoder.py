@@ -7,6 +7,7 @@ pixels) raised as one per-item error type, `ImageLoadError`, before PIL allocate
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from .hub import offline_hint
 
 # PIL's own bomb limit is a warning up to 2x; ours is a hard per-item error checked from the header alone.
 MAX_IMAGE_PIXELS = 64_000_000
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json", "spiece.model", "sentencepiece.bpe.model")
 
 
 class ImageLoadError(ClipCapError):
@@ -122,10 +124,12 @@ class ImageEncoder:
             raise ClipCapError(offline_hint(name, "CLIP encoder", "--clip-model")) from None
         if not hasattr(model, "get_image_features"):
             raise ClipCapError(f"{name} is a {type(model).__name__}, not a CLIP-family model with image features")
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(name)
-        except (OSError, ValueError):
-            tokenizer = None  # image-only use needs none
+        tokenizer = None  # image-only use needs none
+        local = Path(name).expanduser()
+        # transformers 5 returns an empty tokenizer for a local dir without tokenizer files: look for them first.
+        if not local.is_dir() or any((local / f).is_file() for f in TOKENIZER_FILES):
+            with contextlib.suppress(OSError, ValueError):
+                tokenizer = AutoTokenizer.from_pretrained(name)
         if device is not None:
             model.to(device)
         return cls(model, processor, tokenizer, normalize=normalize, name=name)
