@@ -125,7 +125,7 @@ def main() -> None:
     def row(mode: str, method: str, images: int, fn):
         out, seconds = timed(fn)
         rate[(mode, method.split(":")[0])] = images / seconds
-        print(f"{mode:<9} {method:<36} {images:>6} {seconds:>8.1f} {images / seconds:>11.3g}", flush=True)
+        print(f"{mode:<9} {method:<36} {images:>6} {seconds:>8.1f} {images / seconds:>#11.3g}", flush=True)
         return out
 
     beam = f"beam {args.beams}"

@@ -1,5 +1,7 @@
 """ClipCapModel.generate: the LM's own generate over the prefix, checked against plain uncached loops."""
 
+import logging
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -186,3 +188,18 @@ def test_the_lms_own_generation_defaults_do_not_apply():
     gc.temperature, gc.top_k, gc.top_p = None, None, None
     torch.manual_seed(0)
     assert torch.equal(model.generate(clip, max_new_tokens=10, do_sample=True, stop_token_id=None), a)
+
+
+def test_generate_is_quiet():
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    hf_logger = logging.getLogger("transformers")  # transformers' loggers do not propagate to the root
+    hf_logger.addHandler(handler)
+    try:
+        model = varied_model("gpt2")
+        model.generate(clip_batch(2), max_new_tokens=3)
+        model.generate(clip_batch(2), max_new_tokens=3, num_beams=2, stop_token_id=None)
+    finally:
+        hf_logger.removeHandler(handler)
+    assert [r.getMessage() for r in records] == []  # e.g. no "both max_new_tokens and max_length set"

@@ -157,7 +157,9 @@ class ClipCapModel(nn.Module):
             bos_token_id=None,
             **generate_kwargs,
         )
-        generation_config = GenerationConfig(**{**GenerationConfig._get_default_generation_params(), **ours})
+        defaults = GenerationConfig._get_default_generation_params()
+        defaults.pop("max_length")  # max_new_tokens decides; both set makes transformers warn
+        generation_config = GenerationConfig(**{**defaults, **ours})
         ids = self.lm.generate(inputs_embeds=prefix, attention_mask=mask, generation_config=generation_config)
         if stop is None:
             return ids
