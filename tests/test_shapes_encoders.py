@@ -75,6 +75,40 @@ def test_soft_clip_loss_is_clip_loss_for_distinct_texts_and_shares_duplicates():
     assert se._soft_clip_loss(logits, same).item() == pytest.approx(se._soft_clip_loss(swapped, same).item())
 
 
+def test_extra_negative_texts_only_enter_the_image_side():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5)  # 3 images, their 3 captions, then 2 hard negatives
+    labels = torch.arange(3)
+    expected = (F.cross_entropy(logits, labels) + F.cross_entropy(logits[:, :3].t(), labels)) / 2
+    assert se._soft_clip_loss(logits, ["a", "b", "c", "x", "y"]).item() == pytest.approx(expected.item(), rel=1e-6)
+    # A harder negative (higher logit for image 0) raises the loss.
+    harder = logits.clone()
+    harder[0, 3] += 5
+    assert se._soft_clip_loss(harder, ["a", "b", "c", "x", "y"]) > se._soft_clip_loss(logits, ["a", "b", "c", "x", "y"])
+
+
+def test_hard_negatives_swap_the_binding_of_two_objects():
+    rng = np.random.default_rng(0)
+    seen = 0
+    for _ in range(200):
+        scene = shapes.sample_scene(rng)
+        negative = se._hard_negative(scene, rng)
+        if len(scene.objects) == 1:
+            assert negative is None
+            continue
+        a, b = scene.objects
+        if (a.colour, a.shape) == (b.colour, b.shape):
+            assert negative is None
+            continue
+        seen += 1
+        named = sorted(shapes.object_pairs(negative))
+        assert sorted(w for p in named for w in p) == sorted([a.colour, a.shape, b.colour, b.shape])  # same words
+        assert negative not in shapes.captions(scene, rng, 100)  # describes another picture
+        if a.colour != b.colour and a.shape != b.shape:
+            assert named != sorted([(a.colour, a.shape), (b.colour, b.shape)])  # bound the other way
+    assert seen > 50
+
+
 def test_partial_captions_name_some_attributes():
     rng = np.random.default_rng(0)
     for _ in range(50):

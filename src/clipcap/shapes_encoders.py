@@ -5,7 +5,7 @@ scenes drawn exactly as the `pretrain` split is, novel compositions included, DE
 pairs are what keep novel compositions out. Three ordinary HF directories come out, so `--clip-model DIR` and
 `--lm DIR` use the real loading code:
 
-    clip/   a tiny CLIPModel (ViT, patch 5 on 40-px images) trained contrastively, + image processor + tokenizer
+    clip/   a tiny CLIPModel (ViT, patch 8 on 40-px images) trained contrastively, + image processor + tokenizer
     lm/     a tiny GPT-2 pretrained as a language model on packed "documents" (several captions of one scene),
             + the byte-level BPE tokenizer trained with HF `tokenizers`
 
@@ -20,7 +20,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -43,22 +43,23 @@ class EncoderRecipe:
     vocab_size: int = 400
     tokenizer_texts: int = 20000
     # CLIP
-    clip_patch: int = 5
+    clip_patch: int = 8
     clip_hidden: int = 128
     clip_layers: int = 4
     clip_text_layers: int = 3
-    clip_projection: int = 64
-    clip_steps: int = 2000
-    clip_batch: int = 256
+    clip_projection: int = 128
+    clip_steps: int = 1600
+    clip_batch: int = 128
     clip_lr: float = 1e-3
     clip_partial: float = 0.5  # share of captions that name only some attributes (so each is readable alone)
+    clip_hard_negatives: bool = True  # a swapped-binding caption per two-object scene
     # LM
-    lm_hidden: int = 192
+    lm_hidden: int = 160
     lm_layers: int = 4
-    lm_heads: int = 6
+    lm_heads: int = 5
     lm_context: int = 128
-    lm_steps: int = 1500
-    lm_batch: int = 32
+    lm_steps: int = 800
+    lm_batch: int = 16
     lm_lr: float = 2e-3
     warmup: float = 0.05  # fraction of steps
     probe_images: int = 3000
@@ -128,8 +129,26 @@ def _partial_caption(scene: shapes.Scene, rng: np.random.Generator) -> str:
     return shapes._with_article(" and ".join(parts) + ".")
 
 
+def _hard_negative(scene: shapes.Scene, rng: np.random.Generator) -> str | None:
+    """A caption of a two-object scene with its attributes bound the other way (colours or shapes swapped between
+    the objects): the same bag of words, a different picture. None for one object, or when a swap changes nothing.
+
+    Random batches almost never hold such a pair, so without them CLIP learns bags of words (its known binding
+    weakness) and "a red circle left of a green triangle" embeds like "a green circle left of a red triangle"."""
+    if len(scene.objects) != 2:
+        return None
+    a, b = scene.objects
+    swaps = [f for f in ("colour", "shape") if getattr(a, f) != getattr(b, f)]
+    if not swaps:
+        return None
+    f = swaps[rng.integers(len(swaps))]
+    swapped = (replace(a, **{f: getattr(b, f)}), replace(b, **{f: getattr(a, f)}))
+    return shapes.captions(replace(scene, objects=swapped), rng, 1)[0]
+
+
 def _clip_batch(stream, recipe: EncoderRecipe, processor, tokenizer, rng: np.random.Generator):
-    images, texts = [], []
+    """One batch: images, their captions, then hard-negative captions (texts with no image of their own)."""
+    images, texts, negatives = [], [], []
     for _ in range(recipe.clip_batch):
         scene, scene_rng = next(stream)
         images.append(shapes.render(scene, recipe.image_size, scene_rng))
@@ -137,20 +156,26 @@ def _clip_batch(stream, recipe: EncoderRecipe, processor, tokenizer, rng: np.ran
             texts.append(_partial_caption(scene, rng))
         else:
             texts.append(shapes.captions(scene, scene_rng, 1)[0])
+        if recipe.clip_hard_negatives:
+            negatives.append(_hard_negative(scene, rng))
+    texts += [t for t in negatives if t is not None]
     pixels = processor(images=images, return_tensors="pt")["pixel_values"]
     tokens = tokenizer(texts, padding=True, return_tensors="pt")
     return pixels, tokens, texts
 
 
 def _soft_clip_loss(logits_per_image: torch.Tensor, texts: list[str]) -> torch.Tensor:
-    """Symmetric CLIP loss where every identical text counts as a positive (small worlds repeat captions)."""
+    """Symmetric CLIP loss where every identical text counts as a positive (small worlds repeat captions).
+
+    Texts beyond the first len(images) are extra negatives: only the image -> text direction sees them."""
+    n = logits_per_image.shape[0]
     ids = {t: i for i, t in enumerate(dict.fromkeys(texts))}
     key = torch.tensor([ids[t] for t in texts])
-    target = (key[:, None] == key[None, :]).float()
-    target = target / target.sum(dim=1, keepdim=True)
-    image_loss = -(target * F.log_softmax(logits_per_image, dim=1)).sum(dim=1).mean()
-    text_loss = -(target * F.log_softmax(logits_per_image.t(), dim=1)).sum(dim=1).mean()
-    return (image_loss + text_loss) / 2
+    target = (key[:n, None] == key[None, :]).float()
+    image_loss = -(target / target.sum(1, keepdim=True) * F.log_softmax(logits_per_image, dim=1)).sum(1).mean()
+    square = target[:, :n]
+    text_loss = -(square / square.sum(1, keepdim=True) * F.log_softmax(logits_per_image[:, :n].t(), dim=1)).sum(1)
+    return (image_loss + text_loss.mean()) / 2
 
 
 def build_clip(recipe: EncoderRecipe, vocab_size: int, eos_id: int):
