@@ -34,11 +34,12 @@ class Variant:
     prefix_length: int = 10
     clip_length: int | None = None
     num_layers: int = 8
-    epochs: int = 3
+    epochs: int = 1  # a pass over every (image, caption) pair: 5 per image
     batch_size: int = 64
     lr: float = 2e-3
     lm_lr: float | None = None
     lm_text_weight: float = 0.0
+    lm_text_block: int = 16
 
 
 @dataclass
@@ -209,7 +210,7 @@ def run_demo(
 
     runs: dict[str, Path] = {}
     for v in recipe.variants:
-        _say(f"[3/5] training {v.title} (clipcap train, {v.epochs} epochs)")
+        _say(f"[3/5] training {v.title} (clipcap train, {v.epochs} epoch{'s' * (v.epochs != 1)})")
         run_dir = out / "runs" / v.name
         shutil.rmtree(run_dir, ignore_errors=True)
         cfg = TrainConfig(
@@ -233,6 +234,7 @@ def run_demo(
             save_every=10**9,
             lm_text=str(lm_text) if v.lm_text_weight > 0 else None,
             lm_text_weight=v.lm_text_weight,
+            lm_text_block=v.lm_text_block,
         )
         runs[v.name] = train(cfg)
         lap(f"train {v.name}")
