@@ -175,7 +175,7 @@ def test_help_and_flag_validation(capsys):
 
 
 def test_real_photographs_directory(capsys, varied_model_dir):
-    real = Path("/work/shared/reference/real-images")
+    real = Path(__file__).resolve().parent / "fixtures" / "real-images"
     code, out, err = run(capsys, real, "--model", varied_model_dir, "--max-new-tokens", 4, "--quiet")
     assert code == 0 and err == ""
     assert sorted(r["image"] for r in records(out)) == sorted(str(p) for p in real.glob("*.jpg"))  # 12, no README

@@ -16,7 +16,7 @@ from clipcap import ClipCapError
 from clipcap.encoder import ImageEncoder, ImageLoadError, load_image
 from tests import tiny
 
-REAL_IMAGES = Path("/work/shared/reference/real-images")
+REAL_IMAGES = Path(__file__).resolve().parent / "fixtures" / "real-images"  # MIT, from the original repo
 
 
 def noise_image(w: int = 64, h: int = 48, seed: int = 0) -> Image.Image:

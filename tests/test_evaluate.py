@@ -16,9 +16,8 @@ from clipcap import evaluate as ev
 from clipcap.cli import main
 from clipcap.errors import ClipCapError
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "clipscore-example"
-if not EXAMPLE.is_dir():  # a clone with shared/ beside it (CI)
-    EXAMPLE = Path(__file__).resolve().parents[1] / "shared" / "reference" / "clipscore-example"
+# CLIPScore's public example (MIT, see its LICENSE): references, two caption sets, coco-caption's figures.
+EXAMPLE = Path(__file__).resolve().parent / "fixtures" / "clipscore-example"
 CAPTION_SETS = ("good_captions.json", "bad_captions.json")
 NO_JAVA = ev.java_problem()
 needs_example = pytest.mark.skipif(not EXAMPLE.is_dir(), reason=f"reference example not found at {EXAMPLE}")
