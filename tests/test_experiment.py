@@ -71,3 +71,14 @@ def test_bad_requests_raise(tmp_path):
         from clipcap.experiment import prefix_length_ablation
 
         prefix_length_ablation(ExperimentSettings(data="x", lm="y", out=str(tmp_path)), [0, 2])
+
+
+def test_cli_leaves_epochs_to_quick_unless_given(tmp_path, monkeypatch):
+    from clipcap import experiment
+    from clipcap.cli import main
+
+    calls = []
+    monkeypatch.setattr(experiment, "run_experiment", lambda kind, out, **kw: calls.append(kw))
+    assert main(["experiment", "mapping", "--quick", "--out", str(tmp_path)]) == 0
+    assert main(["experiment", "mapping", "--quick", "--out", str(tmp_path), "--epochs", "5"]) == 0
+    assert "epochs" not in calls[0] and calls[1]["epochs"] == 5

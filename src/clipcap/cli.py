@@ -115,7 +115,7 @@ def add_experiment(sub) -> None:
     p.add_argument("--prefix-length", type=int, default=10, help="mapping: k for every run (default: 10)")
     p.add_argument("--train-split", default="train", help="split of --data to train on (default: train)")
     p.add_argument("--test-split", default="test", help="split of --data to score on (default: test)")
-    p.add_argument("--epochs", type=int, default=3, help="epochs per run (default: 3)")
+    p.add_argument("--epochs", type=int, help="epochs per run (default: 3; 2 with --quick)")
     p.add_argument("--batch-size", type=int, default=64, help="batch size (default: 64)")
     p.add_argument("--lr", type=float, default=2e-3, help="learning rate of the mapper (default: 2e-3)")
     p.add_argument("--lm-lr", type=float, default=2e-4, help="learning rate of a tuned LM (default: 2e-4)")
@@ -139,13 +139,13 @@ def cmd_experiment(args) -> int:
         prefix_length=args.prefix_length,
         train_split=args.train_split,
         test_split=args.test_split,
-        epochs=args.epochs,
         batch_size=args.batch_size,
         lr=args.lr,
         lm_lr=args.lm_lr,
         num_layers=args.num_layers,
         num_beams=args.beams,
         train_eval_images=args.train_eval_images,
+        **({} if args.epochs is None else {"epochs": args.epochs}),  # unset: --quick picks its own
     )
     return 0
 
