@@ -132,6 +132,9 @@ def test_build_encoders_writes_loadable_hf_dirs(tmp_path):
     lm = AutoModelForCausalLM.from_pretrained(out / "lm")
     tok = AutoTokenizer.from_pretrained(out / "lm")
     assert lm.config.vocab_size == len(tok) and lm.config.eos_token_id == tok.eos_token_id
+    shipped = json.loads((se.ASSETS / "lm" / "config.json").read_text())
+    for key in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):  # saved with dropout off, as the shipped LM is
+        assert getattr(lm.config, key) == shipped[key] == 0.0
     report = json.loads((out / "recipe.json").read_text())
     assert report["recipe"]["clip_steps"] == 3
     assert set(report["clip_probe"]) == {"shape_in_domain", "shape_novel", "colour_in_domain", "colour_novel"}

@@ -49,7 +49,7 @@ class DemoRecipe:
     seed: int = 0
     counts: dict = field(default_factory=lambda: {"train": 6000, "val": 300, "test": 1000, "novel": 1000})
     variants: tuple[Variant, ...] = (
-        Variant("mlp_tuned", "MLP + tuned LM", "mlp", True, lm_lr=2e-4, lm_text_weight=1.0),
+        Variant("mlp_tuned", "MLP + tuned LM", "mlp", True, batch_size=32, lm_lr=1e-4, lm_text_weight=1.0),
         Variant("transformer_frozen", "Transformer + frozen LM", "transformer", False, clip_length=10, num_layers=4),
     )
     num_beams: int = 3
@@ -73,16 +73,16 @@ def _say(message: str) -> None:
 
 
 def write_lm_text(path: Path, lines: int, seed: int) -> Path:
-    """Whole-world captions, one per line (the LM's own pretraining distribution), for `--lm-text`: mixing plain LM
-    loss on them into ClipCap training keeps the word pairs ClipCap's training captions never show."""
+    """Whole-world captions, one per line, for `--lm-text`: mixing plain LM loss on them into ClipCap training keeps
+    the word pairs ClipCap's training captions never show.
+
+    Each line is a fresh scene, not a run of one scene's captions as in the LM's pretraining documents: packed into
+    blocks, such runs reward copying from context, and novel single-object accuracy fell (0.70 vs 0.82)."""
     stream = scene_stream(seed + 10_000, 40)
     with path.open("w") as f:
-        written = 0
-        while written < lines:
+        for _ in range(lines):
             scene, rng = next(stream)
-            for caption in shapes.captions(scene, rng, int(rng.integers(2, 6))):
-                f.write(caption + "\n")
-                written += 1
+            f.write(shapes.captions(scene, rng, 1)[0] + "\n")
     return path
 
 
