@@ -3,7 +3,6 @@
 import csv
 import io
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +10,7 @@ from PIL import Image
 
 from clipcap import Captioner
 from clipcap.cli import main
-from tests.test_encoder import png_with_header
+from tests.test_encoder import REAL_IMAGES, png_with_header
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +174,7 @@ def test_help_and_flag_validation(capsys):
 
 
 def test_real_photographs_directory(capsys, varied_model_dir):
-    real = Path(__file__).resolve().parent / "fixtures" / "real-images"
-    code, out, err = run(capsys, real, "--model", varied_model_dir, "--max-new-tokens", 4, "--quiet")
+    code, out, err = run(capsys, REAL_IMAGES, "--model", varied_model_dir, "--max-new-tokens", 4, "--quiet")
     assert code == 0 and err == ""
-    assert sorted(r["image"] for r in records(out)) == sorted(str(p) for p in real.glob("*.jpg"))  # 12, no README
+    photographs = sorted(str(p) for p in REAL_IMAGES.glob("*.jpg"))  # the 12 JPEGs, not the README or json
+    assert sorted(r["image"] for r in records(out)) == photographs
