@@ -109,6 +109,20 @@ def test_hard_negatives_swap_the_binding_of_two_objects():
     assert seen > 50
 
 
+def test_attribute_negatives_change_one_attribute_of_one_object():
+    rng = np.random.default_rng(0)
+    changed = 0
+    for _ in range(200):
+        scene = shapes.sample_scene(rng)
+        negative = se._attribute_negative(scene, rng)
+        truth = sorted((o.colour, o.shape) for o in scene.objects)
+        named = sorted(shapes.object_pairs(negative))
+        assert len(named) == len(truth)
+        assert sum(pair not in truth for pair in named) <= 1  # at most one object's colour or shape differs
+        changed += named != truth  # otherwise its size changed
+    assert 100 < changed < 170  # colour or shape in about 2 of 3 draws
+
+
 def test_partial_captions_name_some_attributes():
     rng = np.random.default_rng(0)
     for _ in range(50):

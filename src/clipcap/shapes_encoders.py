@@ -48,11 +48,12 @@ class EncoderRecipe:
     clip_layers: int = 4
     clip_text_layers: int = 3
     clip_projection: int = 128
-    clip_steps: int = 1600
+    clip_steps: int = 4000
     clip_batch: int = 128
     clip_lr: float = 1e-3
     clip_partial: float = 0.5  # share of captions that name only some attributes (so each is readable alone)
     clip_hard_negatives: bool = True  # a swapped-binding caption per two-object scene
+    clip_attribute_negatives: bool = True  # a caption with one attribute of one object changed, per scene
     # LM
     lm_hidden: int = 160
     lm_layers: int = 4
@@ -146,6 +147,20 @@ def _hard_negative(scene: shapes.Scene, rng: np.random.Generator) -> str | None:
     return shapes.captions(replace(scene, objects=swapped), rng, 1)[0]
 
 
+def _attribute_negative(scene: shapes.Scene, rng: np.random.Generator) -> str:
+    """A caption of the scene with one attribute (colour, shape or size) of one object changed to another value:
+    one word away from the truth, so the image embedding must carry every attribute of every object exactly."""
+    i = int(rng.integers(len(scene.objects)))
+    field_, values = (("colour", list(shapes.COLOURS)), ("shape", list(shapes.SHAPES)), ("size", list(shapes.SIZES)))[
+        int(rng.integers(3))
+    ]
+    obj = scene.objects[i]
+    others = [v for v in values if v != getattr(obj, field_)]
+    objects = list(scene.objects)
+    objects[i] = replace(obj, **{field_: others[int(rng.integers(len(others)))]})
+    return shapes.captions(replace(scene, objects=tuple(objects)), rng, 1)[0]
+
+
 def _clip_batch(stream, recipe: EncoderRecipe, processor, tokenizer, rng: np.random.Generator):
     """One batch: images, their captions, then hard-negative captions (texts with no image of their own)."""
     images, texts, negatives = [], [], []
@@ -158,6 +173,8 @@ def _clip_batch(stream, recipe: EncoderRecipe, processor, tokenizer, rng: np.ran
             texts.append(shapes.captions(scene, scene_rng, 1)[0])
         if recipe.clip_hard_negatives:
             negatives.append(_hard_negative(scene, rng))
+        if recipe.clip_attribute_negatives:
+            negatives.append(_attribute_negative(scene, rng))
     texts += [t for t in negatives if t is not None]
     pixels = processor(images=images, return_tensors="pt")["pixel_values"]
     tokens = tokenizer(texts, padding=True, return_tensors="pt")
