@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 from clipcap import evaluate as ev
-from clipcap.data.shapes import captions, sample_scene
+from clipcap.demo.world import captions, sample_scene
 
 
 def corpus(n: int, seed: int = 0) -> tuple[dict[str, str], dict[str, list[str]]]:

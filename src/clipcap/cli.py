@@ -88,7 +88,7 @@ def add_demo(sub) -> None:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from .demo.runner import run_demo
 
     run_demo(args.out, quick=args.quick, rebuild_encoders=args.rebuild_encoders, encoders=args.encoders)
     return 0
@@ -126,7 +126,7 @@ def add_experiment(sub) -> None:
 
 
 def cmd_experiment(args) -> int:
-    from .experiment import run_experiment
+    from .demo.experiments import run_experiment
 
     run_experiment(
         args.kind,

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ClipCapError
+from ..errors import ClipCapError
 
 METRICS = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 
@@ -49,8 +49,8 @@ def _say(message: str) -> None:
 
 def run_one(s: ExperimentSettings, name: str, mapping: str, tune_lm: bool, prefix_length: int) -> dict:
     """Train one configuration and score it on the train and test splits; returns {"train": .., "test": ..}."""
-    from .evaluate import evaluate_model
-    from .train import TrainConfig, train
+    from ..evaluate import evaluate_model
+    from ..train import TrainConfig, train
 
     run_dir = Path(s.out) / "runs" / name
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -176,9 +176,9 @@ def mapping_table(results: dict) -> str:
 
 def quick_world(out: str | Path, seed: int = 0) -> tuple[str, str]:
     """A small shapes world embedded with the shipped CLIP: returns (store, lm dir) for a quick ablation."""
-    from .data import shapes
-    from .embed import embed
-    from .shapes_encoders import ASSETS
+    from ..embed import embed
+    from . import world as shapes
+    from .encoders import ASSETS
 
     out = Path(out)
     world = shapes.generate_world(

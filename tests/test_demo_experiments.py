@@ -7,13 +7,13 @@ import math
 
 import pytest
 
+from clipcap.demo.experiments import ExperimentSettings, mapping_table, plot_prefix_length, run_experiment
 from clipcap.errors import ClipCapError
-from clipcap.experiment import ExperimentSettings, mapping_table, plot_prefix_length, run_experiment
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, clip_dir):
-    from clipcap.data import shapes
+    from clipcap.demo import world as shapes
     from clipcap.embed import embed
 
     out = tmp_path_factory.mktemp("exp")
@@ -68,14 +68,14 @@ def test_bad_requests_raise(tmp_path):
     with pytest.raises(ClipCapError, match="--data STORE and --lm"):
         run_experiment("mapping", tmp_path)
     with pytest.raises(ClipCapError, match="--lengths"):
-        from clipcap.experiment import prefix_length_ablation
+        from clipcap.demo.experiments import prefix_length_ablation
 
         prefix_length_ablation(ExperimentSettings(data="x", lm="y", out=str(tmp_path)), [0, 2])
 
 
 def test_cli_leaves_epochs_to_quick_unless_given(tmp_path, monkeypatch):
-    from clipcap import experiment
     from clipcap.cli import main
+    from clipcap.demo import experiments as experiment
 
     calls = []
     monkeypatch.setattr(experiment, "run_experiment", lambda kind, out, **kw: calls.append(kw))

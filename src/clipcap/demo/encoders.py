@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .data import shapes
+from . import world as shapes
 
 ASSETS = Path(__file__).parent / "assets" / "shapes"
 EOS = "<|endoftext|>"
@@ -341,7 +341,7 @@ def _fit_probe(x: torch.Tensor, y: torch.Tensor, classes: int, steps: int = 300)
 def probe_clip(clip_dir: str | Path, n: int = 3000, seed: int = 123, image_size: int = 40) -> dict[str, float]:
     """Linear probes of shape and colour on single-object image embeddings: fit on familiar compositions only,
     score on held-out familiar images and on novel ones (purple triangle / yellow square)."""
-    from .encoder import ImageEncoder
+    from ..encoder import ImageEncoder
 
     encoder = ImageEncoder.from_pretrained(str(clip_dir))
     rng = np.random.default_rng(seed)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clipcap.data import shapes
+from clipcap.demo import world as shapes
 from clipcap.errors import ClipCapError
 
 COUNTS = {"pretrain": 60, "train": 60, "val": 5, "test": 10, "novel": 30}

@@ -7,11 +7,11 @@ import json
 import pytest
 from PIL import Image
 
-from clipcap import demo
 from clipcap.cli import main
-from clipcap.data import shapes
-from clipcap.report import table, write_report
-from clipcap.shapes_encoders import ASSETS
+from clipcap.demo import runner as demo
+from clipcap.demo import world as shapes
+from clipcap.demo.encoders import ASSETS
+from clipcap.demo.report import table, write_report
 
 
 def test_report_embeds_images_and_escapes_text(tmp_path):

@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipcap import shapes_encoders as se
-from clipcap.data import shapes
+from clipcap.demo import encoders as se
+from clipcap.demo import world as shapes
 
 TINY = se.EncoderRecipe(
     tokenizer_texts=500,

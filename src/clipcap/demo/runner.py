@@ -1,6 +1,6 @@
 """`clipcap demo`: the whole method, offline, on the shapes world (DESIGN §7), in minutes on a laptop CPU.
 
-The real pipeline, through the library's own entry points: generate the world (data/shapes.py) -> `embed` it with
+The real pipeline, through the library's own entry points: generate the world (demo/world.py) -> `embed` it with
 the shipped tiny CLIP -> `train` the paper's two variants (MLP + tuned LM; Transformer + frozen LM) on the shipped
 tiny GPT-2 -> `evaluate` both on the in-domain test split and the novel split (purple triangles and yellow squares,
 never seen in ClipCap's training pairs) -> caption sample images with `Captioner`. Writes DIR/report.html,
@@ -18,9 +18,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .data import shapes
-from .errors import ClipCapError
-from .shapes_encoders import ASSETS, EncoderRecipe, build_encoders
+from ..errors import ClipCapError
+from . import world as shapes
+from .encoders import ASSETS, EncoderRecipe, build_encoders
 
 
 @dataclass
@@ -70,7 +70,7 @@ def _say(message: str) -> None:
 
 def evaluate_variant(model_dir: Path, store: Path, split: str, recipe: DemoRecipe) -> dict:
     """Caption `split` of the store with the model; pycocoevalcap metrics + colour-shape binding accuracy."""
-    from .evaluate import evaluate_model
+    from ..evaluate import evaluate_model
 
     result = evaluate_model(
         model_dir,
@@ -145,10 +145,10 @@ def run_demo(
 ) -> dict:
     """Run the demo into `out`; return the metrics written to out/metrics.json. `encoders` is a dir holding clip/
     and lm/ (default: the shipped ones; `rebuild_encoders` remakes them under out/encoders first)."""
-    from .captioner import Captioner
-    from .embed import embed
+    from ..captioner import Captioner
+    from ..embed import embed
+    from ..train import TrainConfig, train
     from .report import table, write_report
-    from .train import TrainConfig, train
 
     recipe = recipe or (DemoRecipe.quick() if quick else DemoRecipe())
     out = Path(out)
