@@ -80,9 +80,12 @@ def load_references(
         if _is_id_to_captions(data):
             records = []
             for k, captions in data.items():
-                bad = not (is_text(k) and all(is_text(c) for c in captions))
-                problem = "reference is not valid Unicode (lone surrogate)" if bad else None
-                records.append(Record(k if is_text(k) else repr(k), None, list(captions), problem=problem))
+                problem = None
+                if not k.strip():
+                    problem = "empty image id"
+                elif not (is_text(k) and all(is_text(c) for c in captions)):
+                    problem = "reference is not valid Unicode (lone surrogate)"
+                records.append(Record(k if is_text(k) else ascii(k), None, list(captions), problem=problem))
             return records
     return list(read_source(path, format=format, images=images, split=split))
 

@@ -74,7 +74,7 @@ def as_key(value) -> str | None:
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         return None
     key = str(value)
-    return key if key and is_text(key) else None
+    return key if key.strip() and is_text(key) else None
 
 
 def _bad(key, problem: str, image: str | None = None) -> Record:
@@ -354,7 +354,7 @@ def _table_records(rows, columns, source: Path, images, image_column, caption_co
             out.append(row)
             continue
         image = row.get(image_col)
-        if image is not None and not (is_text(image) and image):
+        if image is not None and not (is_text(image) and image.strip()):
             out.append(_bad(f"row{n}", f"`{image_col}` must be non-empty text"))
             continue
         key = as_key(row[key_col]) if key_col and row.get(key_col) is not None else image

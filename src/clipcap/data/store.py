@@ -488,10 +488,13 @@ class EmbeddingStore:
     def _column(self, name: str) -> list | None:
         if name not in self._columns:
             return None
-        _, _, pq = _arrow()
+        pa, _, pq = _arrow()
         values = []
         for f in self._meta_files:
-            values.extend(pq.read_table(f, columns=[name]).column(name).to_pylist())
+            values.extend(_arrow_call(pa, f, pq.read_table, f, columns=[name]).column(name).to_pylist())
+        if len(values) != int(self._starts[-1]):
+            expected = int(self._starts[-1])
+            raise ClipCapError(f"embedding store {self.path}: column {name!r} has {len(values)} rows, not {expected}")
         return [values[r] for r in self._rows]
 
     @cached_property
