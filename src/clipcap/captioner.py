@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from .errors import ClipCapError
+from .exported import ExportedModel, is_exported
 from .hub import load_tokenizer, resolve_dir
 from .model import ClipCapModel
 
@@ -76,7 +77,7 @@ class _Writer:
 class Captioner:
     """`Captioner.from_pretrained(model_dir).caption(images)` -> list of captions."""
 
-    def __init__(self, model: ClipCapModel, tokenizer, encoder, batch_size: int = 32):
+    def __init__(self, model: ClipCapModel | ExportedModel, tokenizer, encoder, batch_size: int = 32):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.encoder = encoder
@@ -102,13 +103,18 @@ class Captioner:
         from .encoder import ImageEncoder
 
         if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+            device = "cuda" if torch.cuda.is_available() and not is_exported(name_or_path) else "cpu"
         if isinstance(dtype, str):
             if dtype not in DTYPES:
                 raise ClipCapError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
             dtype = DTYPES[dtype]
         path = resolve_dir(name_or_path)
-        model = ClipCapModel.from_pretrained(path, device=device, dtype=dtype)
+        if is_exported(path):  # written by `clipcap export`: ONNX Runtime on the CPU, in the dtypes it was exported
+            if dtype not in (None, torch.float32) or torch.device(device or "cpu").type != "cpu":
+                raise ClipCapError(f"{path} is an exported model: it runs on the CPU with the dtypes it was exported")
+            model = ExportedModel.from_pretrained(path)
+        else:
+            model = ClipCapModel.from_pretrained(path, device=device, dtype=dtype)
         has_tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
         tokenizer = load_tokenizer(path if has_tokenizer else model.config.lm)
         name = clip_model or model.config.clip_model
@@ -121,7 +127,8 @@ class Captioner:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        device = getattr(self.model, "device", None)  # an ExportedModel has no parameters
+        return device if device is not None else next(self.model.parameters()).device
 
     def decode(self, ids: torch.Tensor) -> list[str]:
         """Token rows -> clean strings: cut after the stop token, special tokens dropped, whitespace stripped."""
