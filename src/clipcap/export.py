@@ -13,6 +13,7 @@ at all: it is written under a temporary name and renamed at the end.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import inspect
 import json
 import logging
@@ -107,18 +108,27 @@ class _DecoderGraph(nn.Module):
         return (logits, *present)
 
 
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
+
+
 def _cache_layout(lm: nn.Module, hidden: int) -> tuple[int, int, int]:
     """(layers, kv heads, head dim) of the LM's cache, read from one forward pass; only a plain key/value cache
-    (one DynamicLayer per layer: no sliding window, no state-space layers) can be exported."""
+    (one DynamicLayer per layer: no state-space or other special layers) can be exported."""
     from transformers import DynamicCache, DynamicLayer
 
+    name = type(lm).__name__
     cache = DynamicCache()
-    with torch.no_grad():
-        lm.base_model(inputs_embeds=torch.zeros(1, 2, hidden), use_cache=True, **{_cache_kwarg(lm.base_model): cache})
+    base = lm.base_model
+    try:
+        with torch.no_grad():
+            base(inputs_embeds=torch.zeros(1, 2, hidden), use_cache=True, **{_cache_kwarg(base): cache})
+    except Exception as e:  # an LM that cannot run with a transformers cache object
+        raise ClipCapError(f"cannot export the language model ({name}): {_first_line(e)}") from None
     layers = cache.layers
     if not layers or any(type(layer) is not DynamicLayer or layer.keys is None for layer in layers):
-        kinds = sorted({type(layer).__name__ for layer in layers})
-        raise ClipCapError(f"the language model's cache ({', '.join(kinds) or 'none'}) is not a plain key/value cache")
+        raise ClipCapError(f"cannot export the language model ({name}): it does not use a plain key/value cache")
     _, heads, _, head_dim = layers[0].keys.shape
     return len(layers), heads, head_dim
 
@@ -155,8 +165,7 @@ def _export_graph(module: nn.Module, args: tuple, dynamic_shapes, names: list[st
     except ClipCapError:
         raise
     except Exception as e:  # the exporter raises many types; all mean "this model does not export"
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ClipCapError(f"cannot export {path.stem} to ONNX: {reason}") from None
+        raise ClipCapError(f"cannot export the {path.stem} to ONNX: {_first_line(e)}") from None
 
 
 def _check(name: str, got: np.ndarray, want: torch.Tensor) -> float:
@@ -207,10 +216,9 @@ def _verify_decoder(lm: nn.Module, path: Path, layout: tuple[int, int, int], k: 
     return worst
 
 
-def _export_decoder(lm: nn.Module, hidden: int, k: int, path: Path) -> tuple[tuple[int, int, int], float]:
+def _export_decoder(lm: nn.Module, layout: tuple[int, int, int], hidden: int, k: int, path: Path) -> float:
     from torch.export import Dim
 
-    layout = _cache_layout(lm, hidden)
     layers, heads, head_dim = layout
     batch, past_len, steps, new_ids = 2, 3, 4, 2  # export sizes: none may be 0 or 1, or the exporter fixes them
     vocab = lm.get_output_embeddings().weight.shape[0]
@@ -229,7 +237,7 @@ def _export_decoder(lm: nn.Module, hidden: int, k: int, path: Path) -> tuple[tup
     }
     outputs = ["logits"] + [f"present.{i}" for i in range(2 * layers)]
     _export_graph(_DecoderGraph(lm, layers).eval(), args, dynamic, decoder_input_names(layers), outputs, path)
-    return layout, _verify_decoder(lm, path, layout, k, hidden)
+    return _verify_decoder(lm, path, layout, k, hidden)
 
 
 def _export_mapper(model: ClipCapModel, path: Path) -> float:
@@ -253,8 +261,7 @@ def _quantize_int8(path: Path) -> None:
         with _quiet_export():
             quantize_dynamic(fp32, path, weight_type=QuantType.QInt8, per_channel=True)
     except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ClipCapError(f"cannot quantize the exported decoder to int8: {reason}") from None
+        raise ClipCapError(f"cannot quantize the exported decoder to int8: {_first_line(e)}") from None
     fp32.unlink()
     for extra in path.parent.glob("decoder.fp32.onnx*"):  # external weights of a model over 2 GB
         extra.unlink()
@@ -276,6 +283,9 @@ def export(model_dir: str | Path, out_dir: str | Path, int8: bool = False, progr
     Returns out_dir. Raises ClipCapError when the model cannot be read, exported or matched."""
     from tqdm.auto import tqdm
 
+    for module in ("onnx", "onnxruntime", "onnxscript"):
+        if importlib.util.find_spec(module) is None:
+            raise ClipCapError(f"exporting needs the [cpu] extra: pip install 'clipcap[cpu]' ({module} is missing)")
     source, out = Path(model_dir).expanduser(), Path(out_dir).expanduser()
     if not source.is_dir():
         raise ClipCapError(f"model directory not found: {model_dir}")
@@ -293,16 +303,15 @@ def export(model_dir: str | Path, out_dir: str | Path, int8: bool = False, progr
         bar.set_postfix_str(steps[0])
         model = ClipCapModel.from_pretrained(source).float().eval()
         tokenizer = _tokenizer(source, model.config.lm)
+        hidden = model.lm.get_input_embeddings().embedding_dim
+        layout = _cache_layout(model.lm, hidden)  # before any export: an LM that cannot be exported fails fast
         out.parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         try:
             step(steps[1])
             prefix_diff = _export_mapper(model, work / MAPPER_FILE)
             step(steps[2])
-            hidden = model.lm.get_input_embeddings().embedding_dim
-            (layers, heads, head_dim), logit_diff = _export_decoder(
-                model.lm, hidden, model.config.prefix_length, work / DECODER_FILE
-            )
+            logit_diff = _export_decoder(model.lm, layout, hidden, model.config.prefix_length, work / DECODER_FILE)
             if int8:
                 step("int8")
                 _quantize_int8(work / DECODER_FILE)
@@ -315,9 +324,9 @@ def export(model_dir: str | Path, out_dir: str | Path, int8: bool = False, progr
                 "mapper": MAPPER_FILE,
                 "decoder": DECODER_FILE,
                 "int8": int8,
-                "num_layers": layers,
-                "num_kv_heads": heads,
-                "head_dim": head_dim,
+                "num_layers": layout[0],
+                "num_kv_heads": layout[1],
+                "head_dim": layout[2],
                 "max_prefix_diff": prefix_diff,
                 "max_logit_diff": logit_diff,  # fp32 graph against PyTorch, before any int8 quantization
                 "torch": torch.__version__,

@@ -48,8 +48,10 @@ def is_exported(path: str | Path) -> bool:
 
 def open_session(path: Path, threads: int):
     """An ONNX Runtime CPU session on the graph file, or ClipCapError naming the file and what is wrong with it."""
-    import onnxruntime as ort
-
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise ClipCapError("exported models run on ONNX Runtime: pip install 'clipcap[cpu]'") from None
     if not path.is_file():
         raise ClipCapError(f"{path.parent} is an incomplete exported model: {path.name} is missing")
     options = ort.SessionOptions()
