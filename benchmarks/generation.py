@@ -14,11 +14,14 @@ Part "cpu": the machine's own limits and each CPU decoding path against them.
 - Paths: PyTorch fp32 (ClipCapModel.generate), ONNX Runtime fp32 and int8 (`clipcap export` dirs run by
   ExportedModel.generate); all decode through transformers' generate. Batch 64 (captions/s) and batch 1 (seconds per
   caption: the web-app case, bound by reading the weights), interleaved over --repeats rounds (the best round
-  counts; the spread says how noisy the machine was).
+  counts; the spread says how noisy the machine was). Times are CPU seconds of this process (one thread): on a
+  shared machine they are what the work costs a core, where wall time stretches with everyone else's load (shown
+  beside). Exported dirs are written under --export-dir and reused by later runs with the same dir.
 - Model FLOPs per caption: mapper (counted by torch's FlopCounterMode), the LM blocks per position (2 x matmul
   weights, plus attention over the KV cache: 4 x layers x hidden x positions attended), the LM head once per new
   token. Achieved FLOP/s = FLOPs per caption x captions/s, as a fraction of the matching peak (int8 path: int8
   peak). At batch 1 also the weight bytes read per second against the measured bandwidth.
+- The image encoder (CLIP ViT-B/32 shape, PyTorch fp32): its seconds per image beside each path's decoding.
 - Where the time goes: the share spent inside the LM's forward (the engine) vs generate's per-step Python (logits
   processing, stopping, cache bookkeeping, our wrapper), and a torch profile of the PyTorch path by operator.
 - Quality: tokens of each fast path against PyTorch fp32 greedy on the same 64 images.
@@ -148,11 +151,19 @@ def original_section(args, model: ClipCapModel, clip: torch.Tensor) -> None:
 
 
 # -- part "cpu": the machine's limits and the CPU decoding paths ------------------------------------------------------
+def cpu_timed(fn):
+    """(result, CPU seconds of this process, wall seconds). With one thread, CPU seconds are what the work costs a
+    core, whatever else the shared machine runs; wall seconds stretch with the load."""
+    cpu, wall = time.process_time(), time.perf_counter()
+    out = fn()
+    return out, time.process_time() - cpu, time.perf_counter() - wall
+
+
 def _rate(fn, seconds: float = 1.0) -> float:
-    """Calls per second of fn (after one warm-up call), over at least `seconds`."""
+    """Calls per CPU second of fn (after one warm-up call), over at least `seconds` of CPU time."""
     fn()
-    count, start = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - start) < seconds or count < 3:
+    count, start = 0, time.process_time()
+    while (elapsed := time.process_time() - start) < seconds or count < 3:
         fn()
         count += 1
     return count / elapsed
@@ -240,10 +251,10 @@ class ForwardClock:
         lm.register_forward_hook(self._leave)
 
     def _enter(self, *_):
-        self._start = time.perf_counter()
+        self._start = time.process_time()
 
     def _leave(self, *_):
-        self.seconds += time.perf_counter() - self._start
+        self.seconds += time.process_time() - self._start
 
 
 def profile_pytorch(model: ClipCapModel, clip: torch.Tensor, tokens: int) -> list[tuple[str, float]]:
@@ -257,39 +268,57 @@ def profile_pytorch(model: ClipCapModel, clip: torch.Tensor, tokens: int) -> lis
         "element-wise (GELU, adds, norms)": ("aten::mul", "aten::add", "aten::tanh", "aten::pow", "aten::layer_norm"),
         "logits processing (argmax, copies)": ("aten::argmax", "aten::copy_", "aten::_to_copy"),
     }
-    start = time.perf_counter()
+    start = time.process_time()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         model.generate(clip, max_new_tokens=tokens, stop_token_id=None)
-    wall = time.perf_counter() - start
+    wall = time.process_time() - start  # CPU seconds: the profile's op times are what they cost the core
     self_us = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
     shares = [(kind, sum(self_us.get(op, 0) for op in ops) / 1e6 / wall) for kind, ops in kinds.items()]
     shares.append(("everything else (Python, other ops)", 1 - sum(share for _, share in shares)))
     return shares
 
 
+def image_encoder_seconds(batch: int) -> dict[int, float]:
+    """Seconds per image of a CLIP ViT-B/32-shaped image tower (random weights), at `batch` and at 1."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    tower = CLIPVisionModelWithProjection(CLIPVisionConfig(projection_dim=512)).eval()
+    out = {}
+    with torch.no_grad():
+        for size in (batch, 1):
+            pixels = torch.randn(size, 3, 224, 224)
+            out[size] = 1 / (size * _rate(lambda pixels=pixels: tower(pixel_values=pixels), 2.0))
+    return out
+
+
 def cpu_section(args, model: ClipCapModel, clip: torch.Tensor) -> None:
     from clipcap.export import export
-    from clipcap.exported import ExportedModel
+    from clipcap.exported import ExportedModel, is_exported
 
-    tmp = Path(tempfile.mkdtemp(prefix="clipcap-bench-"))
-    print(f"\n== the machine's limits ({args.threads} thread{'s' if args.threads > 1 else ''}) ==", flush=True)
+    tmp = Path(args.export_dir or tempfile.mkdtemp(prefix="clipcap-bench-"))
+    tmp.mkdir(parents=True, exist_ok=True)
+    print(f"\n== the machine's limits ({args.threads} thread{'s' if args.threads > 1 else ''}, per CPU second) ==")
     peaks = measure_peaks(args.threads, tmp)
     for name, value in peaks.items():
         print(f"{name:<18} {value:>8.1f} {'GB/s' if 'GB' in name else 'GFLOP/s'}")
 
-    print("\n== exporting (clipcap export) ==", flush=True)
+    print(f"\n== exported dirs (clipcap export) under {tmp} ==", flush=True)
     source = tmp / "model"
-    model.save_pretrained(source)
-    shapes_lm = Path(str(files("clipcap") / "demo" / "assets" / "shapes" / "lm"))
-    for name in ("tokenizer.json", "tokenizer_config.json"):  # any tokenizer will do: captions are never decoded
-        (source / name).write_bytes((shapes_lm / name).read_bytes())
+    if not source.is_dir():
+        model.save_pretrained(source)
+        shapes_lm = Path(str(files("clipcap") / "demo" / "assets" / "shapes" / "lm"))
+        for name in ("tokenizer.json", "tokenizer_config.json"):  # any tokenizer will do: captions are not decoded
+            (source / name).write_bytes((shapes_lm / name).read_bytes())
     paths: dict[str, object] = {"PyTorch fp32": model}
     for name, int8 in (("ONNX Runtime fp32", False), ("ONNX Runtime int8", True)):
-        out, seconds = timed(
-            lambda int8=int8, name=name: export(source, tmp / name.split()[-1], int8=int8, progress=False)
-        )
+        out = tmp / name.split()[-1]
+        if is_exported(out):  # from an earlier run of this benchmark with the same --export-dir (same seed)
+            note = "reused"
+        else:
+            _, cpu, wall = cpu_timed(lambda out=out, int8=int8: export(source, out, int8=int8, progress=False))
+            note = f"exported in {cpu:.0f} CPU s ({wall:.0f} s wall)"
         size = (out / "decoder.onnx").stat().st_size / 1e6
-        print(f"{name:<18} exported in {seconds:.0f} s, decoder.onnx {size:.0f} MB", flush=True)
+        print(f"{name:<18} {note}, decoder.onnx {size:.0f} MB", flush=True)
         paths[name] = ExportedModel.from_pretrained(out, threads=args.threads)
 
     flops = caption_flops(model, args.tokens)
@@ -299,36 +328,38 @@ def cpu_section(args, model: ClipCapModel, clip: torch.Tensor) -> None:
     for path in paths.values():  # warm-up
         path.generate(clip[:2], max_new_tokens=2, stop_token_id=None)
     runs: dict[tuple[str, int], list[float]] = {}
+    walls: dict[tuple[str, int], list[float]] = {}
     engine: dict[tuple[str, int], float] = {}
     ids: dict[str, torch.Tensor] = {}
-    print(f"\n== decoding: {args.repeats} interleaved rounds ==", flush=True)
+    print(f"\n== decoding: {args.repeats} interleaved rounds (CPU seconds; wall seconds in brackets) ==", flush=True)
     for round_ in range(args.repeats):
         for name, path in paths.items():
             for batch, images in ((1, single), (len(clip), clip)):
                 clocks[name].seconds = 0.0
                 if batch == 1:
-                    _, seconds = timed(
+                    _, seconds, wall = cpu_timed(
                         lambda path=path, images=images: [
                             path.generate(image[None], max_new_tokens=args.tokens, stop_token_id=None)
                             for image in images
                         ]
                     )
-                    seconds /= len(images)  # seconds per caption
+                    engine[(name, batch)] = clocks[name].seconds / seconds
+                    seconds, wall = seconds / len(images), wall / len(images)  # per caption
                 else:
-                    ids[name], seconds = timed(
+                    ids[name], seconds, wall = cpu_timed(
                         lambda path=path, images=images: path.generate(
                             images, max_new_tokens=args.tokens, stop_token_id=None
                         )
                     )
+                    engine[(name, batch)] = clocks[name].seconds / seconds
                 runs.setdefault((name, batch), []).append(seconds)
-                total = seconds * (len(single) if batch == 1 else 1)
-                engine[(name, batch)] = clocks[name].seconds / total
-                print(f"round {round_ + 1}: {name:<18} batch {batch:<3} {seconds:8.2f} s", flush=True)
+                walls.setdefault((name, batch), []).append(wall)
+                print(f"round {round_ + 1}: {name:<18} batch {batch:<3} {seconds:8.2f} s ({wall:.2f} s)", flush=True)
 
     peak = {name: peaks["onnxruntime int8" if "int8" in name else "torch fp32"] for name in paths}
     print(
         f"\n{'path':<18} {'batch':>5} {'captions/s':>11} {'s/caption':>10} {'x fp32 PyTorch':>15} {'GFLOP/s':>8} "
-        f"{'of peak':>8} {'weights GB/s':>13} {'in forward':>11} {'spread':>7}"
+        f"{'of peak':>8} {'weights GB/s':>13} {'in forward':>11} {'spread':>7} {'wall/CPU':>7}"
     )
     base = {batch: min(runs[("PyTorch fp32", batch)]) for batch in (1, len(clip))}
     for batch in (len(clip), 1):
@@ -343,12 +374,13 @@ def cpu_section(args, model: ClipCapModel, clip: torch.Tensor) -> None:
             print(
                 f"{name:<18} {batch:>5} {1 / per_caption:>11.3f} {per_caption:>10.3f} {base[batch] / best:>14.2f}x "
                 f"{achieved:>8.1f} {achieved / peak[name]:>8.0%} {bandwidth:>13} {engine[(name, batch)]:>11.0%} "
-                f"{max(runs[(name, batch)]) / best:>6.2f}x"
+                f"{max(runs[(name, batch)]) / best:>6.2f}x {min(walls[(name, batch)]) / best:>6.1f}x"
             )
     print(
         "(of peak: against the fp32 matmul peak, the int8 path against the int8 one; weights GB/s: LM weight bytes "
         "read per second at batch 1, against the read bandwidth; in forward: share of the time inside the LM's "
-        "forward, the rest is generate's per-step Python; spread: slowest round / fastest round)"
+        "forward, the rest is generate's per-step Python; spread: slowest round / fastest round; wall/CPU: how much "
+        "the shared machine stretched the wall time)"
     )
     for batch, target in ((1, 2.5), (len(clip), 1.6)):
         best = max(base[batch] / min(runs[(name, batch)]) for name in paths)
@@ -365,6 +397,17 @@ def cpu_section(args, model: ClipCapModel, clip: torch.Tensor) -> None:
             "on average"
         )
 
+    print("\n== the image encoder beside decoding (CLIP ViT-B/32 shape, PyTorch fp32, 224 px) ==")
+    encoder_seconds = image_encoder_seconds(len(clip))
+    for name in paths:
+        for batch in (len(clip), 1):
+            decode = min(runs[(name, batch)]) / (len(clip) if batch > 1 else 1)
+            share = encoder_seconds[batch] / (encoder_seconds[batch] + decode)
+            print(
+                f"{name:<18} batch {batch:<3} encoder {encoder_seconds[batch]:.3f} s/image, "
+                f"{share:.0%} of encode + caption"
+            )
+
     print(f"\n== where the PyTorch path's time goes (batch {len(clip)}, torch profiler, 20 tokens) ==")
     for kind, share in profile_pytorch(model, clip, 20):
         print(f"{kind:<40} {share:>6.1%}")
@@ -380,6 +423,9 @@ def main() -> None:
     parser.add_argument("--beam-subset", type=int, default=1, help="images the original beam loop decodes")
     parser.add_argument("--single", type=int, default=3, help="cpu: images captioned one at a time (default 3)")
     parser.add_argument("--repeats", type=int, default=2, help="cpu: interleaved rounds, the best counts (default 2)")
+    parser.add_argument(
+        "--export-dir", help="cpu: where the exported dirs go; ones already there (same seed) are reused (default: new)"
+    )
     parser.add_argument(
         "--threads",
         type=int,

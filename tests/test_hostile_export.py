@@ -12,17 +12,16 @@ from transformers import MambaConfig, MambaForCausalLM
 
 from clipcap import ClipCapError, ClipCapModel
 from clipcap.cli import main
-from clipcap.export import export
 from clipcap.exported import ExportedModel
 from tests import tiny
-from tests.test_encoder import REAL_IMAGES
+from tests.test_images import REAL_IMAGES
 
 PHOTO = sorted(REAL_IMAGES.glob("*.jpg"))[0]
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory, model_dir):
-    return export(model_dir, tmp_path_factory.mktemp("exported") / "ok", progress=False)
+def exported(exported_dir):
+    return exported_dir
 
 
 def one_line_error(capsys, argv: list, command: str, *words: str) -> str:
@@ -114,28 +113,30 @@ def test_unreadable_config_json_is_left_to_the_model_loader(capsys, tmp_path):
 
 
 def test_export_of_a_missing_dir(capsys, tmp_path):
-    one_line_error(capsys, ["export", tmp_path / "nope", tmp_path / "out"], "export", "not found")
+    one_line_error(capsys, ["export", tmp_path / "nope", tmp_path / "out", "--quiet"], "export", "not found")
 
 
 def test_export_of_an_exported_dir(capsys, exported, tmp_path):
-    one_line_error(capsys, ["export", exported, tmp_path / "out", "--int8"], "export", "already an exported model")
+    one_line_error(
+        capsys, ["export", exported, tmp_path / "out", "--int8", "--quiet"], "export", "already an exported model"
+    )
     assert not (tmp_path / "out").exists()
 
 
 def test_export_never_overwrites(capsys, model_dir, tmp_path):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
-    one_line_error(capsys, ["export", model_dir, tmp_path / "full"], "export", "not an empty directory")
+    one_line_error(capsys, ["export", model_dir, tmp_path / "full", "--quiet"], "export", "not an empty directory")
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
     (tmp_path / "file").write_text("x")
-    one_line_error(capsys, ["export", model_dir, tmp_path / "file"], "export", "not an empty directory")
+    one_line_error(capsys, ["export", model_dir, tmp_path / "file", "--quiet"], "export", "not an empty directory")
 
 
 def test_export_of_a_damaged_model_dir(capsys, model_dir, tmp_path):
     path = tmp_path / "model"
     shutil.copytree(model_dir, path)
     (path / "model.safetensors").write_bytes(b"garbage")
-    one_line_error(capsys, ["export", path, tmp_path / "out"], "export", "model.safetensors")
+    one_line_error(capsys, ["export", path, tmp_path / "out", "--quiet"], "export", "model.safetensors")
     assert not (tmp_path / "out").exists()
 
 
@@ -146,7 +147,9 @@ def test_int8_on_an_lm_without_a_key_value_cache(capsys, tmp_path, tokenizer):
     assert model.generate(torch.zeros(1, 16), max_new_tokens=2).shape == (1, 2)
     model.save_pretrained(tmp_path / "mamba")
     tokenizer.save_pretrained(tmp_path / "mamba")
-    one_line_error(capsys, ["export", tmp_path / "mamba", tmp_path / "out", "--int8"], "export", "MambaForCausalLM")
+    one_line_error(
+        capsys, ["export", tmp_path / "mamba", tmp_path / "out", "--int8", "--quiet"], "export", "MambaForCausalLM"
+    )
     assert list(tmp_path.iterdir()) == [tmp_path / "mamba"]  # no output dir, no temporary dir left
 
 
@@ -155,7 +158,7 @@ def test_an_lm_the_exporter_rejects(capsys, monkeypatch, model_dir, tmp_path):
         raise RuntimeError("Unsupported operator aten::weird\n\nlong exporter report\n...")
 
     monkeypatch.setattr(torch.onnx, "export", refuse)
-    line = one_line_error(capsys, ["export", model_dir, tmp_path / "out", "--int8"], "export", "aten::weird")
+    line = one_line_error(capsys, ["export", model_dir, tmp_path / "out", "--int8", "--quiet"], "export", "aten::weird")
     assert "long exporter report" not in line
     assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
 
@@ -164,4 +167,4 @@ def test_frozen_lm_saved_by_reference_offline(capsys, tmp_path, tokenizer):
     model = tiny.tiny_model("transformer", lm=tiny.tiny_gpt2(len(tokenizer)), lm_name="gpt2")
     model.save_pretrained(tmp_path / "ref", save_lm=False)  # the LM is "gpt2" from the Hub, unreachable here
     tokenizer.save_pretrained(tmp_path / "ref")
-    one_line_error(capsys, ["export", tmp_path / "ref", tmp_path / "out"], "export", "gpt2")
+    one_line_error(capsys, ["export", tmp_path / "ref", tmp_path / "out", "--quiet"], "export", "gpt2")
