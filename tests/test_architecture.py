@@ -25,7 +25,7 @@ FLAG = __import__("re").compile(r"(?<![\w-])--[a-z][a-z0-9]*(-[a-z0-9]+)*")
 LAYERS = [
     {"errors", "version", "options", "devices", "images", "hub"},
     {"config", "mapping", "decoding", "generation"},
-    {"model", "data", "encoder", "exported"},
+    {"model", "data", "encoder", "exported", "ort_lm"},
     {"captioner", "convert", "checkpoint", "metrics", "export"},
     {"embed", "train", "evaluate"},
     {"__init__"},

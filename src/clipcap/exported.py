@@ -4,7 +4,7 @@ The dir holds config.json (the ClipCapConfig fields plus an "export" entry namin
 mapper.onnx (CLIP embedding -> prefix), decoder.onnx (the LM with its KV cache), the tokenizer and, when the source
 carried one, the encoder dir. ExportedModel has the `config` and `generate(clip_embeds, ...)` that Captioner uses, so
 captioning is unchanged. Decoding is transformers' own `generate` (greedy, beams, sampling, stopping) over
-`OrtCausalLM`, a GenerationMixin model whose forward runs the decoder graph: no search of our own.
+`OrtCausalLM` (clipcap.ort_lm), a GenerationMixin model whose forward runs the decoder graph: no search of our own.
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, GenerationMixin, PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .config import CONFIG_NAME, ClipCapConfig
 from .errors import ClipCapError
@@ -24,8 +22,6 @@ EXPORT_KEY = "export"
 FORMAT = "onnx"
 MAPPER_FILE = "mapper.onnx"
 DECODER_FILE = "decoder.onnx"
-# The output field generate reads the cache from: transformers 5 renamed past_key_values to cache.
-_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 def decoder_input_names(num_layers: int) -> list[str]:
@@ -84,66 +80,11 @@ def _check_names(session, want: list[str], path: Path) -> None:
         raise ClipCapError(f"{path} takes inputs {got[:4]}..., not those of a clipcap export ({want[:4]}...)")
 
 
-class OrtCausalLM(PreTrainedModel, GenerationMixin):
-    """A causal LM whose forward is the exported decoder graph, so that transformers' `generate` drives it.
-
-    The cache is a transformers DynamicCache holding the graph's present keys/values, so beam search reorders it as
-    it would a PyTorch LM's. Runs on the CPU in float32 (int8 weights stay inside the graph)."""
-
-    _supports_cache_class = True
-
-    def __init__(self, config, session):
-        super().__init__(config)
-        self.session = session
-        self.num_layers = (len(session.get_inputs()) - 3) // 2
-        _, self.kv_heads, _, self.head_dim = session.get_inputs()[3].shape
-        self.hidden = session.get_inputs()[0].shape[2]
-
-    @property
-    def device(self) -> torch.device:
-        return torch.device("cpu")
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return torch.float32
-
-    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, cache=None, past_key_values=None, **_):
-        from transformers import DynamicCache
-
-        cache = cache if cache is not None else past_key_values
-        if inputs_embeds is not None:
-            batch = inputs_embeds.shape[0]
-            input_ids = torch.zeros(batch, 0, dtype=torch.long)
-        else:
-            batch = input_ids.shape[0]
-            inputs_embeds = torch.zeros(batch, 0, self.hidden)
-        if cache is None:
-            cache = DynamicCache()
-        filled = len(cache.layers) == self.num_layers and all(layer.is_initialized for layer in cache.layers)
-        if filled:
-            past = [t for layer in cache.layers for t in (layer.keys, layer.values)]
-        else:
-            past = [torch.zeros(batch, self.kv_heads, 0, self.head_dim)] * (2 * self.num_layers)
-        if attention_mask is None:
-            attention_mask = torch.ones(batch, past[0].shape[2] + inputs_embeds.shape[1] + input_ids.shape[1])
-        feed = (inputs_embeds.float(), input_ids.long(), attention_mask.long(), *past)
-        names = decoder_input_names(self.num_layers)
-        out = self.session.run(None, {n: t.contiguous().numpy() for n, t in zip(names, feed, strict=True)})
-        present = [torch.from_numpy(a) for a in out[1:]]
-        for i in range(self.num_layers):
-            keys, values = present[2 * i], present[2 * i + 1]
-            if filled:  # the graph already appended this step: take its tensors instead of concatenating again
-                cache.layers[i].keys, cache.layers[i].values = keys, values
-            else:
-                cache.update(keys, values, i)
-        return CausalLMOutputWithPast(logits=torch.from_numpy(out[0]), **{_CACHE_FIELD: cache})
-
-
 class ExportedModel:
     """An exported model dir (see the module doc): `config`, `prefix(clip_embeds)` and `generate(clip_embeds, ...)`
     with ClipCapModel's semantics."""
 
-    def __init__(self, config: ClipCapConfig, mapper, lm: OrtCausalLM, export: dict):
+    def __init__(self, config: ClipCapConfig, mapper, lm, export: dict):
         self.config = config
         self.mapper = mapper
         self.lm = lm
@@ -154,6 +95,10 @@ class ExportedModel:
     @classmethod
     def from_pretrained(cls, path: str | Path, threads: int | None = None) -> ExportedModel:
         """Load an exported dir; `threads` for ONNX Runtime (default: torch's thread count)."""
+        from transformers import AutoConfig
+
+        from .ort_lm import OrtCausalLM  # transformers' model classes: imported when an exported model is loaded
+
         path = Path(path)
         data = _read_config(path)
         if data is None or EXPORT_KEY not in data:
