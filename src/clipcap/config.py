@@ -16,7 +16,7 @@ MAPPINGS = ("mlp", "transformer")
 
 @dataclass
 class ClipCapConfig:
-    """Configuration of a ClipCap model (DESIGN §2); defaults follow the original implementation."""
+    """Configuration of a ClipCap model (docs/design.md §2); defaults follow the original implementation."""
 
     lm: str = "gpt2"  # HF id or path of the causal LM
     clip_model: str | None = "openai/clip-vit-base-patch32"  # encoder that made the embeddings

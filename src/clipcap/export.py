@@ -31,6 +31,7 @@ from torch import nn
 from .config import CONFIG_NAME
 from .errors import ClipCapError
 from .exported import DECODER_FILE, EXPORT_KEY, FORMAT, MAPPER_FILE, decoder_input_names, is_exported, open_session
+from .files import output_dir
 from .hub import load_tokenizer
 from .model import ClipCapModel
 from .options import check_options, option
@@ -309,7 +310,7 @@ def export(model_dir: str | Path, out_dir: str | Path, int8: bool = False, progr
         tokenizer = _tokenizer(source, model.config.lm)
         hidden = model.lm.get_input_embeddings().embedding_dim
         layout = _cache_layout(model.lm, hidden)  # before any export: an LM that cannot be exported fails fast
-        out.parent.mkdir(parents=True, exist_ok=True)
+        output_dir(out.parent)
         work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         try:
             step(steps[1])
