@@ -290,7 +290,7 @@ def export(model_dir: str | Path, out_dir: str | Path, int8: bool = False, progr
 
     for module in ("onnx", "onnxruntime", "onnxscript"):
         if importlib.util.find_spec(module) is None:
-            raise ClipCapError(f"exporting needs the [cpu] extra: pip install 'clipcap[cpu]' ({module} is missing)")
+            raise ClipCapError(f"exporting needs the [cpu] extra: pip install 'clipcap-hf[cpu]' ({module} is missing)")
     source, out = Path(model_dir).expanduser(), Path(out_dir).expanduser()
     if not source.is_dir():
         raise ClipCapError(f"model directory not found: {model_dir}")

@@ -47,7 +47,7 @@ def open_session(path: Path, threads: int):
     try:
         import onnxruntime as ort
     except ImportError:
-        raise ClipCapError("exported models run on ONNX Runtime: pip install 'clipcap[cpu]'") from None
+        raise ClipCapError("exported models run on ONNX Runtime: pip install 'clipcap-hf[cpu]'") from None
     if not path.is_file():
         raise ClipCapError(f"{path.parent} is an incomplete exported model: {path.name} is missing")
     options = ort.SessionOptions()
