@@ -268,10 +268,10 @@ def profile_pytorch(model: ClipCapModel, clip: torch.Tensor, tokens: int) -> lis
         "element-wise (GELU, adds, norms)": ("aten::mul", "aten::add", "aten::tanh", "aten::pow", "aten::layer_norm"),
         "logits processing (argmax, copies)": ("aten::argmax", "aten::copy_", "aten::_to_copy"),
     }
-    start = time.process_time()
+    start = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         model.generate(clip, max_new_tokens=tokens, stop_token_id=None)
-    wall = time.process_time() - start  # CPU seconds: the profile's op times are what they cost the core
+    wall = time.perf_counter() - start  # the profiler times operators in wall time: shares of the wall time
     self_us = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
     shares = [(kind, sum(self_us.get(op, 0) for op in ops) / 1e6 / wall) for kind, ops in kinds.items()]
     shares.append(("everything else (Python, other ops)", 1 - sum(share for _, share in shares)))
