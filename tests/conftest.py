@@ -62,3 +62,11 @@ def varied_model_dir(tmp_path_factory, tokenizer, clip_dir):
     tokenizer.save_pretrained(path)
     shutil.copytree(clip_dir, path / "clip")
     return path
+
+
+@pytest.fixture(scope="session")
+def exported_dir(tmp_path_factory, varied_model_dir):
+    """varied_model_dir exported for ONNX Runtime in fp32 by the library (`clipcap export`)."""
+    from clipcap.export import export
+
+    return export(varied_model_dir, tmp_path_factory.mktemp("exported") / "fp32", progress=False)

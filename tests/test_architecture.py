@@ -24,9 +24,9 @@ FLAG = __import__("re").compile(r"(?<![\w-])--[a-z][a-z0-9]*(-[a-z0-9]+)*")
 # Which library modules may import which: a module may import from its own layer and the layers below it.
 LAYERS = [
     {"errors", "version", "options", "devices", "images", "files", "hub"},
-    {"config", "mapping", "decoding"},
-    {"model", "data", "encoder"},
-    {"captioner", "convert", "checkpoint", "metrics"},
+    {"config", "mapping", "decoding", "generation"},
+    {"model", "data", "encoder", "exported", "ort_lm"},
+    {"captioner", "convert", "checkpoint", "metrics", "export"},
     {"embed", "train", "evaluate"},
     {"__init__"},
 ]

@@ -21,6 +21,7 @@ REQUIRED = {
     "embed": ["src.json", "--out", "store", "--clip-model", "clip"],
     "train": ["--data", "store", "--out", "run"],
     "evaluate": ["--predictions", "p.json", "--references", "r.json"],
+    "export": ["m", "out"],
     "serve": ["--model", "m"],
     "demo": [],
     "experiment": ["mapping", "--out", "exp"],

@@ -10,6 +10,7 @@ from PIL import Image
 from .decoding import generate_kwargs, model_defaults
 from .devices import resolve_device, resolve_dtype
 from .errors import ClipCapError
+from .exported import ExportedModel, is_exported
 from .hub import load_tokenizer, resolve_dir
 from .model import ClipCapModel
 
@@ -20,7 +21,9 @@ class Captioner:
     Decoding settings left unset (None) take the model dir's defaults (`decoding_defaults`, from its
     generation_config.json), then greedy / 67 tokens / length penalty 1.0."""
 
-    def __init__(self, model: ClipCapModel, tokenizer, encoder, batch_size: int = 32, decoding_defaults=None):
+    def __init__(
+        self, model: ClipCapModel | ExportedModel, tokenizer, encoder, batch_size: int = 32, decoding_defaults=None
+    ):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.encoder = encoder
@@ -46,10 +49,16 @@ class Captioner:
         available; `dtype` may be a torch dtype or "float32" / "float16" / "bfloat16"."""
         from .encoder import ImageEncoder
 
-        device = None if device is None else resolve_device(device)
         dtype = resolve_dtype(dtype)
         path = resolve_dir(name_or_path)
-        model = ClipCapModel.from_pretrained(path, device=device, dtype=dtype)
+        if is_exported(path):  # written by `clipcap export`: ONNX Runtime on the CPU, in the dtypes it was exported
+            device = torch.device("cpu") if device in (None, "auto") else resolve_device(device)
+            if device.type != "cpu" or dtype not in (None, torch.float32):
+                raise ClipCapError(f"{path} is an exported model: it runs on the CPU with the dtypes it was exported")
+            model = ExportedModel.from_pretrained(path)
+        else:
+            device = None if device is None else resolve_device(device)
+            model = ClipCapModel.from_pretrained(path, device=device, dtype=dtype)
         has_tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
         tokenizer = load_tokenizer(path if has_tokenizer else model.config.lm)
         name = clip_model or model.config.clip_model
@@ -62,7 +71,8 @@ class Captioner:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        device = getattr(self.model, "device", None)  # an ExportedModel has no parameters
+        return device if device is not None else next(self.model.parameters()).device
 
     def decode(self, ids: torch.Tensor) -> list[str]:
         """Token rows -> clean strings: cut after the stop token, special tokens dropped, whitespace stripped."""
@@ -90,8 +100,7 @@ class Captioner:
         kwargs.update({k: v for k, v in generate_options.items() if k not in kwargs and v is not None})
         if num_return_sequences > kwargs["num_beams"] and not kwargs.get("do_sample"):
             raise ClipCapError(
-                f"{num_return_sequences} captions per image need at least {num_return_sequences} beams "
-                "or sampling"
+                f"{num_return_sequences} captions per image need at least {num_return_sequences} beams or sampling"
             )
         out: list = []
         for i in range(0, len(clip_embeds), self.batch_size):

@@ -19,17 +19,17 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.utils import ModelOutput
 
 from .config import CONFIG_NAME, ClipCapConfig
 from .errors import ClipCapError
+from .generation import FROM_CONFIG, generate_from_prefix, pad_token_id
 from .hub import load_causal_lm, resolve_dir
 from .mapping import MLPMapper, TransformerMapper
 
 WEIGHTS_NAME = "model.safetensors"
 IGNORE_INDEX = -100
-_FROM_CONFIG = object()  # sentinel: "use config.stop_token_id"
 
 
 @dataclass
@@ -119,10 +119,7 @@ class ClipCapModel(nn.Module):
     # -- generation --------------------------------------------------------------------------------------------
     @property
     def pad_token_id(self) -> int:
-        for value in (self.config.pad_token_id, self.lm.config.pad_token_id, self.lm.config.eos_token_id):
-            if isinstance(value, int):
-                return value
-        return 0
+        return pad_token_id(self.config.pad_token_id, self.lm.config)
 
     @torch.no_grad()
     def generate(
@@ -132,40 +129,25 @@ class ClipCapModel(nn.Module):
         num_beams: int = 1,
         do_sample: bool = False,
         num_return_sequences: int = 1,
-        stop_token_id=_FROM_CONFIG,
+        stop_token_id=FROM_CONFIG,
         **generate_kwargs,
     ) -> torch.LongTensor:
         """Caption token ids (B*num_return_sequences, T_new): new tokens only, rows padded with the pad id after
         their stop token. The prefix is built once; decoding (KV cache, beams, sampling) is the LM's own
         `generate`. `stop_token_id=None` disables stopping; extra kwargs (temperature, top_p, ...) go to it."""
-        stop = self.config.stop_token_id if stop_token_id is _FROM_CONFIG else stop_token_id
+        stop = self.config.stop_token_id if stop_token_id is FROM_CONFIG else stop_token_id
         prefix = self.prefix(clip_embeds).to(self.lm.get_input_embeddings().weight.dtype)
-        mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
-        # A fresh GenerationConfig: the LM's own defaults (GPT-2's eos 50256, a chat LM's sampling or repetition
-        # settings) must not change our decoding. generate() fills every field left None from the LM's
-        # generation_config, so every field starts at transformers' global default, and "never stop" is not None
-        # but an id one past the vocabulary, which the LM can never emit.
-        never = self.lm.config.get_text_config().vocab_size
-        pad = self.pad_token_id
-        ours = dict(
+        return generate_from_prefix(
+            self.lm,
+            prefix,
+            stop,
+            self.pad_token_id,
             max_new_tokens=max_new_tokens,
             num_beams=num_beams,
             do_sample=do_sample,
             num_return_sequences=num_return_sequences,
-            eos_token_id=never if stop is None else stop,
-            pad_token_id=pad,
-            bos_token_id=None,
             **generate_kwargs,
         )
-        defaults = GenerationConfig._get_default_generation_params()
-        defaults.pop("max_length")  # max_new_tokens decides; both set makes transformers warn
-        generation_config = GenerationConfig(**{**defaults, **ours})
-        ids = self.lm.generate(inputs_embeds=prefix, attention_mask=mask, generation_config=generation_config)
-        if stop is None:
-            return ids
-        # Beam search pads finished rows with the eos id when the pad id is 0; enforce the pad id after each stop.
-        is_stop = (ids == stop).long()
-        return ids.masked_fill(is_stop.cumsum(1) - is_stop > 0, pad)
 
     # -- persistence -------------------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path, save_lm: bool = True) -> None:
