@@ -110,7 +110,7 @@ def test_missing_and_corrupt_model_dirs(tmp_path):
 
 def test_hub_id_offline_fails_fast_with_hint(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ClipCapError, match=r"'someone/clipcap-coco'.*pass the directory instead"):
+    with pytest.raises(ClipCapError, match=r"'someone/clipcap-coco'.*pass its local directory instead"):
         ClipCapModel.from_pretrained("someone/clipcap-coco")
 
 
