@@ -96,10 +96,13 @@ class Captioner:
         dtype: torch.dtype | str | None = None,
         batch_size: int = 32,
     ) -> Captioner:
-        """Load the model dir, its tokenizer and the encoder its config names (`clip_model=` overrides;
-        a relative `clip_model` in the config resolves against the model dir). `device="auto"` picks cuda when
-        available; `dtype` may be a torch dtype or "float32" / "float16" / "bfloat16"."""
+        """Load a model dir (or Hub repo): a ClipCapModel dir with its tokenizer and the encoder its config names
+        (`clip_model=` overrides; a relative `clip_model` in the config resolves against the model dir), or a
+        complete captioning dir (`save_pretrained`), whose vision tower is the encoder. `device="auto"` picks cuda
+        when available; `dtype` may be a torch dtype or "float32" / "float16" / "bfloat16"."""
+        from .config import ClipCapConfig
         from .encoder import ImageEncoder
+        from .model import ClipCapForImageCaptioning, ClipCapModel
 
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -108,6 +111,17 @@ class Captioner:
                 raise ClipCapError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
             dtype = DTYPES[dtype]
         path = resolve_dir(name_or_path)
+        config = ClipCapConfig.from_pretrained(path)
+        if config.vision_config is not None and clip_model is None:
+            from .processing import ClipCapProcessor
+
+            complete = ClipCapForImageCaptioning.from_pretrained(path, device=device, dtype=dtype)
+            try:
+                processor = ClipCapProcessor.from_pretrained(str(path))
+            except (OSError, ValueError, TypeError) as e:
+                raise ClipCapError(f"cannot load the image processor and tokenizer of {path}: {e}") from None
+            encoder = ImageEncoder(complete.vision_tower, processor.image_processor, name=str(path))
+            return cls(complete.model, processor.tokenizer, encoder, batch_size=batch_size)
         model = ClipCapModel.from_pretrained(path, device=device, dtype=dtype)
         has_tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
         tokenizer = load_tokenizer(path if has_tokenizer else model.config.lm)
@@ -119,18 +133,32 @@ class Captioner:
         encoder = ImageEncoder.from_pretrained(name, device=device, dtype=dtype)
         return cls(model, tokenizer, encoder, batch_size=batch_size)
 
+    def save_pretrained(self, save_directory: str | Path, **kwargs) -> Path:
+        """Write a complete captioning dir: vision tower + mapper + LM (`ClipCapForImageCaptioning`), processor
+        (image processor + tokenizer) and generation_config.json, loadable by `pipeline("image-text-to-text")`,
+        `AutoModelForImageTextToText` / `AutoProcessor` (with `trust_remote_code=True` where clipcap is not
+        installed) and by `Captioner.from_pretrained`. kwargs go to transformers' `save_pretrained`."""
+        from .model import ClipCapForImageCaptioning
+        from .processing import ClipCapProcessor
+
+        out = Path(save_directory)
+        ClipCapForImageCaptioning.from_parts(self.model, self.encoder.model).save_pretrained(out, **kwargs)
+        ClipCapProcessor(self.encoder.processor, self.tokenizer).save_pretrained(str(out))
+        return out
+
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def decode(self, ids: torch.Tensor) -> list[str]:
-        """Token rows -> clean strings: cut after the stop token, special tokens dropped, whitespace stripped."""
+    def decode(self, ids: torch.Tensor, prompt_ids: list[int] | None = None) -> list[str]:
+        """Token rows -> clean strings: cut after the stop token, special tokens dropped, whitespace stripped.
+        With `prompt_ids`, each caption is the prompt followed by its continuation."""
         stop = self.model.config.stop_token_id
         texts = []
         for row in ids.tolist():
             if stop is not None and stop in row:
                 row = row[: row.index(stop) + 1]
-            texts.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
+            texts.append(self.tokenizer.decode((prompt_ids or []) + row, skip_special_tokens=True).strip())
         return texts
 
     def caption_embeddings(
@@ -139,24 +167,30 @@ class Captioner:
         num_beams: int = 1,
         max_new_tokens: int = 67,
         num_return_sequences: int = 1,
+        prompt: str | None = None,
         **generate_kwargs,
     ) -> list[str] | list[list[str]]:
-        """Captions for precomputed CLIP embeddings (B, clip_dim), in batches of `batch_size`."""
+        """Captions for precomputed CLIP embeddings (B, clip_dim), in batches of `batch_size`. With `prompt`
+        (e.g. "a picture of"), each caption continues it and starts with it."""
         if num_return_sequences > num_beams and not generate_kwargs.get("do_sample"):
             raise ClipCapError(
                 f"{num_return_sequences} captions per image need at least {num_return_sequences} beams "
                 "(num_beams / --beams) or sampling (do_sample=True)"
             )
+        prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
         out: list = []
         for i in range(0, len(clip_embeds), self.batch_size):
+            chunk = clip_embeds[i : i + self.batch_size].to(self.device)
+            prompts = torch.tensor([prompt_ids] * len(chunk), dtype=torch.long) if prompt_ids else None
             ids = self.model.generate(
-                clip_embeds[i : i + self.batch_size].to(self.device),
+                chunk,
                 max_new_tokens=max_new_tokens,
                 num_beams=num_beams,
                 num_return_sequences=num_return_sequences,
+                input_ids=prompts,
                 **generate_kwargs,
             )
-            texts = self.decode(ids)
+            texts = self.decode(ids, prompt_ids)
             if num_return_sequences == 1:
                 out.extend(texts)
             else:
@@ -169,17 +203,21 @@ class Captioner:
         num_beams: int = 1,
         max_new_tokens: int = 67,
         num_return_sequences: int = 1,
+        prompt: str | None = None,
         **generate_kwargs,
     ) -> list[str] | list[list[str]]:
         """Caption PIL images or paths (one or a list). Returns one string per image, or a list of
-        `num_return_sequences` strings per image when that is > 1. A bad image raises ImageLoadError."""
+        `num_return_sequences` strings per image when that is > 1; with `prompt`, captions continue it. A bad
+        image raises ImageLoadError."""
         if isinstance(images, (str, Path, Image.Image)):
             images = [images]
         out: list = []
         for i in range(0, len(images), self.batch_size):
             embeds = self.encoder.encode(images[i : i + self.batch_size], batch_size=self.batch_size)
             out.extend(
-                self.caption_embeddings(embeds, num_beams, max_new_tokens, num_return_sequences, **generate_kwargs)
+                self.caption_embeddings(
+                    embeds, num_beams, max_new_tokens, num_return_sequences, prompt=prompt, **generate_kwargs
+                )
             )
         return out
 

@@ -7,6 +7,7 @@ User mistakes raise ClipCapError, printed as one line (no traceback) with a non-
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 
@@ -401,6 +402,9 @@ def add_caption(sub) -> None:
     )
     p.add_argument("--batch-size", type=_count, default=32, help="images encoded and decoded together (default: 32)")
     p.add_argument("--format", choices=["jsonl", "csv"], default="jsonl", help="stdout format (default: jsonl)")
+    p.add_argument(
+        "--prompt", help='text each caption continues, e.g. "a picture of" (the caption starts with it; default: none)'
+    )
     p.add_argument("--clip-model", help="CLIP encoder dir or id (default: the one named in the model's config)")
     p.add_argument(
         "--device", default="auto", help="torch device, e.g. cuda:0 (default: cuda when available, else cpu)"
@@ -427,6 +431,7 @@ def cmd_caption(args) -> int:
         num_beams=args.beams,
         max_new_tokens=args.max_new_tokens,
         num_return_sequences=args.num_captions,
+        prompt=args.prompt,
     )
     return 0
 
@@ -526,15 +531,91 @@ def cmd_train(args) -> int:
     return 0
 
 
+# -- push / card (publishing on the Hugging Face Hub) -------------------------------------------------------------
+def _help(options, name: str) -> str:
+    """A flag's help text: the option dataclass's description of the value."""
+    return next(f.metadata["help"] for f in dataclasses.fields(options) if f.name == name)
+
+
+def add_push(sub) -> None:
+    from .push import PushOptions
+
+    p = sub.add_parser(
+        "push",
+        help="upload a model dir to the Hugging Face Hub with a model card",
+        description="Upload a model dir to the Hugging Face Hub as a complete captioning model (vision tower, mapper, "
+        "LM, processor, generation config and model code; a dir whose encoder is only named is made complete first) "
+        "with a model card (README.md, as `clipcap card` writes it, unless the dir has one), so that "
+        'pipeline("image-text-to-text", model=REPO_ID, trust_remote_code=True) loads it. Needs a token '
+        "(`hf auth login` or HF_TOKEN) and the network.",
+    )
+    p.add_argument("model_dir", help=_help(PushOptions, "model_dir"))
+    p.add_argument("repo_id", help=_help(PushOptions, "repo_id"))
+    p.add_argument("--private", action="store_true", help=_help(PushOptions, "private"))
+    p.add_argument("--revision", help=_help(PushOptions, "revision"))
+    p.add_argument("--license", default="unknown", help=_help(PushOptions, "license") + " (default: unknown)")
+    p.add_argument("--commit-message", default="Upload ClipCap model", help=_help(PushOptions, "commit_message"))
+    p.add_argument("--timeout", type=float, default=30.0, help=_help(PushOptions, "timeout_s") + " (default: 30)")
+    p.set_defaults(func=cmd_push)
+
+
+def cmd_push(args) -> int:
+    from .push import PushOptions, push
+
+    url = push(
+        PushOptions(
+            args.model_dir,
+            args.repo_id,
+            private=args.private,
+            revision=args.revision,
+            license=args.license,
+            commit_message=args.commit_message,
+            timeout_s=args.timeout,
+        )
+    )
+    print(f"pushed {args.model_dir} to {url}", file=sys.stderr)
+    return 0
+
+
+def add_card(sub) -> None:
+    from .card import CardOptions
+
+    p = sub.add_parser(
+        "card",
+        help="write a model card (README.md) for a model dir",
+        description="Write the Hugging Face model card of a model dir without uploading anything: YAML front matter "
+        "(pipeline_tag image-to-text, library, tags, base models, datasets and metrics from a metrics.json in the "
+        "model dir or beside it, licence), usage with transformers' pipeline and with clipcap, and the training "
+        "settings when a train_config.json or a demo metrics.json is found.",
+    )
+    p.add_argument("model_dir", help=_help(CardOptions, "model_dir"))
+    p.add_argument("--out", help=_help(CardOptions, "out"))
+    p.add_argument("--repo-id", help=_help(CardOptions, "repo_id"))
+    p.add_argument("--license", default="unknown", help=_help(CardOptions, "license") + " (default: unknown)")
+    p.add_argument("--metrics", help=_help(CardOptions, "metrics"))
+    p.set_defaults(func=cmd_card)
+
+
+def cmd_card(args) -> int:
+    from .card import CardOptions, write_card
+
+    out = write_card(
+        CardOptions(args.model_dir, out=args.out, repo_id=args.repo_id, license=args.license, metrics=args.metrics)
+    )
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
 # -- entry point -------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clipcap",
-        description="ClipCap: CLIP prefix captioning — convert, caption, embed, train, evaluate, serve.",
+        description="ClipCap: CLIP prefix captioning — convert, caption, embed, train, evaluate, serve, push.",
     )
     parser.add_argument("--version", action="version", version=f"clipcap {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for add in (add_convert, add_demo, add_experiment, add_embed, add_serve, add_evaluate, add_caption, add_train):
+    commands = (add_convert, add_demo, add_experiment, add_embed, add_serve, add_evaluate, add_caption, add_train)
+    for add in (*commands, add_push, add_card):
         add(sub)
     return parser
 
