@@ -92,8 +92,11 @@ TEXT = {"model_type": "gpt2", "n_embd": 32, "n_head": 2, "vocab_size": 300}
         (dict(text_config={"model_type": "no-such-lm"}), "text_config is not a valid 'no-such-lm' config"),
         (dict(text_config={**TEXT, "n_embd": "32"}), "text_config is not a valid 'gpt2' config"),
         (dict(vision_config=[1, 2]), "vision_config must be a JSON object .*got list"),
-        (dict(dtype="float99"), "invalid config field"),
-        (dict(id2label="x"), "invalid config field"),
+        (dict(dtype="float99"), 'dtype must name a torch dtype .*got "float99"'),
+        (dict(dtype=[]), "dtype must name a torch dtype .*got list"),
+        (dict(id2label="x"), 'id2label must be a JSON object or null, got "x"'),
+        (dict(architectures="ClipCapModel"), "architectures must be a JSON array or null"),
+        (dict(lm="gpt\ud800"), "lm is not valid text"),
         # mutually inconsistent
         (dict(mapping="transformer"), "needs clip_length"),
         (dict(stop_token_id=300, text_config=TEXT), "stop_token_id 300 is outside the language model's vocabulary"),
@@ -128,6 +131,9 @@ def test_bad_files(tmp_path):
         config.write_text(content)
         with pytest.raises(ClipCapError, match=message):
             ClipCapConfig.from_pretrained(tmp_path)
+    config.write_text(json.dumps({"model_type": "clipcap", "normalize_prefix": "false"}))
+    with pytest.raises(ClipCapError, match=r"config.json: normalize_prefix must be true or false"):
+        ClipCapConfig.from_pretrained(tmp_path)  # a field's error names the file it came from
     config.write_bytes(b'{"lm": "\xff\xfe"}')
     with pytest.raises(ClipCapError, match="not valid JSON"):
         ClipCapConfig.from_pretrained(tmp_path)

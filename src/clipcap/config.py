@@ -50,8 +50,48 @@ def _sub_config(name: str, value: Any) -> PretrainedConfig | None:
     try:
         return AutoConfig.for_model(model_type, **fields)
     except Exception as e:  # noqa: BLE001 - any config class may reject untrusted values in its own way
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ClipCapError(f"{name} is not a valid {model_type!r} config: {reason}") from None
+        raise ClipCapError(f"{name} is not a valid {model_type!r} config: {_reason(e)}") from None
+
+
+def _reason(error: Exception) -> str:
+    """An exception as one short line (some span several, or list every model type transformers knows)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _check_text(name: str, value: Any) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ClipCapError(f"{name} is not valid text (it holds a lone surrogate): {_describe(value)}") from None
+
+
+# transformers' own fields a config.json may carry, and the JSON type each must have
+GENERIC_FIELDS = {
+    "id2label": dict,
+    "label2id": dict,
+    "architectures": list,
+    "auto_map": dict,
+    "transformers_version": str,
+}
+
+
+def _check_generic(kwargs: dict[str, Any]) -> None:
+    for name, kind in GENERIC_FIELDS.items():
+        value = kwargs.get(name)
+        if value is not None and not isinstance(value, kind):
+            raise ClipCapError(f"{name} must be a JSON {_JSON_KIND[kind]} or null, got {_describe(value)}")
+    for name in ("dtype", "torch_dtype"):
+        value = kwargs.get(name)
+        if value is None or type(value).__module__ == "torch":
+            continue
+        import torch
+
+        if not isinstance(value, str) or not isinstance(getattr(torch, value, None), torch.dtype):
+            raise ClipCapError(f'{name} must name a torch dtype (e.g. "float32") or be null, got {_describe(value)}')
+
+
+_JSON_KIND = {dict: "object", list: "array", str: "string"}
 
 
 def _check_int(name: str, value: Any, minimum: int, optional: bool = False) -> None:
@@ -113,20 +153,19 @@ class ClipCapConfig(PretrainedConfig):
         self.stop_token_id = stop_token_id
         self.text_config = _sub_config("text_config", text_config)
         self.vision_config = _sub_config("vision_config", vision_config)
+        _check_generic(kwargs)
         try:
             # pad_token_id goes through the base class: transformers 4 resets it there.
             super().__init__(pad_token_id=pad_token_id, **kwargs)
         except ClipCapError:
             raise
         except Exception as e:  # noqa: BLE001 - transformers validates its own generic fields (architectures, ...)
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise ClipCapError(f"invalid config field: {reason}") from None
+            raise ClipCapError(f"invalid config field: {_reason(e)}") from None
         self._check_fields()
         try:  # transformers' own fields (dtype, architectures, id2label, ...) must survive being written back
             self.to_json_string()
         except Exception as e:  # noqa: BLE001 - whatever serialising a wrongly typed generic field raises
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise ClipCapError(f"invalid config field ({type(e).__name__}: {reason})") from None
+            raise ClipCapError(f"invalid config field ({type(e).__name__}: {_reason(e)})") from None
 
     def _check_fields(self) -> None:
         """Raise ClipCapError when a field has the wrong type or contradicts another."""
@@ -134,6 +173,9 @@ class ClipCapConfig(PretrainedConfig):
             raise ClipCapError(f"lm must be a non-empty string (an HF id or a directory), got {_describe(self.lm)}")
         if self.clip_model is not None and (not isinstance(self.clip_model, str) or not self.clip_model):
             raise ClipCapError(f"clip_model must be a non-empty string or null, got {_describe(self.clip_model)}")
+        for name in ("lm", "clip_model"):
+            if getattr(self, name) is not None:
+                _check_text(name, getattr(self, name))
         if not isinstance(self.mapping, str) or self.mapping not in MAPPINGS:
             raise ClipCapError(f"mapping must be one of {MAPPINGS}, got {_describe(self.mapping)}")
         for name in ("clip_dim", "prefix_length", "num_layers", "num_heads"):
@@ -178,7 +220,7 @@ class ClipCapConfig(PretrainedConfig):
             data = json.loads(Path(json_file).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ClipCapError(f"no {CONFIG_NAME} at {json_file}") from None
-        except (OSError, ValueError) as e:  # ValueError: malformed JSON or text that is not UTF-8
+        except (OSError, ValueError, RecursionError) as e:  # malformed, not UTF-8, nested beyond the parser's depth
             raise ClipCapError(f"{json_file} is not valid JSON: {str(e).splitlines()[0]}") from None
         if not isinstance(data, dict):
             raise ClipCapError(f"{json_file} must hold a JSON object, got {_describe(data)}")
@@ -201,6 +243,10 @@ class ClipCapConfig(PretrainedConfig):
             raise ClipCapError(f"model directory not found: {name}")
         try:
             return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        except ClipCapError as e:
+            if str(path) in str(e) or not path.exists():
+                raise
+            raise ClipCapError(f"{path / CONFIG_NAME if path.is_dir() else path}: {e}") from None
         except (OSError, ValueError) as e:
             if path.exists():
                 raise ClipCapError(f"cannot read {path}: {str(e).splitlines()[0]}") from None

@@ -11,6 +11,7 @@ renamed into place, so a failed conversion leaves nothing behind.
 
 from __future__ import annotations
 
+import _compat_pickle
 import os
 import pickletools
 import re
@@ -47,6 +48,15 @@ def _allowed_globals() -> set[str]:
     return set(getattr(unpickler, "_get_allowed_globals", dict)())
 
 
+def _python3_name(module: str, name: str = "") -> str:
+    """What Python 3 imports for a protocol 0-2 global, which may carry Python 2 names ("commands call")."""
+    if (module, name) in _compat_pickle.NAME_MAPPING:
+        module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+    else:
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+    return f"{module}.{name}"
+
+
 def _pickle_imports(stream) -> list[str]:
     """module.name of every global one pickle imports, in order (protocol-2 names as Python 3 spells them)."""
     found: list[str] = []
@@ -55,7 +65,7 @@ def _pickle_imports(stream) -> list[str]:
     for op, arg, _ in pickletools.genops(stream):
         name = op.name
         if name in ("GLOBAL", "INST"):
-            found.append(str(arg).replace(" ", ".").replace("__builtin__.", "builtins."))
+            found.append(_python3_name(*str(arg).split(" ", 1)))
         elif name == "STACK_GLOBAL":
             module, attr = recent[-2:] if len(recent) >= 2 else [None, None]
             readable = isinstance(module, str) and isinstance(attr, str)
@@ -251,6 +261,8 @@ def convert_original(
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
+    except OSError as e:
+        raise ClipCapError(f"cannot write {out}: {e.strerror or e}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

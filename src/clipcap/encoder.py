@@ -115,10 +115,12 @@ class ImageEncoder:
         from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
         name = str(name_or_path)
+        from safetensors import SafetensorError
+
         try:
             model = AutoModel.from_pretrained(name, dtype=dtype)
             processor = AutoImageProcessor.from_pretrained(name)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, SafetensorError) as e:  # SafetensorError: damaged weights
             if Path(name).expanduser().is_dir():
                 raise ClipCapError(f"cannot load a CLIP-family encoder from {name}: {e}") from None
             raise ClipCapError(offline_hint(name, "CLIP encoder", "--clip-model")) from None

@@ -50,10 +50,26 @@ def load_causal_lm(name: str, **kwargs):
         raise ClipCapError(offline_hint(name, "language model", "--lm")) from None
 
 
+# What a tokenizer is saved as (any one is enough for AutoTokenizer).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "vocab.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
+
+
 def load_tokenizer(name: str | Path, flag: str = "--lm"):
-    """AutoTokenizer.from_pretrained with a one-line error when `name` is unreachable."""
+    """AutoTokenizer.from_pretrained with a one-line error when `name` is unreachable or holds no tokenizer."""
     from transformers import AutoTokenizer
 
+    local = Path(name).expanduser()
+    # transformers 5 returns an empty tokenizer for a local dir without tokenizer files instead of failing.
+    if local.is_dir() and not any((local / f).is_file() for f in TOKENIZER_FILES):
+        raise ClipCapError(f"{name} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...)")
     try:
         return AutoTokenizer.from_pretrained(str(name))
     except (OSError, ValueError) as e:
