@@ -111,7 +111,7 @@ def _results(data: Any, model_dir: Path) -> tuple[_Results | None, dict | None]:
     numbers = _numbers(data)
     if not numbers:
         return None, None
-    source = str(settings.get("data") or "unnamed data")
+    source = str(settings.get("data") or settings.get("references") or "unnamed data")
     split = str(settings.get("split") or "all")
     return _Results(Path(source).name or source, _hub_id(source, model_dir), {split: numbers}), None
 
@@ -176,7 +176,7 @@ def _body(config: ClipCapConfig, repo: str, results: _Results | None, training: 
         "",
         "An image captioning model trained with clipcap, an implementation of *ClipCap: CLIP Prefix for Image "
         "Captioning* ([Mokady, Hertz, Bermano 2021](https://arxiv.org/abs/2111.09734)): the image encoder's embedding "
-        f"goes through a {config.mapping.upper() if config.mapping == 'mlp' else 'Transformer'} mapping network to "
+        f"goes through {'an MLP' if config.mapping == 'mlp' else 'a Transformer'} mapping network to "
         f"a prefix of {config.prefix_length} vectors, which the {lm_state} language model `{config.lm}` continues "
         f"with the caption. Image encoder: `{config.clip_model}`.",
         "",

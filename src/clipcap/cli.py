@@ -261,6 +261,7 @@ def add_serve(sub) -> None:
     p.add_argument(
         "--max-new-tokens", type=int, default=67, help="caption length when a request gives none (default: 67)"
     )
+    p.add_argument("--prompt", default="", help="text each caption continues when a request gives none (default: none)")
     p.set_defaults(func=cmd_serve)
 
 
@@ -277,6 +278,7 @@ def cmd_serve(args) -> int:
         timeout_s=args.timeout,
         num_beams=args.beams,
         default_new_tokens=args.max_new_tokens,
+        prompt=args.prompt,
     )
     serve(args.model, host=args.host, port=args.port, clip_model=args.clip_model, device=args.device, config=config)
     return 0

@@ -86,9 +86,10 @@ class ClipCapPreTrainedModel(PreTrainedModel):
 
     config_class = ClipCapConfig
     base_model_prefix = "model"
-    _supports_sdpa = True  # attention is the LM's and the vision tower's own
+    # The attention is the LM's and the vision tower's: the implementation asked for is passed down to them, and
+    # each checks its own support (the mapper's attention is plain PyTorch SDPA whatever is asked).
+    _supports_sdpa = True
     _supports_flash_attn = True
-    _supports_attention_backend = True
 
     def _init_weights(self, module: nn.Module) -> None:
         """Mapper modules keep PyTorch's initialisation, as in the original; the LM and the vision model are

@@ -60,10 +60,11 @@ class ServeConfig:
     num_beams: int = 1  # defaults for requests that do not say (greedy, as the original's predictor)
     default_new_tokens: int = 67  # the original's caption length limit
     decode_workers: int = os.cpu_count() or 1  # images opened/preprocessed at once (bounds decode memory)
+    prompt: str = ""  # text each caption continues when a request gives none ("": plain captions)
 
     def __post_init__(self):
         for name, value in asdict(self).items():
-            if value <= 0:
+            if not isinstance(value, str) and value <= 0:
                 raise ClipCapError(f"serve setting {name} must be positive, got {value}")
         if self.num_beams > self.max_beams or self.default_new_tokens > self.max_new_tokens:
             raise ClipCapError("the default num_beams / max_new_tokens exceed their limits")
@@ -76,6 +77,7 @@ class DecodeSettings:
     num_beams: int = 1
     max_new_tokens: int = 67
     num_captions: int = 1
+    prompt: str = ""
 
 
 class Overloaded(Exception):
@@ -192,6 +194,7 @@ class MicroBatcher:
             num_beams=settings.num_beams,
             max_new_tokens=settings.max_new_tokens,
             num_return_sequences=settings.num_captions,
+            prompt=settings.prompt or None,
         )
         return [c if isinstance(c, list) else [c] for c in out]
 
@@ -315,6 +318,9 @@ def create_app(captioner: Captioner, config: ServeConfig | None = None) -> FastA
             config.default_new_tokens
         ),
         num_captions: Annotated[int, Form(ge=1, description="captions per image, at most num_beams")] = 1,
+        prompt: Annotated[
+            str, Form(max_length=200, description="text each caption continues (e.g. 'a picture of')")
+        ] = (config.prompt),
     ) -> CaptionResponse:
         """Caption the uploaded images. Concurrent requests with equal settings share batched model runs."""
         if num_captions > num_beams:
@@ -326,7 +332,7 @@ def create_app(captioner: Captioner, config: ServeConfig | None = None) -> FastA
         for name, upload in zip(names, image, strict=True):
             data = await upload.read()
             pixels.append(await anyio.to_thread.run_sync(prepare, data, name, limiter=decode_limiter))
-        settings = DecodeSettings(num_beams, max_new_tokens, num_captions)
+        settings = DecodeSettings(num_beams, max_new_tokens, num_captions, prompt)
         try:
             future = batcher.submit(torch.cat(pixels), settings)
         except Overloaded:
