@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from clipcap import ClipCapError
-from clipcap.card import CardOptions, build_card, write_card
+from clipcap.card import CardConfig, build_card, write_card
 from clipcap.cli import main
 from clipcap.train import TrainConfig
 from tests import tiny
@@ -47,7 +47,7 @@ def run_dir(tmp_path):
 
 
 def test_card_front_matter_usage_and_training(run_dir):
-    text = str(build_card(CardOptions(str(run_dir), repo_id="someone/clipcap-coco", license="mit")))
+    text = str(build_card(CardConfig(model_dir=str(run_dir), repo_id="someone/clipcap-coco", license="mit")))
     meta = front_matter(text)
     assert meta["pipeline_tag"] == "image-to-text" and meta["library_name"] == "transformers"
     assert meta["license"] == "mit" and "clipcap" in meta["tags"]
@@ -67,7 +67,7 @@ def test_local_names_are_not_base_models_and_no_metrics_means_no_model_index(tmp
     model = tmp_path / "model"
     tiny.tiny_model("mlp", lm_name=str(lm_dir), clip_model="clip").save_pretrained(model)
     (model / "clip").mkdir()
-    meta = front_matter(str(build_card(CardOptions(str(model)))))
+    meta = front_matter(str(build_card(CardConfig(model_dir=str(model)))))
     assert "base_model" not in meta and "model-index" not in meta and "metrics" not in meta
     assert meta["license"] == "unknown" and meta["pipeline_tag"] == "image-to-text"
 
@@ -81,14 +81,14 @@ def test_cli_card_writes_readme(run_dir, capsys):
 
 def test_card_errors(run_dir, tmp_path):
     with pytest.raises(ClipCapError, match="metrics file not found"):
-        write_card(CardOptions(str(run_dir), metrics=str(tmp_path / "nope.json")))
+        write_card(CardConfig(model_dir=str(run_dir), metrics=str(tmp_path / "nope.json")))
     (tmp_path / "bad.json").write_text("{")
     with pytest.raises(ClipCapError, match="bad.json is not readable JSON"):
-        write_card(CardOptions(str(run_dir), metrics=str(tmp_path / "bad.json")))
+        write_card(CardConfig(model_dir=str(run_dir), metrics=str(tmp_path / "bad.json")))
     with pytest.raises(ClipCapError, match="is a directory"):
-        write_card(CardOptions(str(run_dir), out=str(tmp_path)))
+        write_card(CardConfig(model_dir=str(run_dir), out=str(tmp_path)))
     with pytest.raises(ClipCapError, match="not a ClipCap model dir"):
-        write_card(CardOptions(str(tmp_path)))
+        write_card(CardConfig(model_dir=str(tmp_path)))
     (tmp_path / "odd.json").write_text(json.dumps({"CIDEr": "high", "variants": 3}))
-    meta = front_matter(str(build_card(CardOptions(str(run_dir), metrics=str(tmp_path / "odd.json")))))
+    meta = front_matter(str(build_card(CardConfig(model_dir=str(run_dir), metrics=str(tmp_path / "odd.json")))))
     assert "model-index" not in meta  # a metrics file without numbers adds nothing

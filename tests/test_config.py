@@ -140,7 +140,7 @@ def test_bad_files(tmp_path):
 
 
 def test_hub_id_offline_is_one_clear_error():
-    with pytest.raises(ClipCapError, match=r"'someone/clipcap-coco'.*pass the directory instead"):
+    with pytest.raises(ClipCapError, match=r"'someone/clipcap-coco'.*pass its local directory instead"):
         ClipCapConfig.from_pretrained("someone/clipcap-coco")
 
 

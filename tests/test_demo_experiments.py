@@ -2,32 +2,35 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
 import pytest
 
-from clipcap.demo.experiments import ExperimentSettings, mapping_table, plot_prefix_length, run_experiment
+from clipcap.demo.experiments import ExperimentConfig, mapping_table, plot_prefix_length, run_experiment
 from clipcap.errors import ClipCapError
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, clip_dir):
     from clipcap.demo import world as shapes
-    from clipcap.embed import embed
+    from clipcap.embed import EmbedConfig, embed
 
     out = tmp_path_factory.mktemp("exp")
     world = shapes.generate_world(
         out / "world", {s: 0 for s in shapes.SPLITS} | {"train": 24, "test": 8}, progress=False
     )
-    return str(embed(world, out / "store", clip_dir, batch_size=32, workers=0, progress=False))
+    cfg = EmbedConfig(source=str(world), out=str(out / "store"), clip_model=str(clip_dir), batch_size=32, workers=0)
+    return str(embed(cfg).out)
 
 
 def test_prefix_length_ablation_trains_every_length_for_both_tunings(tmp_path, store, lm_dir):
     out = tmp_path / "pl"
-    results = run_experiment(
-        "prefix-length", out, data=store, lm=str(lm_dir), lengths=[2], epochs=1, batch_size=16, max_new_tokens=6
+    cfg = ExperimentConfig(
+        kind="prefix-length", out=str(out), data=store, lm=str(lm_dir), lengths=[2], epochs=1, batch_size=16
     )
+    results = run_experiment(dataclasses.replace(cfg, max_new_tokens=6))
     assert sorted(results["runs"]) == ["frozen_k2", "tuned_k2"]
     for name, run in results["runs"].items():
         assert run["prefix_length"] == int(name[-1])
@@ -63,14 +66,12 @@ def test_prefix_length_plot(tmp_path):
 
 
 def test_bad_requests_raise(tmp_path):
-    with pytest.raises(ClipCapError, match="unknown experiment"):
-        run_experiment("depth", tmp_path)
-    with pytest.raises(ClipCapError, match="--data STORE and --lm"):
-        run_experiment("mapping", tmp_path)
-    with pytest.raises(ClipCapError, match="--lengths"):
-        from clipcap.demo.experiments import prefix_length_ablation
-
-        prefix_length_ablation(ExperimentSettings(data="x", lm="y", out=str(tmp_path)), [0, 2])
+    with pytest.raises(ClipCapError, match="`kind` must be one of prefix-length, mapping"):
+        ExperimentConfig(kind="depth", out=str(tmp_path))
+    with pytest.raises(ClipCapError, match="name the `data` store and the `lm`"):
+        run_experiment(ExperimentConfig(kind="mapping", out=str(tmp_path)))
+    with pytest.raises(ClipCapError, match="`lengths` must be at least 1"):
+        ExperimentConfig(kind="mapping", out=str(tmp_path), lengths=[0, 2])
 
 
 def test_cli_leaves_epochs_to_quick_unless_given(tmp_path, monkeypatch):
@@ -78,7 +79,7 @@ def test_cli_leaves_epochs_to_quick_unless_given(tmp_path, monkeypatch):
     from clipcap.demo import experiments as experiment
 
     calls = []
-    monkeypatch.setattr(experiment, "run_experiment", lambda kind, out, **kw: calls.append(kw))
+    monkeypatch.setattr(experiment, "run_experiment", lambda cfg: calls.append(cfg))
     assert main(["experiment", "mapping", "--quick", "--out", str(tmp_path)]) == 0
     assert main(["experiment", "mapping", "--quick", "--out", str(tmp_path), "--epochs", "5"]) == 0
-    assert "epochs" not in calls[0] and calls[1]["epochs"] == 5
+    assert calls[0].epochs is None and calls[1].epochs == 5 and calls[0].quick

@@ -245,12 +245,12 @@ def test_weights_of_another_model_type(tmp_path):
 
 def test_hub_id_offline_fails_fast_with_hint(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ClipCapError, match=r"'someone/clipcap-coco'.*pass the directory instead"):
+    with pytest.raises(ClipCapError, match=r"'someone/clipcap-coco'.*pass its local directory instead"):
         ClipCapModel.from_pretrained("someone/clipcap-coco")
 
 
 def test_missing_lm_offline_fails_fast():
-    with pytest.raises(ClipCapError, match=r"cannot load language model 'gpt2'.*--lm DIR"):
+    with pytest.raises(ClipCapError, match=r"cannot load language model 'gpt2'.*pass its local directory instead"):
         ClipCapModel(tiny.tiny_config("mlp", lm="gpt2"))
 
 

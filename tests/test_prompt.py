@@ -13,7 +13,7 @@ from PIL import Image
 
 from clipcap import Captioner
 from clipcap.cli import build_parser, main
-from clipcap.serve import ServeConfig, create_app
+from clipcap.serve import ServerLimits, create_app
 
 PROMPT = "a red"
 
@@ -60,13 +60,13 @@ def _png(path) -> bytes:
 def test_server_prompt_field_and_default(captioner, paths):
     expected = captioner.caption(paths[:2], max_new_tokens=8, prompt=PROMPT)
     files = [("image", (p.name, _png(p), "image/png")) for p in paths[:2]]
-    with TestClient(create_app(captioner, ServeConfig())) as client:
+    with TestClient(create_app(captioner, ServerLimits())) as client:
         response = client.post("/v1/captions", files=files, data={"prompt": PROMPT, "max_new_tokens": "8"})
         assert response.status_code == 200, response.text
         assert [r["captions"][0] for r in response.json()["results"]] == expected
         too_long = client.post("/v1/captions", files=files, data={"prompt": "x" * 201})
         assert too_long.status_code == 422
-    with TestClient(create_app(captioner, ServeConfig(prompt=PROMPT))) as client:
+    with TestClient(create_app(captioner, ServerLimits(prompt=PROMPT))) as client:
         response = client.post("/v1/captions", files=files, data={"max_new_tokens": "8"})
         assert [r["captions"][0] for r in response.json()["results"]] == expected
-    assert build_parser().parse_args(["serve", "--model", "m", "--prompt", PROMPT]).prompt == PROMPT
+    assert build_parser(only="serve").parse_args(["serve", "--model", "m", "--prompt", PROMPT]).prompt == PROMPT

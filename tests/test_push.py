@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from clipcap import ClipCapError
-from clipcap.push import PushOptions, push
+from clipcap.push import PushConfig, push
 from tests.cli_batch import REPO, assert_one_line_error
 
 
@@ -108,7 +108,9 @@ def test_push_uploads_a_complete_dir_with_its_card(model_dir, monkeypatch, tmp_p
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
     monkeypatch.setattr(huggingface_hub.HfApi, "create_branch", create_branch)
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
-    options = PushOptions(str(model_dir), "someone/clipcap-test", private=True, revision="v1", license="mit")
+    options = PushConfig(
+        model_dir=str(model_dir), repo_id="someone/clipcap-test", private=True, revision="v1", license="mit"
+    )
     assert push(options) == "https://huggingface.co/someone/clipcap-test/commit/abc"
     assert calls["create_repo"] == ("someone/clipcap-test", True, True)
     assert calls["create_branch"] == ("someone/clipcap-test", "v1")
@@ -120,5 +122,5 @@ def test_push_uploads_a_complete_dir_with_its_card(model_dir, monkeypatch, tmp_p
     meta = yaml.safe_load(calls["card"].split("---\n")[1])
     assert meta["pipeline_tag"] == "image-to-text" and meta["license"] == "mit"
     assert not (model_dir / "README.md").exists()  # the user's dir is left as it was
-    with pytest.raises(ClipCapError, match="timeout must be a positive number"):
-        push(PushOptions(str(model_dir), "someone/clipcap-test", timeout_s=0))
+    with pytest.raises(ClipCapError, match="`timeout` must be at least 0.001"):
+        PushConfig(model_dir=str(model_dir), repo_id="someone/clipcap-test", timeout=0)

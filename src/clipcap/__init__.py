@@ -10,8 +10,7 @@ from .auto import register as register_auto_classes
 from .auto import register_lazily as _register_lazily
 from .config import ClipCapConfig
 from .errors import ClipCapError
-
-__version__ = "0.1.0"
+from .version import __version__
 
 _LAZY = {
     "Captioner": ".captioner",

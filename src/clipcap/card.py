@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .config import ClipCapConfig
 from .errors import ClipCapError
+from .options import check_options, option
 
 CARD_NAME = "README.md"
 METRICS_NAME = "metrics.json"
@@ -44,26 +45,22 @@ DEMO_METRIC_NAMES = {
 }
 
 
-@dataclass
-class CardOptions:
+@dataclass(kw_only=True)
+class CardConfig:
     """What `clipcap card` writes (`clipcap push` writes the same card before uploading)."""
 
-    model_dir: str = field(metadata={"help": "model dir to describe"})
-    out: str | None = field(
-        default=None, metadata={"help": "file to write the card to (default: README.md in the model dir)"}
+    model_dir: str = option(positional=True, help="model dir to describe")
+    out: str | None = option(None, help="file to write the card to", default_text="README.md in the model dir")
+    repo_id: str | None = option(
+        None, help="Hub repo id the usage examples load, e.g. you/clipcap-coco", default_text="the dir's name"
     )
-    repo_id: str | None = field(
-        default=None,
-        metadata={"help": "Hub repo id the usage examples load, e.g. you/clipcap-coco (default: the dir's name)"},
+    license: str = option("unknown", help="licence of the weights, as a Hub licence id (mit, apache-2.0, ...)")
+    metrics: str | None = option(
+        None, help="metrics file to report", default_text="metrics.json in the model dir, else beside it"
     )
-    license: str = field(
-        default="unknown",
-        metadata={"help": "licence of the weights, as a Hub licence id (e.g. mit, apache-2.0, cc-by-4.0)"},
-    )
-    metrics: str | None = field(
-        default=None,
-        metadata={"help": "metrics file to report (default: metrics.json in the model dir, else beside it)"},
-    )
+
+    def __post_init__(self) -> None:
+        check_options(self)
 
 
 @dataclass
@@ -124,14 +121,14 @@ def _train_config(model_dir: Path) -> dict | None:
     return None
 
 
-def build_card(options: CardOptions):
-    """The model card of `options.model_dir` as a huggingface_hub ModelCard."""
+def build_card(cfg: CardConfig):
+    """The model card of `cfg.model_dir` as a huggingface_hub ModelCard."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-    model_dir = Path(options.model_dir)
+    model_dir = Path(cfg.model_dir)
     config = ClipCapConfig.from_pretrained(model_dir)
-    if options.metrics is not None:
-        metrics_file: Path | None = Path(options.metrics)
+    if cfg.metrics is not None:
+        metrics_file: Path | None = Path(cfg.metrics)
         if not metrics_file.is_file():
             raise ClipCapError(f"metrics file not found: {metrics_file}")
     else:
@@ -140,7 +137,7 @@ def build_card(options: CardOptions):
         )
     results, recipe = _results(_read_json(metrics_file), model_dir) if metrics_file else (None, None)
     training = _train_config(model_dir) or recipe
-    repo = options.repo_id or model_dir.resolve().name
+    repo = cfg.repo_id or model_dir.resolve().name
     lm, encoder = _hub_id(config.lm, model_dir), _hub_id(config.clip_model, model_dir)
     eval_results = [
         EvalResult(
@@ -156,7 +153,7 @@ def build_card(options: CardOptions):
         for name, value in numbers.items()
     ]
     data = ModelCardData(
-        license=options.license,
+        license=cfg.license,
         library_name="transformers",
         pipeline_tag="image-to-text",
         tags=["clipcap", "image-captioning", "custom_code"],
@@ -199,8 +196,6 @@ def _body(config: ClipCapConfig, repo: str, results: _Results | None, training: 
         "",
         f'Captioner.from_pretrained("{repo}").caption(["photo.jpg"], num_beams=5)',
         "```",
-        "",
-        f"or on the command line: `clipcap caption photos/ --model {repo}`.",
     ]
     if results:
         lines += ["", "## Evaluation", "", f"On {results.dataset}:", ""]
@@ -224,12 +219,12 @@ def _body(config: ClipCapConfig, repo: str, results: _Results | None, training: 
     return "\n".join(lines) + "\n"
 
 
-def write_card(options: CardOptions) -> Path:
-    """Write the model card (README.md in the model dir unless `options.out` says otherwise); returns its path."""
-    out = Path(options.out) if options.out else Path(options.model_dir) / CARD_NAME
+def write_card(cfg: CardConfig) -> Path:
+    """Write the model card (README.md in the model dir unless `cfg.out` says otherwise); returns its path."""
+    out = Path(cfg.out) if cfg.out else Path(cfg.model_dir) / CARD_NAME
     if out.is_dir():
         raise ClipCapError(f"{out} is a directory: the card needs a file path")
-    card = build_card(options)
+    card = build_card(cfg)
     try:
         out.write_text(str(card), encoding="utf-8")
     except OSError as e:

@@ -250,7 +250,7 @@ class ClipCapConfig(PretrainedConfig):
         except (OSError, ValueError) as e:
             if path.exists():
                 raise ClipCapError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
-            raise ClipCapError(offline_hint(name, "model", "--model")) from None
+            raise ClipCapError(offline_hint(name, "model")) from None
 
 
 def _comparable(data: Any) -> Any:

@@ -110,15 +110,15 @@ class ClipCapPreTrainedModel(PreTrainedModel):
             by_reference = None  # a Hub repo: known once loaded
         want_info = kwargs.pop("output_loading_info", False)
         try:
-            # a mapper-only dir: transformers would report every LM weight as missing before the LM is put in place
-            with _transformers_quiet(by_reference):
+            # for a mapper-only dir transformers would report every LM weight as missing before the LM is in place
+            with _transformers_quiet(errors_only=bool(by_reference)):
                 model, info = super().from_pretrained(name, *model_args, output_loading_info=True, **kwargs)
         except ClipCapError:
             raise
         except OSError as e:
             if path.is_dir():
                 raise ClipCapError(f"cannot load {path}: {str(e).splitlines()[0]}") from None
-            raise ClipCapError(offline_hint(name, "model", "--model")) from None
+            raise ClipCapError(offline_hint(name, "model")) from None
         except (RuntimeError, ValueError) as e:  # what a Hub repo that was not checked above can still raise
             raise ClipCapError(f"{name} does not match its config.json: {str(e).splitlines()[0]}") from None
         base = model if isinstance(model, ClipCapModel) else model.model
@@ -304,7 +304,8 @@ class ClipCapModel(ClipCapPreTrainedModel):
             if self.config.tune_lm:
                 raise ClipCapError("save_lm=False is only for a frozen LM: a tuned LM's weights must be saved")
             kwargs["state_dict"] = {k: v for k, v in self.state_dict().items() if k.startswith("mapper.")}
-        super().save_pretrained(save_directory, **kwargs)
+        with _transformers_quiet():
+            super().save_pretrained(save_directory, **kwargs)
 
 
 class ClipCapVisionTower(nn.Module):
@@ -419,20 +420,25 @@ class ClipCapForImageCaptioning(ClipCapPreTrainedModel, GenerationMixin):
         auto_map = dict(getattr(self.config, "auto_map", None) or {})
         auto_map.setdefault("AutoModel", f"{ClipCapModel.__module__.split('.')[-1]}.{ClipCapModel.__name__}")
         self.config.auto_map = auto_map
-        super().save_pretrained(save_directory, **kwargs)
+        with _transformers_quiet():
+            super().save_pretrained(save_directory, **kwargs)
 
 
 @contextlib.contextmanager
-def _transformers_quiet(quiet: bool):
+def _transformers_quiet(errors_only: bool = False):
+    """transformers without its progress bars (the library is silent) and, with `errors_only`, its warnings."""
     from transformers.utils import logging as hf_logging
 
-    level = hf_logging.get_verbosity()
-    if quiet:
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    if errors_only:
         hf_logging.set_verbosity_error()
     try:
         yield
     finally:
         hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 # -- checking a model dir before transformers reads it ---------------------------------------------------------------

@@ -11,29 +11,29 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 
-from .card import CARD_NAME, CardOptions, write_card
+from .card import CARD_NAME, CardConfig, write_card
 from .config import ClipCapConfig
 from .errors import ClipCapError
+from .options import check_options, option
 
 
-@dataclass
-class PushOptions:
+@dataclass(kw_only=True)
+class PushConfig:
     """What `clipcap push` uploads, and where."""
 
-    model_dir: str = field(metadata={"help": "model dir to upload"})
-    repo_id: str = field(metadata={"help": "Hub repo to create or update, e.g. you/clipcap-coco"})
-    private: bool = field(default=False, metadata={"help": "create the repo private (an existing repo keeps its)"})
-    revision: str | None = field(
-        default=None, metadata={"help": "branch to push to, created when missing (default: the main branch)"}
-    )
-    license: str = field(default="unknown", metadata={"help": "licence id written in the model card"})
-    commit_message: str = field(default="Upload ClipCap model", metadata={"help": "commit message"})
-    timeout_s: float = field(
-        default=30.0, metadata={"help": "seconds to wait for the Hub to accept a connection or answer"}
-    )
+    model_dir: str = option(positional=True, help="model dir to upload")
+    repo_id: str = option(positional=True, help="Hub repo to create or update, e.g. you/clipcap-coco")
+    private: bool = option(False, help="create the repo private (an existing repo keeps its visibility)")
+    revision: str | None = option(None, help="branch to push to, created when missing", default_text="the main branch")
+    license: str = option("unknown", help="licence id written in the model card (mit, apache-2.0, ...)")
+    commit_message: str = option("Upload ClipCap model", help="commit message")
+    timeout: float = option(30.0, min=0.001, help="seconds to wait for the Hub to accept a connection or answer")
+
+    def __post_init__(self) -> None:
+        check_options(self)
 
 
 def _session_timeouts(seconds: float) -> None:
@@ -44,8 +44,8 @@ def _session_timeouts(seconds: float) -> None:
     session.timeout = type(session.timeout)(seconds, connect=seconds, read=seconds, write=seconds, pool=seconds)
 
 
-def push(options: PushOptions) -> str:
-    """Upload `options.model_dir` (made complete when needed) with a model card; returns the commit URL."""
+def push(cfg: PushConfig) -> str:
+    """Upload `cfg.model_dir` (made complete when needed) with a model card; returns the commit URL."""
     from huggingface_hub import HfApi, get_token
     from huggingface_hub.constants import HF_HUB_OFFLINE
 
@@ -53,9 +53,7 @@ def push(options: PushOptions) -> str:
         raise ClipCapError("cannot push to the Hugging Face Hub while offline (HF_HUB_OFFLINE is set)")
     if get_token() is None:
         raise ClipCapError("no Hugging Face token: log in with `hf auth login` or set HF_TOKEN")
-    if not (options.timeout_s > 0):
-        raise ClipCapError(f"the timeout must be a positive number of seconds, got {options.timeout_s}")
-    model_dir = Path(options.model_dir)
+    model_dir = Path(cfg.model_dir)
     config = ClipCapConfig.from_pretrained(model_dir)  # a ClipCap model dir, before anything is sent
     with tempfile.TemporaryDirectory(prefix="clipcap-push-") as tmp:
         folder = model_dir
@@ -67,21 +65,27 @@ def push(options: PushOptions) -> str:
                 if (model_dir / extra).is_file():
                     shutil.copy(model_dir / extra, folder / extra)
         if not (folder / CARD_NAME).is_file():
-            card = CardOptions(str(model_dir), out=str(folder / CARD_NAME), repo_id=options.repo_id)
-            write_card(replace(card, license=options.license))
-        _session_timeouts(options.timeout_s)
+            write_card(
+                CardConfig(
+                    model_dir=str(model_dir),
+                    out=str(folder / CARD_NAME),
+                    repo_id=cfg.repo_id,
+                    license=cfg.license,
+                )
+            )
+        _session_timeouts(cfg.timeout)
         api = HfApi()
         try:
-            api.create_repo(options.repo_id, private=options.private, exist_ok=True)
-            if options.revision:
-                api.create_branch(options.repo_id, branch=options.revision, exist_ok=True)
+            api.create_repo(cfg.repo_id, private=cfg.private, exist_ok=True)
+            if cfg.revision:
+                api.create_branch(cfg.repo_id, branch=cfg.revision, exist_ok=True)
             commit = api.upload_folder(
-                repo_id=options.repo_id,
+                repo_id=cfg.repo_id,
                 folder_path=folder,
-                revision=options.revision,
-                commit_message=options.commit_message,
+                revision=cfg.revision,
+                commit_message=cfg.commit_message,
             )
         except Exception as e:  # noqa: BLE001 - network, auth, quota, validation: all end the push the same way
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise ClipCapError(f"cannot push to {options.repo_id}: {reason}") from None
+            raise ClipCapError(f"cannot push to {cfg.repo_id}: {reason}") from None
     return str(getattr(commit, "commit_url", commit))

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ClipCapError
+from ..options import check_options, option
 from . import world as shapes
 from .encoders import ASSETS, EncoderRecipe, build_encoders
 
@@ -70,11 +71,11 @@ def _say(message: str) -> None:
 
 def evaluate_variant(model_dir: Path, store: Path, split: str, recipe: DemoRecipe) -> dict:
     """Caption `split` of the store with the model; pycocoevalcap metrics + colour-shape binding accuracy."""
-    from ..evaluate import evaluate_model
+    from ..evaluate import EvalConfig, evaluate_model
 
-    result = evaluate_model(
-        model_dir,
-        store,
+    cfg = EvalConfig(
+        model=str(model_dir),
+        data=str(store),
         split=split,
         num_beams=recipe.num_beams,
         max_new_tokens=recipe.max_new_tokens,
@@ -82,9 +83,10 @@ def evaluate_variant(model_dir: Path, store: Path, split: str, recipe: DemoRecip
         clipscore=False,
         spice=False,
     )
-    rows = result["per_image"]
+    result = evaluate_model(cfg)
+    rows = result.rows
     binding = shapes.binding_accuracy([r["prediction"] for r in rows], [r["references"] for r in rows])
-    return {"metrics": {k: v for k, v in result.items() if k != "per_image"}, "binding": binding, "rows": rows}
+    return {"metrics": result.to_dict(), "binding": binding, "rows": rows}
 
 
 def loss_plot(runs: dict[str, Path], titles: dict[str, str], png: Path) -> Path:
@@ -136,17 +138,29 @@ def _samples(world: dict, split: str, n: int) -> list[dict]:
     return singles + pairs
 
 
-def run_demo(
-    out: str | Path = "demo-out",
-    quick: bool = False,
-    rebuild_encoders: bool = False,
-    recipe: DemoRecipe | None = None,
-    encoders: str | Path | None = None,
-) -> dict:
-    """Run the demo into `out`; return the metrics written to out/metrics.json. `encoders` is a dir holding clip/
-    and lm/ (default: the shipped ones; `rebuild_encoders` remakes them under out/encoders first)."""
+@dataclass(kw_only=True)
+class DemoConfig:
+    """Where the demo writes, and which encoders and world size it uses."""
+
+    out: str = option("demo-out", help="output directory")
+    quick: bool = option(False, help="a small world and 2 epochs: a smoke run of a few minutes")
+    rebuild_encoders: bool = option(
+        False,
+        help="first remake the small pretrained encoders (tiny CLIP, BPE tokenizer, tiny GPT-2) under OUT/encoders "
+        "instead of using the shipped ones (over an hour on 2 cores)",
+    )
+    encoders: str | None = option(None, help="a dir with clip/ and lm/ to use instead of the shipped encoders")
+
+    def __post_init__(self) -> None:
+        check_options(self)
+
+
+def run_demo(cfg: DemoConfig, recipe: DemoRecipe | None = None, progress: bool = False) -> dict:
+    """Run the demo into `cfg.out`; return the metrics written to OUT/metrics.json. `cfg.encoders` is a dir holding
+    clip/ and lm/ (default: the shipped ones; `rebuild_encoders` remakes them under OUT/encoders first)."""
+    out, quick, rebuild_encoders, encoders = cfg.out, cfg.quick, cfg.rebuild_encoders, cfg.encoders
     from ..captioner import Captioner
-    from ..embed import embed
+    from ..embed import EmbedConfig, embed
     from ..train import TrainConfig, train
     from .report import table, write_report
 
@@ -186,7 +200,8 @@ def run_demo(
     _say("[2/5] embedding every split with the tiny CLIP (clipcap embed)")
     store = out / "store"
     shutil.rmtree(store, ignore_errors=True)
-    embed(world_json, store, clip_dir, batch_size=256, workers=0)
+    embedding = EmbedConfig(source=str(world_json), out=str(store), clip_model=str(clip_dir), batch_size=256, workers=0)
+    embed(embedding, progress)
     lap("embed")
 
     runs: dict[str, Path] = {}
@@ -214,7 +229,7 @@ def run_demo(
             num_samples=0,
             save_every=10**9,
         )
-        runs[v.name] = train(cfg)
+        runs[v.name] = train(cfg, progress)
         lap(f"train {v.name}")
 
     _say("[4/5] evaluating both variants on the in-domain test split and the novel split (clipcap evaluate)")
