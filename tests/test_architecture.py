@@ -23,7 +23,7 @@ FLAG = __import__("re").compile(r"(?<![\w-])--[a-z][a-z0-9]*(-[a-z0-9]+)*")
 
 # Which library modules may import which: a module may import from its own layer and the layers below it.
 LAYERS = [
-    {"errors", "version", "options", "devices", "images", "hub"},
+    {"errors", "version", "options", "devices", "images", "files", "hub"},
     {"config", "mapping", "decoding"},
     {"model", "processing", "data", "encoder"},
     {"captioner", "convert", "checkpoint", "metrics", "auto", "card"},

@@ -103,7 +103,7 @@ def _check_int(name: str, value: Any, minimum: int, optional: bool = False) -> N
 
 
 class ClipCapConfig(PretrainedConfig):
-    """Configuration of a ClipCap model; defaults follow the original implementation.
+    """Configuration of a ClipCap model (docs/design.md §2); defaults follow the original implementation.
 
     lm: HF id or dir of the causal LM (its architecture is `text_config`). clip_model: the encoder that made the
     embeddings (HF id, or a dir relative to the model dir). clip_dim: its embedding size. prefix_length: k.

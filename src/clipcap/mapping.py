@@ -1,7 +1,7 @@
 """The paper's two mapping networks: CLIP embedding (B, clip_dim) -> prefix (B, k, lm_hidden).
 
 Module and parameter names follow rmokady/CLIP_prefix_caption so original weights map one-to-one
-(DESIGN §5): `model.0`/`model.2` for the MLP; `linear`, `prefix_const`, `transformer.layers.{i}.*` for the
+(docs/design.md §5): `model.0`/`model.2` for the MLP; `linear`, `prefix_const`, `transformer.layers.{i}.*` for the
 Transformer.
 """
 

@@ -50,8 +50,10 @@ def load_predictions(path: str | Path) -> tuple[dict[str, str], dict[str, str]]:
         caption = row.get("caption", row.get("captions"))
         if isinstance(caption, list) and len(caption) == 1:
             caption = caption[0]
-        if key is None or not is_text(caption):
-            raise ClipCapError(f"{path}: entry {n} needs an image id ('image_id' or 'image') and one caption string")
+        if key is None:
+            raise ClipCapError(f"{path}: entry {n} needs an image id ('image_id' or 'image': text or a number)")
+        if not is_text(caption):
+            raise ClipCapError(f"{path}: entry {n} needs one caption string (valid Unicode text)")
         if key in captions:
             raise ClipCapError(f"{path}: image {key} has more than one prediction (entry {n})")
         captions[key] = caption
