@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from .errors import ClipCapError
@@ -13,6 +14,23 @@ def offline_hint(name: str, what: str) -> str:
         f"Hugging Face Hub (offline, or no such repo). Download it where you have network "
         f"(`hf download {name}`) and pass its local directory instead"
     )
+
+
+@contextlib.contextmanager
+def transformers_quiet(errors_only: bool = False):
+    """transformers without its progress bars (the library is silent) and, with `errors_only`, its warnings."""
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    if errors_only:
+        hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def looks_like_path(name: str) -> bool:
@@ -43,7 +61,8 @@ def load_causal_lm(name: str, **kwargs):
     from transformers import AutoModelForCausalLM
 
     try:
-        return AutoModelForCausalLM.from_pretrained(name, **kwargs)
+        with transformers_quiet():
+            return AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as e:
         if Path(name).expanduser().is_dir():
             raise ClipCapError(f"cannot load the language model from {name}: {e}") from None

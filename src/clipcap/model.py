@@ -23,7 +23,6 @@ installed: it imports nothing from clipcap by name.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +36,7 @@ from transformers.utils import ModelOutput
 
 from .config import CONFIG_NAME, ClipCapConfig
 from .errors import ClipCapError
-from .hub import load_causal_lm, looks_like_path, offline_hint
+from .hub import load_causal_lm, looks_like_path, offline_hint, transformers_quiet
 from .mapping import MLPMapper, TransformerMapper
 
 WEIGHTS_NAME = "model.safetensors"
@@ -111,7 +110,7 @@ class ClipCapPreTrainedModel(PreTrainedModel):
         want_info = kwargs.pop("output_loading_info", False)
         try:
             # for a mapper-only dir transformers would report every LM weight as missing before the LM is in place
-            with _transformers_quiet(errors_only=bool(by_reference)):
+            with transformers_quiet(errors_only=bool(by_reference)):
                 model, info = super().from_pretrained(name, *model_args, output_loading_info=True, **kwargs)
         except ClipCapError:
             raise
@@ -304,7 +303,7 @@ class ClipCapModel(ClipCapPreTrainedModel):
             if self.config.tune_lm:
                 raise ClipCapError("save_lm=False is only for a frozen LM: a tuned LM's weights must be saved")
             kwargs["state_dict"] = {k: v for k, v in self.state_dict().items() if k.startswith("mapper.")}
-        with _transformers_quiet():
+        with transformers_quiet():
             super().save_pretrained(save_directory, **kwargs)
 
 
@@ -420,25 +419,8 @@ class ClipCapForImageCaptioning(ClipCapPreTrainedModel, GenerationMixin):
         auto_map = dict(getattr(self.config, "auto_map", None) or {})
         auto_map.setdefault("AutoModel", f"{ClipCapModel.__module__.split('.')[-1]}.{ClipCapModel.__name__}")
         self.config.auto_map = auto_map
-        with _transformers_quiet():
+        with transformers_quiet():
             super().save_pretrained(save_directory, **kwargs)
-
-
-@contextlib.contextmanager
-def _transformers_quiet(errors_only: bool = False):
-    """transformers without its progress bars (the library is silent) and, with `errors_only`, its warnings."""
-    from transformers.utils import logging as hf_logging
-
-    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    if errors_only:
-        hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 # -- checking a model dir before transformers reads it ---------------------------------------------------------------
