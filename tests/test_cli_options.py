@@ -24,6 +24,8 @@ REQUIRED = {
     "serve": ["--model", "m"],
     "demo": [],
     "experiment": ["mapping", "--out", "exp"],
+    "push": ["model", "you/repo"],
+    "card": ["model"],
 }
 
 

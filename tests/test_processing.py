@@ -134,3 +134,9 @@ def test_plain_dir_is_not_a_complete_model(varied_model_dir):
 def test_complete_model_needs_a_clip_family_encoder():
     with pytest.raises(ClipCapError, match="needs a CLIP-family encoder .*GPT2LMHeadModel has none"):
         ClipCapForImageCaptioning.from_parts(tiny.tiny_model("mlp"), tiny.tiny_gpt2(300))
+
+
+def test_a_complete_dir_saves_again_as_one(complete_dir, images, tmp_path):
+    captioner = Captioner.from_pretrained(complete_dir)
+    again = Captioner.from_pretrained(captioner.save_pretrained(tmp_path / "again"))
+    assert again.caption(images, max_new_tokens=8) == captioner.caption(images, max_new_tokens=8)
