@@ -25,9 +25,9 @@ FLAG = __import__("re").compile(r"(?<![\w-])--[a-z][a-z0-9]*(-[a-z0-9]+)*")
 LAYERS = [
     {"errors", "version", "options", "devices", "images", "files", "hub"},
     {"config", "mapping", "decoding", "generation"},
-    {"model", "data", "encoder", "exported", "ort_lm"},
-    {"captioner", "convert", "checkpoint", "metrics", "export"},
-    {"embed", "train", "evaluate"},
+    {"model", "processing", "data", "encoder", "exported", "ort_lm"},
+    {"captioner", "convert", "checkpoint", "metrics", "export", "auto", "card"},
+    {"embed", "train", "evaluate", "push"},
     {"__init__"},
 ]
 

@@ -25,6 +25,8 @@ REQUIRED = {
     "serve": ["--model", "m"],
     "demo": [],
     "experiment": ["mapping", "--out", "exp"],
+    "push": ["model", "you/repo"],
+    "card": ["model"],
 }
 
 

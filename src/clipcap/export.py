@@ -325,7 +325,7 @@ def export(model_dir: str | Path, out_dir: str | Path, int8: bool = False, progr
             _copy_encoder(source, model.config.clip_model, work)
             if (source / GENERATION_CONFIG).is_file():  # the model's decoding defaults
                 shutil.copy(source / GENERATION_CONFIG, work / GENERATION_CONFIG)
-            config = model.config.to_dict()
+            config = json.loads((source / CONFIG_NAME).read_text(encoding="utf-8"))  # as written, fields kept
             config[EXPORT_KEY] = {
                 "format": FORMAT,
                 "mapper": MAPPER_FILE,

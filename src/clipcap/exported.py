@@ -95,7 +95,6 @@ class ExportedModel:
     @classmethod
     def from_pretrained(cls, path: str | Path, threads: int | None = None) -> ExportedModel:
         """Load an exported dir; `threads` for ONNX Runtime (default: torch's thread count)."""
-        from transformers import AutoConfig
 
         from .ort_lm import OrtCausalLM  # transformers' model classes: imported when an exported model is loaded
 
@@ -105,8 +104,8 @@ class ExportedModel:
             raise ClipCapError(f"{path} is not an exported model dir (no '{EXPORT_KEY}' entry in {CONFIG_NAME})")
         entry = _export_entry(path, data)
         config = ClipCapConfig.from_dict({k: v for k, v in data.items() if k != EXPORT_KEY})
-        if not isinstance(config.lm_config, dict) or "model_type" not in config.lm_config:
-            raise ClipCapError(f"{path / CONFIG_NAME} has no lm_config describing the language model")
+        if config.text_config is None:
+            raise ClipCapError(f"{path / CONFIG_NAME} has no text_config describing the language model")
         threads = threads or torch.get_num_threads()
         files = [path / entry["mapper"], path / entry["decoder"]]
         missing = [f.name for f in files if not f.is_file()]
@@ -116,12 +115,7 @@ class ExportedModel:
         _check_names(mapper, ["clip_embeds"], files[0])
         decoder = open_session(files[1], threads)
         _check_names(decoder, decoder_input_names(entry["num_layers"]), files[1])
-        lm_config = dict(config.lm_config)
-        try:
-            lm_config = AutoConfig.for_model(lm_config.pop("model_type"), **lm_config)
-        except (ValueError, KeyError, TypeError) as e:
-            raise ClipCapError(f"{path / CONFIG_NAME}: lm_config cannot be read ({e})") from None
-        return cls(config, mapper, OrtCausalLM(lm_config, decoder), entry)
+        return cls(config, mapper, OrtCausalLM(config.text_config, decoder), entry)
 
     def eval(self) -> ExportedModel:
         return self
@@ -147,9 +141,13 @@ class ExportedModel:
         do_sample: bool = False,
         num_return_sequences: int = 1,
         stop_token_id=FROM_CONFIG,
+        input_ids: torch.Tensor | None = None,
         **generate_kwargs,
     ) -> torch.LongTensor:
-        """As ClipCapModel.generate: new token ids, padded after the stop token (`stop_token_id=None`: no stop)."""
+        """As ClipCapModel.generate: new token ids, padded after the stop token (`stop_token_id=None`: no stop).
+        Prompts (`input_ids`) are not exported: the decoder graph starts from the prefix alone."""
+        if input_ids is not None:
+            raise ClipCapError("an exported model cannot continue a prompt: caption with the model dir it came from")
         stop = self.config.stop_token_id if stop_token_id is FROM_CONFIG else stop_token_id
         return generate_from_prefix(
             self.lm,

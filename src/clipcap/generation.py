@@ -30,11 +30,15 @@ def generate_from_prefix(
     num_beams: int = 1,
     do_sample: bool = False,
     num_return_sequences: int = 1,
+    attention_mask: torch.Tensor | None = None,
     **generate_kwargs,
 ) -> torch.LongTensor:
-    """Caption token ids (B*num_return_sequences, T_new) continuing `prefix` (B, k, hidden) with `lm.generate`:
-    new tokens only, rows padded with `pad` after their `stop` token (`stop=None`: never stop)."""
-    mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
+    """Caption token ids (B*num_return_sequences, T_new) continuing `prefix` (B, T, hidden) with `lm.generate`:
+    new tokens only, rows padded with `pad` after their `stop` token (`stop=None`: never stop). `attention_mask`
+    (B, T) marks left padding in a prefix followed by prompts of different lengths."""
+    mask = attention_mask
+    if mask is None:
+        mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
     # A fresh GenerationConfig: the LM's own defaults (GPT-2's eos 50256, a chat LM's sampling or repetition
     # settings) must not change our decoding. generate() fills every field left None from the LM's
     # generation_config, so every field starts at transformers' global default, and "never stop" is not None
@@ -48,6 +52,7 @@ def generate_from_prefix(
         eos_token_id=never if stop is None else stop,
         pad_token_id=pad,
         bos_token_id=None,
+        return_dict_in_generate=False,
         **generate_kwargs,
     )
     defaults = GenerationConfig._get_default_generation_params()
