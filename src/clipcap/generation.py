@@ -45,6 +45,7 @@ def generate_from_prefix(
     # but an id one past the vocabulary, which the LM can never emit.
     never = lm.config.get_text_config().vocab_size
     ours = dict(
+        generate_kwargs,  # what a caller (a pipeline, sampling options) adds; the fields below are ours
         max_new_tokens=max_new_tokens,
         num_beams=num_beams,
         do_sample=do_sample,
@@ -53,7 +54,6 @@ def generate_from_prefix(
         pad_token_id=pad,
         bos_token_id=None,
         return_dict_in_generate=False,
-        **generate_kwargs,
     )
     defaults = GenerationConfig._get_default_generation_params()
     defaults.pop("max_length")  # max_new_tokens decides; both set makes transformers warn
