@@ -47,8 +47,6 @@ METRICS = "metrics.jsonl"
 SKIPPED = "skipped.jsonl"
 CONFIG = "train_config.json"
 REPORT_TO = ("none", "tensorboard", "wandb")
-# Options the `init_from` model's config decides; a value other than the default must agree with it.
-FROM_INIT = ("mapping", "prefix_length", "clip_length", "num_layers", "lm")
 WARMUP_FRACTION = 0.1  # the original's 5000 warm-up steps were 3.5 % of its run; never warm up for more than 10 %
 
 
@@ -301,13 +299,9 @@ def start_from(cfg: TrainConfig, store) -> TrainConfig:
     lm = config.lm
     if Path(source).is_dir() and not Path(lm).is_absolute() and (Path(source) / lm).is_dir():
         lm = str((Path(source) / lm).resolve())
-    decided = dict(
-        mapping=config.mapping,
-        prefix_length=config.prefix_length,
-        clip_length=config.clip_length if config.mapping == "transformer" else None,
-        num_layers=config.num_layers,
-        lm=lm,
-    )
+    decided = dict(mapping=config.mapping, prefix_length=config.prefix_length, lm=lm)
+    if config.mapping == "transformer":  # the MLP mapper has neither
+        decided.update(clip_length=config.clip_length, num_layers=config.num_layers)
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
     for name, value in decided.items():
         given = getattr(cfg, name)

@@ -73,6 +73,13 @@ def run_train(cfg, progress: bool) -> int:
     return 0
 
 
+def run_merge_lora(cfg, progress: bool) -> int:
+    from ..lora import merge_lora
+
+    say(f"wrote {merge_lora(cfg)}")
+    return 0
+
+
 def run_evaluate(cfg, progress: bool) -> int:
     from ..evaluate import evaluate, format_table, write_results
 
@@ -177,6 +184,16 @@ COMMANDS = (
         "RUN_DIR/metrics.jsonl, RUN_DIR/loss.png, RUN_DIR/skipped.jsonl and RUN_DIR/checkpoints/.",
         "clipcap.train:TrainConfig",
         run_train,
+    ),
+    Command(
+        "merge-lora",
+        "merge a LoRA model dir's adapter into its LM: a plain model dir",
+        "Write MODEL_DIR (trained with --lora-r: mapper + LoRA adapter + a reference to the base LM) as an ordinary "
+        "model dir whose LM has the adapter merged into its weights (saved in full, as a tuned LM). Captions are the "
+        "same; export and push take the merged dir.",
+        "clipcap.lora:MergeLoraConfig",
+        run_merge_lora,
+        progress=False,
     ),
     Command(
         "evaluate",
