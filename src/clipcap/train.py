@@ -144,7 +144,8 @@ class TrainConfig:
             raise ClipCapError("`lora_r` trains adapters on an LM that stays as it is: it excludes `tune_lm`")
         if self.lora_dropout >= 1:
             raise ClipCapError(f"`lora_dropout` must be below 1, got {self.lora_dropout}")
-        if self.lora_target_modules is not None and not all(m.strip() for m in self.lora_target_modules):
+        targets = self.lora_target_modules
+        if targets is not None and (not targets or not all(m.strip() for m in targets)):
             raise ClipCapError(f"`lora_target_modules` must name modules, got {self.lora_target_modules!r}")
         if not self.lm_tuned and not self.lora_r and self.lm_lr is not None:
             raise ClipCapError("`lm_lr` needs `tune_lm` or `lora_r`: a frozen LM is not trained")
