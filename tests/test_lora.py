@@ -73,7 +73,15 @@ def test_saved_dir_is_mapper_and_adapter_and_reloads_with_equal_logits(lora_run,
 
 
 def test_lora_dir_is_smaller_than_a_full_tuned_dir_by_the_lm(tmp_path, lora_run, store, lm_dir):
-    full = train(small_cfg(store, tmp_path / "full", lm_dir, epochs=1)) / "final"
+    from clipcap.demo.experiments import run_figures
+
+    full_run = Trainer(small_cfg(store, tmp_path / "full", lm_dir, epochs=1))
+    full = full_run.run() / "final"
+    # what the tuning experiment reports: trainable parameters (from the saved files) and dir sizes
+    for trainer in (lora_run, full_run):
+        figures = run_figures(trainer.run_dir, 8)
+        assert figures["trainable"] == sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+        assert figures["dir_bytes"] == dir_bytes(trainer.run_dir / "final")
     final = lora_run.run_dir / "final"
     lm_bytes = (Path(lm_dir) / "model.safetensors").stat().st_size
     adapter_bytes = (final / "adapter" / "adapter_model.safetensors").stat().st_size

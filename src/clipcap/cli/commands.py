@@ -244,9 +244,11 @@ COMMANDS = (
     ),
     Command(
         "experiment",
-        "the paper's ablations: prefix length, mapping x LM tuning",
+        "the paper's ablations: prefix length, mapping x LM tuning; frozen vs LoRA vs full LM tuning",
         "prefix-length: train and test score against the prefix length k for a tuned and a frozen LM (the paper's "
-        "figure; OUT/prefix_length.png). mapping: MLP/Transformer x tuned/frozen LM (OUT/table.md). Both write "
+        "figure; OUT/prefix_length.png). mapping: MLP/Transformer x tuned/frozen LM (OUT/table.md). tuning: frozen LM "
+        "vs LoRA (--lora-ranks) vs full tuning with each mapper, with trainable parameters, model-dir size and "
+        "seconds per step (OUT/table.md). All write "
         "OUT/results.json and train every run with `clipcap train` on --data.",
         "clipcap.demo.experiments:ExperimentConfig",
         run_experiment,
