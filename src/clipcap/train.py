@@ -339,9 +339,13 @@ def start_tokenizer(cfg: TrainConfig):
 def build_model(cfg: TrainConfig, store, tokenizer) -> ClipCapModel:
     """A fresh ClipCap model for the store's embeddings: the LM named by `cfg.lm`, a new mapper."""
     name = store_encoder(store)
+    lm = cfg.lm
+    # a LoRA dir refers to its LM by this name, and a relative one would resolve against the model dir
+    if not Path(lm).is_absolute() and Path(lm).is_dir():
+        lm = str(Path(lm).resolve())
     transformer = cfg.mapping == "transformer"
     config = ClipCapConfig(
-        lm=cfg.lm,
+        lm=lm,
         clip_model=name,
         clip_dim=store.clip_dim,
         prefix_length=cfg.prefix_length,
