@@ -772,7 +772,9 @@ class Trainer:
                 plot_losses({"": self.run_dir / METRICS}, self.run_dir / "loss.png")
             best = f", best (validation loss {self.best_val:.4f}) in {self.run_dir / 'best'}" if self.val else ""
             self.log(f"done: final model in {self.run_dir / 'final'}{best}")
-        self.accelerator.end_training()
+        # not accelerator.end_training(): it also tears down the process group of a torchrun launch
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
         self.accelerator.wait_for_everyone()
         return self.run_dir
 
