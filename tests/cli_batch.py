@@ -58,7 +58,9 @@ def run_cli(cases: dict[str, list[str]], cwd: str | Path | None = None, timeout:
     with tempfile.TemporaryDirectory() as tmp:
         spec, results = Path(tmp) / "cases.json", Path(tmp) / "results.json"
         spec.write_text(json.dumps(cases))
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+        # the repo first, then the caller's path (a checkout's src/ when it runs without installing itself)
+        path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path}
         done = subprocess.run(
             [sys.executable, "-m", "tests.cli_batch", str(spec), str(results)],
             cwd=cwd or REPO,

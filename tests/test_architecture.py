@@ -26,7 +26,7 @@ LAYERS = [
     {"errors", "version", "options", "devices", "images", "files", "hub"},
     {"config", "mapping", "decoding", "generation"},
     {"model", "processing", "data", "encoder", "exported", "ort_lm"},
-    {"captioner", "convert", "checkpoint", "metrics", "export", "auto", "card"},
+    {"captioner", "convert", "checkpoint", "metrics", "export", "auto", "card", "lora"},
     {"embed", "train", "evaluate", "push"},
     {"__init__"},
 ]

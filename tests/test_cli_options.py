@@ -20,6 +20,7 @@ REQUIRED = {
     "caption": ["img.jpg", "--model", "m"],
     "embed": ["src.json", "--out", "store", "--clip-model", "clip"],
     "train": ["--data", "store", "--out", "run"],
+    "merge-lora": ["model", "merged"],
     "evaluate": ["--predictions", "p.json", "--references", "r.json"],
     "export": ["m", "out"],
     "serve": ["--model", "m"],

@@ -8,7 +8,13 @@ import math
 
 import pytest
 
-from clipcap.demo.experiments import ExperimentConfig, mapping_table, plot_prefix_length, run_experiment
+from clipcap.demo.experiments import (
+    ExperimentConfig,
+    mapping_table,
+    plot_prefix_length,
+    run_experiment,
+    tuning_table,
+)
 from clipcap.errors import ClipCapError
 
 
@@ -40,6 +46,28 @@ def test_prefix_length_ablation_trains_every_length_for_both_tunings(tmp_path, s
         assert (out / "runs" / f"mlp_{name}" / "final" / "model.safetensors").is_file()
     assert json.loads((out / "results.json").read_text())["runs"].keys() == results["runs"].keys()
     assert (out / "prefix_length.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_tuning_ablation_runs_every_variant_with_each_mapper(tmp_path, store, monkeypatch):
+    from clipcap.demo import experiments
+
+    calls = []
+
+    def fake_run(s, name, mapping, tune_lm, k, lora_r=0):
+        calls.append((name, mapping, tune_lm, k, lora_r))
+        test = {"BLEU-4": 0.25, "METEOR": 0.5, "ROUGE-L": 0.75, "CIDEr": 1.5}
+        return {"test": test, "trainable": 1000 + lora_r, "dir_bytes": 2_500_000, "s_per_step": 0.125}
+
+    monkeypatch.setattr(experiments, "run_one", fake_run)
+    out = tmp_path / "tuning"
+    cfg = ExperimentConfig(kind="tuning", out=str(out), data=store, lm="lm", lora_ranks=[2, 8], prefix_length=3)
+    runs = run_experiment(cfg)["runs"]
+    variants = [("frozen", False, 0), ("lora-r2", False, 2), ("lora-r8", False, 8), ("full", True, 0)]
+    assert calls == [(f"{m}_{t}", m, tune, 3, r) for m in ("mlp", "transformer") for t, tune, r in variants]
+    lines = (out / "table.md").read_text().splitlines()
+    assert lines[0] == "| mapping | LM | trainable params | model dir MB | s/step | BLEU-4 | METEOR | ROUGE-L | CIDEr |"
+    assert lines[4] == "| mlp | lora-r8 | 1,008 | 2.50 | 0.125 | 0.250 | 0.500 | 0.750 | 1.500 |"
+    assert len(lines) == 10 and tuning_table({"runs": runs}) == "\n".join(lines) + "\n"
 
 
 def test_mapping_table_lists_each_configuration(tmp_path):

@@ -110,7 +110,7 @@ class ClipCapConfig(PretrainedConfig):
     clip_length: the Transformer mapper's input length. mapping: "mlp" or "transformer". tune_lm: whether the LM is
     trained. normalize_prefix: L2-normalise embeddings before the mapper. stop_token_id: token that ends a caption
     (None: never stop). pad_token_id: id written after it. vision_config: the encoder's vision tower, in a complete
-    captioning model only."""
+    captioning model only. adapter: the model dir's subfolder holding a PEFT LoRA adapter of the LM (None: none)."""
 
     model_type = MODEL_TYPE
     sub_configs = {"text_config": AutoConfig, "vision_config": AutoConfig}
@@ -129,6 +129,7 @@ class ClipCapConfig(PretrainedConfig):
         normalize_prefix: bool = False,
         stop_token_id: int | None = None,
         pad_token_id: int | None = None,
+        adapter: str | None = None,
         text_config: dict | PretrainedConfig | None = None,
         vision_config: dict | PretrainedConfig | None = None,
         **kwargs,
@@ -151,6 +152,7 @@ class ClipCapConfig(PretrainedConfig):
         self.tune_lm = tune_lm
         self.normalize_prefix = normalize_prefix
         self.stop_token_id = stop_token_id
+        self.adapter = adapter
         self.text_config = _sub_config("text_config", text_config)
         self.vision_config = _sub_config("vision_config", vision_config)
         _check_generic(kwargs)
@@ -176,6 +178,17 @@ class ClipCapConfig(PretrainedConfig):
         for name in ("lm", "clip_model"):
             if getattr(self, name) is not None:
                 _check_text(name, getattr(self, name))
+        adapter = self.adapter
+        if adapter is not None and (
+            not isinstance(adapter, str) or adapter in ("", ".", "..") or "/" in adapter or "\\" in adapter
+        ):
+            raise ClipCapError(
+                f"adapter must name a folder inside the model dir (or be null), got {_describe(adapter)}"
+            )
+        if adapter is not None:
+            _check_text("adapter", adapter)
+            if self.tune_lm:
+                raise ClipCapError("a LoRA adapter goes with an LM that was not tuned (tune_lm false)")
         if not isinstance(self.mapping, str) or self.mapping not in MAPPINGS:
             raise ClipCapError(f"mapping must be one of {MAPPINGS}, got {_describe(self.mapping)}")
         for name in ("clip_dim", "prefix_length", "num_layers", "num_heads"):

@@ -31,7 +31,7 @@ def decoder_input_names(num_layers: int) -> list[str]:
 def _read_config(path: Path) -> dict | None:
     try:
         data = json.loads((path / CONFIG_NAME).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: JSON nested too deep for the parser
         return None  # no or unreadable config: not ours to judge here, the PyTorch loader reports it
     return data if isinstance(data, dict) else None
 

@@ -24,6 +24,7 @@ installed: it imports nothing from clipcap by name.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,6 +140,8 @@ class ClipCapPreTrainedModel(PreTrainedModel):
             )
         if by_reference:
             base._load_lm_by_reference(path if path.is_dir() else None)
+        if base.config.adapter is not None:
+            base._load_adapter(name, path.is_dir())
         if device is not None:
             model.to(device)
         model.eval()
@@ -184,10 +187,30 @@ class ClipCapModel(ClipCapPreTrainedModel):
             )
         self.lm = lm.requires_grad_(False).eval()
 
+    def _load_adapter(self, name: str, local: bool) -> None:
+        """Put the LM under the PEFT LoRA adapter in the model dir's (or Hub repo's) `config.adapter` folder."""
+        try:
+            from peft import PeftModel
+        except ImportError:
+            raise ClipCapError(f"{name} holds a LoRA adapter, which needs peft: pip install peft") from None
+        folder = self.config.adapter
+        source = {"model_id": str(Path(name) / folder)} if local else {"model_id": name, "subfolder": folder}
+        if local and not (Path(name) / folder / "adapter_config.json").is_file():
+            raise ClipCapError(f"{name} has no LoRA adapter in {folder}/ (no adapter_config.json), as its config says")
+        try:
+            with transformers_quiet(errors_only=True), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # peft on transformers 5
+                self.lm = PeftModel.from_pretrained(self.lm, **source, is_trainable=False).eval()
+        except ClipCapError:
+            raise
+        except Exception as e:  # noqa: BLE001 - peft raises many kinds for a damaged or mismatched adapter
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise ClipCapError(f"cannot load the LoRA adapter in {name} ({folder}/): {first}") from None
+
     # -- forward -----------------------------------------------------------------------------------------------
     def train(self, mode: bool = True) -> ClipCapModel:
         super().train(mode)
-        if not self.config.tune_lm:
+        if not self.config.tune_lm and self.config.adapter is None:
             self.lm.eval()  # a frozen LM keeps dropout off, as in the original ClipCaptionPrefix
         return self
 
@@ -281,7 +304,12 @@ class ClipCapModel(ClipCapPreTrainedModel):
     # -- persistence -------------------------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | Path, save_lm: bool = True, **kwargs) -> None:
         """transformers' `save_pretrained` (config.json + safetensors weights, `max_shard_size`, `push_to_hub`,
-        ...). `save_lm=False` (frozen LM only) keeps just the mapper and refers to the LM by `config.lm`."""
+        ...). `save_lm=False` (frozen LM only) keeps just the mapper and refers to the LM by `config.lm`. With a LoRA
+        adapter (`config.adapter`) the weights hold the mapper, the adapter goes to its folder in PEFT's layout and
+        the LM is always referred to by `config.lm`."""
+        if self.config.adapter is not None:
+            self.lm.save_pretrained(Path(save_directory) / self.config.adapter)
+            save_lm = False
         if not save_lm:
             if self.config.tune_lm:
                 raise ClipCapError("save_lm=False is only for a frozen LM: a tuned LM's weights must be saved")

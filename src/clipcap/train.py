@@ -36,7 +36,8 @@ from . import checkpoint as ckpt
 from .config import MAPPINGS, ClipCapConfig
 from .data.pairs import CaptionPairs, PackedText
 from .errors import ClipCapError
-from .hub import load_tokenizer
+from .hub import TOKENIZER_FILES, load_tokenizer
+from .lora import add_lora, load_adapter_weights
 from .model import ClipCapModel
 from .options import check_options, option
 
@@ -45,6 +46,7 @@ logger = logging.getLogger("clipcap.train")
 METRICS = "metrics.jsonl"
 SKIPPED = "skipped.jsonl"
 CONFIG = "train_config.json"
+REPORT_TO = ("none", "tensorboard", "wandb")
 WARMUP_FRACTION = 0.1  # the original's 5000 warm-up steps were 3.5 % of its run; never warm up for more than 10 %
 
 
@@ -111,11 +113,42 @@ class TrainConfig:
     lm_text: str | None = option(None, help="plain-text file (one passage per line) for extra LM loss")
     lm_text_weight: float = option(0.0, min=0.0, help="weight of the LM-text loss (0: off)")
     lm_text_block: int = option(64, min=1, help="tokens per packed LM-text block")
+    init_from: str | None = option(
+        None,
+        help="start mapper and LM from this model dir or Hub id (a trained or converted model): its config decides "
+        "mapping, prefix length, LM and stop token",
+        default_text="a fresh mapper",
+    )
+    lora_r: int = option(
+        0,
+        min=0,
+        help="LoRA rank (peft) on the LM: only the mapper and the adapters train, the LM stays as it is (0: off)",
+    )
+    lora_alpha: float | None = option(None, min=1e-12, help="LoRA scaling alpha", default_text="2 x lora_r")
+    lora_dropout: float = option(0.05, min=0.0, help="dropout on the LoRA adapters' input")
+    lora_target_modules: list[str] | None = option(
+        None,
+        help="LM modules that get adapters (names or name suffixes)",
+        default_text="the attention projections: c_attn for GPT-2, q_proj,v_proj for OPT/Llama",
+    )
+    report_to: str = option(
+        "none",
+        choices=REPORT_TO,
+        help="experiment tracker for losses and learning rate (as well as metrics.jsonl and loss.png); "
+        "tensorboard writes under RUN_DIR/tensorboard",
+    )
 
     def __post_init__(self) -> None:
         check_options(self)
-        if not self.lm_tuned and self.lm_lr is not None:
-            raise ClipCapError("`lm_lr` needs `tune_lm`: a frozen LM is not trained")
+        if self.lora_r and self.tune_lm:
+            raise ClipCapError("`lora_r` trains adapters on an LM that stays as it is: it excludes `tune_lm`")
+        if self.lora_dropout >= 1:
+            raise ClipCapError(f"`lora_dropout` must be below 1, got {self.lora_dropout}")
+        targets = self.lora_target_modules
+        if targets is not None and (not targets or not all(m.strip() for m in targets)):
+            raise ClipCapError(f"`lora_target_modules` must name modules, got {self.lora_target_modules!r}")
+        if not self.lm_tuned and not self.lora_r and self.lm_lr is not None:
+            raise ClipCapError("`lm_lr` needs `tune_lm` or `lora_r`: a frozen LM is not trained")
         if not self.lm_tuned and self.lm_text_weight > 0:
             raise ClipCapError("`lm_text` needs `tune_lm`: a frozen LM cannot forget anything")
         if (self.lm_text is None) != (self.lm_text_weight == 0):
@@ -124,7 +157,7 @@ class TrainConfig:
     @property
     def lm_tuned(self) -> bool:
         """Whether the LM trains: `tune_lm`, or by default the paper's pairing (tuned with the MLP mapper)."""
-        return self.tune_lm if self.tune_lm is not None else self.mapping == "mlp"
+        return self.tune_lm if self.tune_lm is not None else self.mapping == "mlp" and not self.lora_r
 
 
 def noise_injection(clip_embeds: torch.Tensor, variance: float) -> torch.Tensor:
@@ -182,7 +215,22 @@ def plot_losses(runs: dict[str, Path], png: Path, log_scale: bool = False) -> Pa
 
 
 # -- set-up -----------------------------------------------------------------------------------------------------------
-def make_accelerator(mixed_precision: str):
+def tracker_check(report_to: str) -> str | None:
+    """Accelerate's name for the `report_to` tracker (None for none), after checking its package is installed."""
+    if report_to == "none":
+        return None
+    package = {"tensorboard": "tensorboard", "wandb": "wandb"}[report_to]
+    try:
+        if report_to == "tensorboard":
+            import torch.utils.tensorboard  # noqa: F401 - needs the tensorboard package
+        else:
+            import wandb  # noqa: F401
+    except ImportError:
+        raise ClipCapError(f"`report_to` {report_to} needs the {package} package: pip install {package}") from None
+    return report_to
+
+
+def make_accelerator(mixed_precision: str, report_to: str = "none", run_dir: Path | None = None):
     from accelerate import Accelerator
 
     if mixed_precision == "auto":
@@ -191,7 +239,13 @@ def make_accelerator(mixed_precision: str):
             mixed_precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     # Without an accelerator, accelerate only recognises a torchrun launch as CPU DDP (gloo) when told cpu=True.
     has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
-    return Accelerator(mixed_precision=mixed_precision, cpu=not has_accelerator)
+    tracker = tracker_check(report_to)
+    return Accelerator(
+        mixed_precision=mixed_precision,
+        cpu=not has_accelerator,
+        log_with=tracker,
+        project_dir=str(run_dir) if tracker else None,
+    )
 
 
 def open_store(cfg: TrainConfig):
@@ -216,15 +270,82 @@ def lm_positions(model: ClipCapModel) -> int | None:
     return None
 
 
-def build_model(cfg: TrainConfig, store, tokenizer) -> ClipCapModel:
-    """A fresh ClipCap model for the store's embeddings: the LM named by `cfg.lm`, a new mapper."""
+def store_encoder(store) -> str | None:
+    """The store's encoder name; a relative path would later resolve against the model dir: where it really is."""
     name = store.clip_model
-    # A relative path would later resolve against the model dir: record where it really is.
     if name and not Path(name).is_absolute() and Path(name).is_dir():
         name = str(Path(name).resolve())
+    return name
+
+
+def start_from(cfg: TrainConfig, store) -> TrainConfig:
+    """`cfg` with the options its `init_from` model decides taken from that model's config. An option set to
+    something else than its default must agree with the model; the model must take the store's embedding size.
+    Reads only config.json, so a mismatch is found before any weights load."""
+    source = cfg.init_from
+    config = ClipCapConfig.from_pretrained(source)
+    if config.clip_dim != store.clip_dim:
+        raise ClipCapError(
+            f"{source} maps {config.clip_dim}-d CLIP embeddings, but {cfg.data} holds {store.clip_dim}-d embeddings"
+        )
+    if config.adapter is not None:
+        raise ClipCapError(
+            f"{source} holds a LoRA adapter: merge it into its LM first (merge_lora), then start from that"
+        )
+    if cfg.lora_r and config.tune_lm:
+        raise ClipCapError(
+            f"{source} has a tuned LM, which LoRA would have to save in full: start LoRA from a frozen-LM model or "
+            "from the base LM"
+        )
+    lm = config.lm
+    if Path(source).is_dir() and not Path(lm).is_absolute() and (Path(source) / lm).is_dir():
+        lm = str((Path(source) / lm).resolve())
+    decided = dict(mapping=config.mapping, prefix_length=config.prefix_length, lm=lm)
+    if config.mapping == "transformer":  # the MLP mapper has neither
+        decided.update(clip_length=config.clip_length, num_layers=config.num_layers)
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    for name, value in decided.items():
+        given = getattr(cfg, name)
+        if given != defaults[name] and given not in (value, getattr(config, name)):
+            raise ClipCapError(f"`{name}` {given!r} contradicts {source}, whose model has {value!r}")
+    encoder = store_encoder(store)
+    if encoder and config.clip_model and Path(encoder).name != Path(config.clip_model).name:
+        logger.warning(
+            "%s was trained on embeddings of %s, %s holds %s ones", source, config.clip_model, cfg.data, encoder
+        )
+    where = str(Path(source).resolve()) if Path(source).is_dir() else source
+    return dataclasses.replace(cfg, init_from=where, **decided)
+
+
+def load_start_model(cfg: TrainConfig, store) -> ClipCapModel:
+    """The `init_from` model (cfg from `start_from`), set to train on the store: the LM tuned or frozen as `cfg`
+    says, the store's encoder recorded."""
+    model = ClipCapModel.from_pretrained(cfg.init_from).float()
+    model.config.tune_lm = cfg.lm_tuned
+    model.lm.requires_grad_(cfg.lm_tuned)
+    model.config.clip_model = store_encoder(store)
+    model.config.normalize_prefix = bool(model.config.normalize_prefix or store.normalized or cfg.text_only)
+    return model
+
+
+def start_tokenizer(cfg: TrainConfig):
+    """The tokenizer of the `init_from` model dir when it has one, else the LM's."""
+    source = Path(cfg.init_from) if cfg.init_from else None
+    if source is not None and source.is_dir() and any((source / f).is_file() for f in TOKENIZER_FILES):
+        return load_tokenizer(source)
+    return load_tokenizer(cfg.lm)
+
+
+def build_model(cfg: TrainConfig, store, tokenizer) -> ClipCapModel:
+    """A fresh ClipCap model for the store's embeddings: the LM named by `cfg.lm`, a new mapper."""
+    name = store_encoder(store)
+    lm = cfg.lm
+    # a LoRA dir refers to its LM by this name, and a relative one would resolve against the model dir
+    if not Path(lm).is_absolute() and Path(lm).is_dir():
+        lm = str(Path(lm).resolve())
     transformer = cfg.mapping == "transformer"
     config = ClipCapConfig(
-        lm=cfg.lm,
+        lm=lm,
         clip_model=name,
         clip_dim=store.clip_dim,
         prefix_length=cfg.prefix_length,
@@ -262,18 +383,27 @@ class Trainer:
 
         self.cfg, self.progress = cfg, progress
         self.run_dir = Path(cfg.out)
-        self.accelerator = make_accelerator(cfg.mixed_precision)
+        self.accelerator = make_accelerator(cfg.mixed_precision, cfg.report_to, self.run_dir)
         self.world = self.accelerator.num_processes
         self.rank = self.accelerator.process_index
         self.main = self.accelerator.is_main_process
         self._check_run_dir()
 
         self.store = open_store(cfg)
-        self.tokenizer = load_tokenizer(cfg.lm)
+        if cfg.init_from is not None:
+            self.cfg = cfg = start_from(cfg, self.store)
+        self.tokenizer = start_tokenizer(cfg)
         if self.tokenizer.eos_token_id is None:
             raise ClipCapError(f"the tokenizer of {cfg.lm} has no end token to end captions with")
         set_seed(cfg.seed)
-        self.model = build_model(cfg, self.store, self.tokenizer)
+        if cfg.init_from is not None:
+            self.model = load_start_model(cfg, self.store)
+        else:
+            self.model = build_model(cfg, self.store, self.tokenizer)
+        if cfg.lora_r:
+            add_lora(
+                self.model, cfg.lora_r, cfg.lora_alpha or 2.0 * cfg.lora_r, cfg.lora_dropout, cfg.lora_target_modules
+            )
         self.max_tokens = caption_budget(cfg, self.model)
         show = progress and self.main
         self.pairs = CaptionPairs(self.store, self.tokenizer, self.max_tokens, "train", show)
@@ -333,12 +463,18 @@ class Trainer:
     def _param_groups(self) -> list[dict]:
         mapper = [p for p in self.model.mapper.parameters() if p.requires_grad]
         groups = [{"params": mapper, "lr": self.cfg.lr}]
-        if self.model.config.tune_lm:
-            lm = [p for p in self.model.lm.parameters() if p.requires_grad]
+        # a tuned LM's weights, or LoRA's adapters on a frozen one
+        lm = [p for p in self.model.lm.parameters() if p.requires_grad]
+        if lm:
             groups.append({"params": lm, "lr": self.cfg.lm_lr or self.cfg.lr})
         return groups
 
     # -- logging ----------------------------------------------------------------------------------------------
+    def lm_state(self) -> str:
+        if self.cfg.lora_r:
+            return f"LM frozen, LoRA rank {self.cfg.lora_r} adapters trained"
+        return "LM tuned" if self.model.config.tune_lm else "LM frozen"
+
     def log(self, message: str, level: int = logging.INFO) -> None:
         if self.main:
             logger.log(level, message)
@@ -347,6 +483,29 @@ class Trainer:
         if self.main:
             with open(self.run_dir / METRICS, "a") as f:
                 f.write(json.dumps(row) + "\n")
+        if self.cfg.report_to != "none" and row["type"] in ("train", "val"):
+            scalars = {k: v for k, v in row.items() if k not in ("type", "step") and isinstance(v, (int, float))}
+            self.accelerator.log({f"{row['type']}/{k}": v for k, v in scalars.items()}, step=row["step"])
+
+    def start_tracker(self) -> None:
+        """Start the `report_to` tracker (TensorBoard under RUN_DIR/tensorboard; W&B in project "clipcap")."""
+        cfg = self.cfg
+        if cfg.report_to == "none":
+            return
+        settings = {
+            k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in dataclasses.asdict(cfg).items()
+        }
+        try:
+            if cfg.report_to == "tensorboard":
+                self.accelerator.init_trackers("tensorboard")
+            else:
+                self.accelerator.init_trackers(
+                    "clipcap", config=settings, init_kwargs={"wandb": {"dir": str(self.run_dir)}}
+                )
+        except Exception as e:  # noqa: BLE001 - a tracker fails in its own ways (no login, no network)
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            hint = " (without a network, set WANDB_MODE=offline)" if cfg.report_to == "wandb" else ""
+            raise ClipCapError(f"cannot start the {cfg.report_to} tracker: {first}{hint}") from None
 
     # -- the epoch plan ---------------------------------------------------------------------------------------
     def epoch_steps(self, epoch: int) -> list[list[np.ndarray]]:
@@ -503,6 +662,9 @@ class Trainer:
             raise ClipCapError(f"cannot resume {path}: the run's sample order changed (was, now: {changed})")
         model = self.accelerator.unwrap_model(self.objective).model
         missing, unexpected = load_model(model, str(path / ckpt.WEIGHTS), strict=False)
+        if model.config.adapter is not None:  # the LM is the base LM: only its adapters were saved
+            load_adapter_weights(model, path / model.config.adapter)
+            missing = [k for k in missing if not k.startswith("lm.")]
         if missing or unexpected:
             raise ClipCapError(f"{path} does not match this model: missing {missing[:3]}, unexpected {unexpected[:3]}")
         self.optimizer.load_state_dict(optimizer)
@@ -548,6 +710,7 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         if cfg.resume:
             self.restore()
+        self.start_tracker()
         if self.main and self.step == 0:
             (self.run_dir / CONFIG).write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
             skipped = self.pairs.skipped + (self.val.skipped if self.val else [])
@@ -559,7 +722,7 @@ class Trainer:
         self.log(
             f"{len(self.pairs)} pairs, {self.steps_per_epoch} steps/epoch x {cfg.epochs} epochs; "
             f"batch {cfg.batch_size} x {self.world} processes x {cfg.grad_accum} accumulation; "
-            f"{trainable:,} trainable parameters ({'LM tuned' if self.model.config.tune_lm else 'LM frozen'}); "
+            f"{trainable:,} trainable parameters ({self.lm_state()}); "
             f"precision {self.accelerator.mixed_precision}"
         )
         if self.warmup < cfg.warmup_steps:
@@ -609,6 +772,9 @@ class Trainer:
                 plot_losses({"": self.run_dir / METRICS}, self.run_dir / "loss.png")
             best = f", best (validation loss {self.best_val:.4f}) in {self.run_dir / 'best'}" if self.val else ""
             self.log(f"done: final model in {self.run_dir / 'final'}{best}")
+        # not accelerator.end_training(): it also tears down the process group of a torchrun launch
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
         self.accelerator.wait_for_everyone()
         return self.run_dir
 

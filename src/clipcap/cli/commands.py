@@ -73,6 +73,13 @@ def run_train(cfg, progress: bool) -> int:
     return 0
 
 
+def run_merge_lora(cfg, progress: bool) -> int:
+    from ..lora import merge_lora
+
+    say(f"wrote {merge_lora(cfg)}")
+    return 0
+
+
 def run_evaluate(cfg, progress: bool) -> int:
     from ..evaluate import evaluate, format_table, write_results
 
@@ -179,6 +186,16 @@ COMMANDS = (
         run_train,
     ),
     Command(
+        "merge-lora",
+        "merge a LoRA model dir's adapter into its LM: a plain model dir",
+        "Write MODEL_DIR (trained with --lora-r: mapper + LoRA adapter + a reference to the base LM) as an ordinary "
+        "model dir whose LM has the adapter merged into its weights (saved in full, as a tuned LM). Captions are the "
+        "same; export and push take the merged dir.",
+        "clipcap.lora:MergeLoraConfig",
+        run_merge_lora,
+        progress=False,
+    ),
+    Command(
         "evaluate",
         "score captions: coco-caption metrics (BLEU, METEOR, ROUGE-L, CIDEr-D, SPICE) + CLIPScore",
         "Either caption a dataset split with a model and score the captions (--model DIR --data SOURCE), or score a "
@@ -227,9 +244,11 @@ COMMANDS = (
     ),
     Command(
         "experiment",
-        "the paper's ablations: prefix length, mapping x LM tuning",
+        "the paper's ablations: prefix length, mapping x LM tuning; frozen vs LoRA vs full LM tuning",
         "prefix-length: train and test score against the prefix length k for a tuned and a frozen LM (the paper's "
-        "figure; OUT/prefix_length.png). mapping: MLP/Transformer x tuned/frozen LM (OUT/table.md). Both write "
+        "figure; OUT/prefix_length.png). mapping: MLP/Transformer x tuned/frozen LM (OUT/table.md). tuning: frozen LM "
+        "vs LoRA (--lora-ranks) vs full tuning with each mapper, with trainable parameters, model-dir size and "
+        "seconds per step (OUT/table.md). All write "
         "OUT/results.json and train every run with `clipcap train` on --data.",
         "clipcap.demo.experiments:ExperimentConfig",
         run_experiment,

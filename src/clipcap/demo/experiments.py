@@ -4,6 +4,8 @@
   (the paper's figure: with a tuned LM longer prefixes stop helping around 10 and overfit; with a frozen LM they keep
   helping up to ~40-80). Writes results.json and prefix_length.png (two panels, train and test lines).
 - `mapping_ablation`: the mapping network x LM tuning table (MLP/Transformer x tuned/frozen).
+- `tuning_ablation`: frozen LM vs LoRA (each of `lora_ranks`) vs full tuning, with each mapper: test scores,
+  trainable parameters, model-dir size and seconds per optimizer step.
 
 `quick` runs either on a small shapes world with the shipped encoders, in minutes.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 import sys
 import time
@@ -30,7 +33,7 @@ METRICS = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 class ExperimentConfig:
     """One ablation: which, on what data, and what every run of it shares (fields map onto TrainConfig / EvalConfig)."""
 
-    kind: str = option(positional=True, choices=("prefix-length", "mapping"), help="which ablation")
+    kind: str = option(positional=True, choices=("prefix-length", "mapping", "tuning"), help="which ablation")
     out: str = option(help="output directory (runs/, results.json, plots)")
     data: str | None = option(None, help="embedding store to train and test on (made by `clipcap embed`)")
     lm: str | None = option(None, help="HF id or dir of the language model")
@@ -39,7 +42,8 @@ class ExperimentConfig:
         None, min=1, help="prefix lengths to compare", default_text="1,5,10,20,40; 1,4,10,20 when quick"
     )
     mapping: str = option("mlp", choices=MAPPINGS, help="prefix-length: the mapping network")
-    prefix_length: int = option(10, min=1, help="mapping: k for every run")
+    prefix_length: int = option(10, min=1, help="mapping, tuning: k for every run")
+    lora_ranks: list[int] | None = option(None, min=1, help="tuning: LoRA ranks to compare", default_text="4,16")
     train_split: str | None = option("train", help="split of the data to train on")
     test_split: str = option("test", help="split of the data to score on")
     epochs: int | None = option(None, min=1, help="epochs per run", default_text="3; 2 when quick")
@@ -60,8 +64,9 @@ def _say(message: str) -> None:
     print(f"clipcap experiment: {message}", file=sys.stderr, flush=True)
 
 
-def run_one(s: ExperimentConfig, name: str, mapping: str, tune_lm: bool, prefix_length: int) -> dict:
-    """Train one configuration and score it on the train and test splits; returns {"train": .., "test": ..}."""
+def run_one(s: ExperimentConfig, name: str, mapping: str, tune_lm: bool, prefix_length: int, lora_r: int = 0) -> dict:
+    """Train one configuration and score it on the train and test splits; returns {"train": .., "test": ..,
+    "train_s", "trainable", "dir_bytes", "s_per_step"}. LoRA adapters (`lora_r`) train at the mapper's rate."""
     from ..evaluate import EvalConfig, evaluate_model
     from ..train import TrainConfig, train
 
@@ -81,6 +86,7 @@ def run_one(s: ExperimentConfig, name: str, mapping: str, tune_lm: bool, prefix_
         batch_size=s.batch_size,
         lr=s.lr,
         lm_lr=s.lm_lr if tune_lm else None,
+        lora_r=lora_r,
         warmup_steps=100,
         seed=s.seed,
         split=s.train_split,
@@ -106,11 +112,36 @@ def run_one(s: ExperimentConfig, name: str, mapping: str, tune_lm: bool, prefix_
         scores[which] = {m: result.metrics[m] for m in METRICS if m in result.metrics}
         scores[which]["examples"] = [r["prediction"] for r in result.rows[:3]]
     scores["train_s"] = round(trained - start, 1)
+    scores.update(run_figures(run_dir, s.batch_size))
     _say(
         f"{name}: train CIDEr {scores['train'].get('CIDEr', float('nan')):.3f}, "
         f"test CIDEr {scores['test'].get('CIDEr', float('nan')):.3f}"
     )
     return scores
+
+
+def run_figures(run_dir: Path, batch_size: int) -> dict:
+    """What a run cost: parameters it trained (mapper, a tuned LM, adapters), bytes of its model dir, and the mean
+    seconds per optimizer step its metrics.jsonl logged."""
+    from safetensors import safe_open
+
+    final = run_dir / "final"
+    tuned = json.loads((final / "config.json").read_text())["tune_lm"]
+    trainable = 0
+    for file in (final / "model.safetensors", final / "adapter" / "adapter_model.safetensors"):
+        if file.is_file():
+            with safe_open(str(file), framework="pt") as f:
+                names = f.keys()
+                for key in names:
+                    if key.startswith("mapper.") or "lora_" in key or (tuned and key.startswith("lm.")):
+                        trainable += math.prod(f.get_slice(key).get_shape())
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["samples_per_s"] for r in rows if r.get("type") == "train"]
+    return {
+        "trainable": trainable,
+        "dir_bytes": sum(p.stat().st_size for p in final.rglob("*") if p.is_file()),
+        "s_per_step": batch_size * len(rates) / sum(rates) if rates else float("nan"),
+    }
 
 
 def prefix_length_ablation(s: ExperimentConfig, lengths: list[int], mapping: str = "mlp") -> dict:
@@ -186,6 +217,41 @@ def mapping_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def tuning_ablation(s: ExperimentConfig, ranks: list[int], prefix_length: int = 10) -> dict:
+    """Frozen LM vs LoRA at each rank vs full tuning, with the MLP and the Transformer mapper; writes results.json and
+    table.md."""
+    out = output_dir(s.out)
+    results: dict = {"experiment": "tuning", "prefix_length": prefix_length, "settings": dataclasses.asdict(s)}
+    results["runs"] = {}
+    variants = [("frozen", False, 0), *((f"lora-r{r}", False, r) for r in ranks), ("full", True, 0)]
+    for mapping in ("mlp", "transformer"):
+        for tuning, tune, rank in variants:
+            name = f"{mapping}_{tuning}"
+            _say(f"{mapping} mapping + {tuning} LM")
+            results["runs"][name] = {
+                "mapping": mapping,
+                "tuning": tuning,
+                **run_one(s, name, mapping, tune, prefix_length, lora_r=rank),
+            }
+            (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "table.md").write_text(tuning_table(results))
+    return results
+
+
+def tuning_table(results: dict) -> str:
+    """A Markdown table: one row per (mapping, LM tuning): trainable parameters, model-dir size, seconds per step and
+    the test metrics."""
+    head = "| mapping | LM | trainable params | model dir MB | s/step | " + " | ".join(METRICS) + " |"
+    lines = [head, "|---|---|---:|---:|---:|" + "---:|" * len(METRICS)]
+    for r in results["runs"].values():
+        cells = " | ".join(f"{r['test'].get(m, float('nan')):.3f}" for m in METRICS)
+        lines.append(
+            f"| {r['mapping']} | {r['tuning']} | {r['trainable']:,} | {r['dir_bytes'] / 1e6:.2f} | "
+            f"{r['s_per_step']:.3f} | {cells} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def quick_world(out: str | Path, seed: int = 0) -> tuple[str, str]:
     """A small shapes world embedded with the shipped CLIP: returns (store, lm dir) for a quick ablation."""
     from ..embed import EmbedConfig, embed
@@ -220,4 +286,6 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     EmbeddingStore(cfg.data)  # a store that cannot be read fails here, before any run
     if cfg.kind == "prefix-length":
         return prefix_length_ablation(cfg, lengths or [1, 5, 10, 20, 40], mapping=cfg.mapping)
+    if cfg.kind == "tuning":
+        return tuning_ablation(cfg, cfg.lora_ranks or [4, 16], prefix_length=cfg.prefix_length)
     return mapping_ablation(cfg, prefix_length=cfg.prefix_length)
