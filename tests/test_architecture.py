@@ -23,11 +23,11 @@ FLAG = __import__("re").compile(r"(?<![\w-])--[a-z][a-z0-9]*(-[a-z0-9]+)*")
 
 # Which library modules may import which: a module may import from its own layer and the layers below it.
 LAYERS = [
-    {"errors", "version", "options", "devices", "images", "files", "hub"},
+    {"errors", "version", "options", "devices", "images", "files", "hub", "jobs"},
     {"config", "mapping", "decoding"},
     {"model", "data", "encoder"},
     {"captioner", "convert", "checkpoint", "metrics"},
-    {"embed", "train", "evaluate"},
+    {"embed", "train", "evaluate", "caption_job"},
     {"__init__"},
 ]
 
