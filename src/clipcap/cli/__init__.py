@@ -48,7 +48,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     runs or shows its help."""
     parser = _Parser(
         prog="clipcap",
-        description="ClipCap: CLIP prefix captioning — convert, caption, embed, train, evaluate, serve.",
+        description="ClipCap: CLIP prefix captioning — convert, caption, embed, train, evaluate, export, serve, push.",
     )
     parser.add_argument("--version", action="version", version=f"clipcap {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)

@@ -215,6 +215,9 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     if cfg.data is None or cfg.lm is None:
         raise ClipCapError("name the `data` store and the `lm` (or run `quick` on the shapes world)")
     cfg = dataclasses.replace(cfg, epochs=cfg.epochs or 3)
+    from ..data.store import EmbeddingStore
+
+    EmbeddingStore(cfg.data)  # a store that cannot be read fails here, before any run
     if cfg.kind == "prefix-length":
         return prefix_length_ablation(cfg, lengths or [1, 5, 10, 20, 40], mapping=cfg.mapping)
     return mapping_ablation(cfg, prefix_length=cfg.prefix_length)
