@@ -447,7 +447,7 @@ def test_two_ranks_killed_and_rerun_equal_one_process(tmp_path, hundreds, varied
         assert [p for p in (out[kind] / "captions").iterdir() if ".tmp" in p.name]  # the killed write's temporary
 
     reruns = {kind: start(kind, hang=False) for kind in hundreds}  # the same commands
-    for kind, rerun in reruns.items():
+    for rerun in reruns.values():
         _, err = rerun.communicate(timeout=600)
         assert rerun.returncode == 0, err[-3000:]
     for kind, data in hundreds.items():
