@@ -58,7 +58,9 @@ def run_cli(cases: dict[str, list[str]], cwd: str | Path | None = None, timeout:
     with tempfile.TemporaryDirectory() as tmp:
         spec, results = Path(tmp) / "cases.json", Path(tmp) / "results.json"
         spec.write_text(json.dumps(cases))
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+        # the caller's PYTHONPATH after the repo root: a checkout run against a shared venv keeps its own sources
+        path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path}
         done = subprocess.run(
             [sys.executable, "-m", "tests.cli_batch", str(spec), str(results)],
             cwd=cwd or REPO,

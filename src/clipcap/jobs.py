@@ -68,6 +68,10 @@ def claim_job(out: Path, job: dict, command: str, kind: str) -> None:
         raise ClipCapError(f"{job_file} is damaged ({e}): delete {out} to start over") from None
     if not isinstance(previous, dict):
         raise ClipCapError(f"{job_file} is damaged (not a JSON object): delete {out} to start over")
+    if set(previous) != set(job):  # another command's record (a store from `embed` as captions, or the reverse)
+        raise ClipCapError(
+            f"{out} holds the output of another command, not a {kind} of `{command}`: use another output dir"
+        )
     differs = sorted(k for k in set(job) | set(previous) if job.get(k) != previous.get(k))
     if differs:
         raise ClipCapError(
