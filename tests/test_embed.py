@@ -269,11 +269,11 @@ def test_cli_help_and_errors(tmp_path, capsys, clip_dir):
 
 
 def _claim_together(barrier, out: str, job: dict, results) -> None:
-    from clipcap.embed import _claim
+    from clipcap.jobs import claim_job
 
     barrier.wait()
     try:
-        _claim(Path(out), job)
+        claim_job(Path(out), job, "clipcap embed", "store")
         results.put("ok")
     except ClipCapError as e:
         results.put(str(e))

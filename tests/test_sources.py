@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from clipcap.data.sources import Record, detect_format, open_record_image, read_source
+from clipcap.data.sources import Record, detect_format, find_images, open_record_image, read_images, read_source
 from clipcap.errors import ClipCapError
 from clipcap.images import ImageLoadError
 
@@ -341,3 +342,61 @@ def test_detection_and_user_errors(tmp_path):
         list(read_source(tmp_path / "x.bin", format="tfrecord"))
     with pytest.raises(ClipCapError, match="shard not found"):
         list(read_source(str(tmp_path / "s-{0..1}.tar")))
+
+
+# -- plain images (what `clipcap caption` takes) -------------------------------------------------------------
+def test_find_images_files_dirs_and_globs(tmp_path, monkeypatch):
+    for name in ("a.jpg", "b.PNG", "notes.txt", "sub/c.webp", "sub/deeper/d.jpeg", "sub/deeper/e.json", "x[1].png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    monkeypatch.chdir(tmp_path)
+    P = type(tmp_path)
+    # a directory: recursive, image extensions only (any case), sorted
+    assert find_images(["sub"]) == [P("sub/c.webp"), P("sub/deeper/d.jpeg")]
+    # globs, including recursive ones; files named explicitly are kept whatever their extension
+    assert find_images(["*.jpg", "notes.txt"]) == [P("a.jpg"), P("notes.txt")]
+    assert find_images(["**/*.jp*g"]) == [P("a.jpg"), P("sub/deeper/d.jpeg")]
+    # order of the inputs, duplicates dropped; an existing file whose name looks like a glob is taken literally
+    assert find_images(["b.PNG", ".", "x[1].png"]) == [
+        P("b.PNG"),
+        P("a.jpg"),
+        P("sub/c.webp"),
+        P("sub/deeper/d.jpeg"),
+        P("x[1].png"),
+    ]
+    # a missing file is kept so that it is reported; nothing found at all is an error
+    assert find_images(["missing.jpg"]) == [P("missing.jpg")]
+    (tmp_path / "no-images").mkdir()
+    (tmp_path / "no-images" / "readme.txt").write_text("x")
+    with pytest.raises(ClipCapError, match=r"no images found in \*\.gif, no-images$"):
+        find_images(["*.gif", "no-images"])
+
+
+def test_read_images_keys_by_printable_path_and_opens_the_real_one(tmp_path):
+    name = os.fsencode(tmp_path) + b"/bad-\xff-name.png"
+    Image.new("RGB", (8, 8)).save(name.decode("utf-8", "surrogateescape"))
+    (tmp_path / "good.jpg").write_bytes(image_bytes(0, "JPEG"))
+    records = list(read_images([tmp_path]))
+    assert [r.key for r in records] == [f"{tmp_path}/bad-\ufffd-name.png", f"{tmp_path}/good.jpg"]
+    assert all(r.captions == [] and r.problem is None for r in records)
+    assert open_record_image(records[0]).size == (8, 8)  # the image is the real (undecodable) name
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
+def test_a_table_without_captions_is_images_to_caption_when_captions_are_not_required(tmp_path, fmt):
+    rows = [{"image": "a.jpg", "width": 3}, {"image": "b.jpg", "width": 4}]
+    path = tmp_path / f"t.{fmt}"
+    if fmt == "csv":
+        path.write_text("image,width\na.jpg,3\nb.jpg,4\n")
+    elif fmt == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    with pytest.raises(ClipCapError, match="no caption column"):
+        list(read_source(path))
+    records = list(read_source(path, require_captions=False))
+    assert [(r.key, r.image, r.captions) for r in records] == [
+        ("a.jpg", str(tmp_path / "a.jpg"), []),
+        ("b.jpg", str(tmp_path / "b.jpg"), []),
+    ]
+    assert [r.extra["width"] for r in records] == (["3", "4"] if fmt == "csv" else [3, 4])

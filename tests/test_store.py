@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from clipcap.data.store import EmbeddingStore, StoreWriter
+from clipcap.data.store import EmbeddingStore, StoreWriter, is_store
 from clipcap.errors import ClipCapError
 
 DIM = 8
@@ -185,3 +185,28 @@ def test_bad_stores_are_user_errors(tmp_path, store_dir):
     (store_dir / "metadata" / "metadata_2.parquet").unlink()
     with pytest.raises(ClipCapError, match="incomplete"):
         EmbeddingStore(store_dir)
+
+
+def test_opened_without_captions_it_reads_embeddings_and_every_metadata_row(tmp_path, store_dir, rows):
+    emb, _ = _clip_retrieval_store(tmp_path / "cr")
+    for f in (tmp_path / "cr" / "metadata").glob("*.parquet"):  # a store with no caption column at all
+        pq.write_table(pq.read_table(f).drop_columns(["caption"]), f)
+    with pytest.raises(ClipCapError, match="no caption column 'captions'"):
+        EmbeddingStore(tmp_path / "cr")
+    store = EmbeddingStore(tmp_path / "cr", caption_column=None)
+    assert store.num_images == 5 and len(store) == 0 and store.caption_column is None
+    assert store.metadata_schema.names == ["image_path", "url"]
+    table = store.metadata([4, 0, 3])  # across shards, in the order asked
+    assert table.column("image_path").to_pylist() == ["000010001.jpg", "000000000.jpg", "000010000.jpg"]
+    np.testing.assert_array_equal(store.image_embeddings([4, 0]), emb[[4, 0]])
+    assert store.metadata([]).num_rows == 0 and store.metadata([]).schema == store.metadata_schema
+    # ours, with a split filter: rows are the kept images, metadata as stored
+    ours = EmbeddingStore(store_dir, caption_column=None, split="train")
+    assert ours.num_images == 3 and ours.metadata([2]).column("key").to_pylist() == ["e"]
+    assert ours.metadata([0]).column("captions").to_pylist() == [["a one.", "a two."]]
+    # shards must carry the same columns to be read as the rows of one table
+    pq.write_table(pa.table({"image_path": ["a", "b"]}), tmp_path / "cr" / "metadata" / "metadata_1.parquet")
+    with pytest.raises(ClipCapError, match="metadata_1.parquet has other columns than the first shard"):
+        EmbeddingStore(tmp_path / "cr", caption_column=None)
+    assert is_store(tmp_path / "cr") and is_store(store_dir)
+    assert not is_store(tmp_path / "cr" / "img_emb") and not is_store(tmp_path / "missing")

@@ -22,11 +22,18 @@ class Captioner:
     generation_config.json), then greedy / 67 tokens / length penalty 1.0."""
 
     def __init__(
-        self, model: ClipCapModel | ExportedModel, tokenizer, encoder, batch_size: int = 32, decoding_defaults=None
+        self,
+        model: ClipCapModel | ExportedModel,
+        tokenizer,
+        encoder,
+        batch_size: int = 32,
+        decoding_defaults=None,
+        clip_model=None,
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.encoder = encoder
+        self.clip_model = clip_model or (encoder.name if encoder is not None else None)  # the encoder it expects
         self.batch_size = batch_size
         self.decoding_defaults = dict(decoding_defaults or {})
         if encoder is not None and encoder.dim != model.config.clip_dim:
@@ -43,11 +50,13 @@ class Captioner:
         device: str | torch.device | None = None,
         dtype: torch.dtype | str | None = None,
         batch_size: int = 32,
+        load_encoder: bool = True,
     ) -> Captioner:
         """Load a model dir (or Hub repo): a ClipCapModel dir with its tokenizer and the encoder its config names
         (`clip_model=` overrides; a relative `clip_model` in the config resolves against the model dir), or a
         complete captioning dir (`save_pretrained`), whose vision tower is the encoder. `device="auto"` picks cuda
-        when available; `dtype` may be a torch dtype or "float32" / "float16" / "bfloat16"."""
+        when available; `dtype` may be a torch dtype or "float32" / "float16" / "bfloat16". `load_encoder=False` skips
+        the encoder of a ClipCapModel dir (for captioning stored embeddings; `clip_model` still names it)."""
         from .config import ClipCapConfig
         from .encoder import ImageEncoder
 
@@ -71,8 +80,9 @@ class Captioner:
             raise ClipCapError(f"{path}/config.json names no clip_model: name the encoder to use")
         if not Path(name).is_absolute() and (path / name).is_dir() and clip_model is None:
             name = str(path / name)
-        encoder = ImageEncoder.from_pretrained(name, device=device, dtype=dtype)
-        return cls(model, tokenizer, encoder, batch_size=batch_size, decoding_defaults=model_defaults(path))
+        encoder = ImageEncoder.from_pretrained(name, device=device, dtype=dtype) if load_encoder else None
+        defaults = model_defaults(path)
+        return cls(model, tokenizer, encoder, batch_size=batch_size, decoding_defaults=defaults, clip_model=name)
 
     @classmethod
     def _from_complete_dir(cls, path: Path, device, dtype, batch_size: int) -> Captioner:

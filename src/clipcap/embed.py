@@ -9,53 +9,19 @@ shards r, r + world, ...; whichever rank finds every shard complete writes info.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from .data.sources import FORMATS, Record, detect_format, open_record_image, read_source
-from .data.store import JOB, StoreWriter
+from .data.loading import image_loader
+from .data.sources import FORMATS, Record, detect_format, read_source
+from .data.store import StoreWriter
 from .devices import DEVICE_HELP, resolve_device
 from .encoder import ImageEncoder, fingerprint
-from .errors import ClipCapError
-from .images import ImageLoadError
+from .jobs import claim_job, rank_and_world, shards_of
 from .options import check_options, option
-
-
-class _ImageDataset(torch.utils.data.Dataset):
-    """Decodes and preprocesses one record's image in a DataLoader worker; a bad image becomes a reason string."""
-
-    def __init__(self, records: list[Record], processor):
-        self.records = records
-        self.processor = processor
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, i: int):
-        try:
-            image = open_record_image(self.records[i])
-            return i, self.processor(images=[image], return_tensors="pt")["pixel_values"][0], None
-        except ImageLoadError as e:
-            return i, None, e.reason
-        except Exception as e:  # a bad item must never end the job; its reason is reported instead
-            return i, None, f"preprocessing failed ({type(e).__name__}: {e})"
-
-
-def _collate(items):
-    good = [(i, pixels) for i, pixels, _ in items if pixels is not None]
-    bad = [(i, reason) for i, _, reason in items if reason is not None]
-    pixels = torch.stack([p for _, p in good]) if good else None
-    return [i for i, _ in good], pixels, bad
-
-
-def _worker_init(_):
-    torch.set_num_threads(1)  # decoding workers share the cores with the encoder's forward pass
 
 
 def _clean(records: list[Record]) -> tuple[list[Record], dict[int, str], dict[int, list[dict]]]:
@@ -84,54 +50,6 @@ def _clean(records: list[Record]) -> tuple[list[Record], dict[int, str], dict[in
         seen.add(rec.key)
         rec.captions = kept
     return records, bad, notes
-
-
-def _claim(out: Path, job: dict) -> None:
-    """Start a store at `out` for `job`, or check that the store there was started by the same command.
-
-    Several ranks may start together on a fresh `out`: job.json is written to a temporary file and hard-linked into
-    place, which succeeds for exactly one of them; the others then read and compare it."""
-    job_file = out / JOB
-    if out.exists() and not out.is_dir():
-        raise ClipCapError(f"{out} is a file, not a store directory")
-    if not job_file.is_file():
-        leftovers = [p for p in out.iterdir() if not p.name.startswith(f".{JOB}.tmp")] if out.is_dir() else []
-        # Another rank links job.json before it creates anything else, so leftovers without it are foreign files.
-        if leftovers and not job_file.is_file():
-            raise ClipCapError(f"{out} exists and is not a store started by `clipcap embed`: use an empty or new dir")
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            tmp = out / f".{JOB}.tmp{os.getpid()}"
-            tmp.write_text(json.dumps(job, indent=2) + "\n", encoding="utf-8")
-        except OSError as e:
-            raise ClipCapError(f"cannot create the store {out}: {e.strerror or e}") from None
-        try:
-            os.link(tmp, job_file)
-            return
-        except FileExistsError:
-            pass  # another rank started the same store a moment ago: compare with its job below
-        finally:
-            tmp.unlink(missing_ok=True)
-    try:
-        previous = json.loads(job_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ClipCapError(f"{job_file} is damaged ({e}): delete {out} to start over") from None
-    differs = sorted(k for k in set(job) | set(previous) if job.get(k) != previous.get(k))
-    if differs:
-        raise ClipCapError(
-            f"{out} holds a store from a different `clipcap embed` command (differs in: {', '.join(differs)}); "
-            "use another output dir, or delete it to start over"
-        )
-
-
-def _rank() -> tuple[int, int]:
-    try:
-        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    except ValueError:
-        raise ClipCapError("RANK and WORLD_SIZE must be integers") from None
-    if not 0 <= rank < world:
-        raise ClipCapError(f"RANK={rank} is outside WORLD_SIZE={world}")
-    return rank, world
 
 
 @dataclass(kw_only=True)
@@ -204,7 +122,7 @@ def embed(cfg: EmbedConfig, progress: bool = False) -> EmbedResult:
         )
     )
     records, bad, notes = _clean(records)
-    rank, world = _rank()
+    rank, world = rank_and_world()
     source = cfg.source
     job = {
         "source": str(Path(source).resolve()) if Path(source).exists() else str(source),
@@ -219,7 +137,7 @@ def embed(cfg: EmbedConfig, progress: bool = False) -> EmbedResult:
         "image_column": cfg.image_column,
         "caption_column": cfg.caption_column,
     }
-    _claim(out, job)
+    claim_job(out, job, "clipcap embed", "store")
     if world == 1:  # temporaries left by a killed run; with several ranks another rank may be writing one
         for tmp in out.rglob(".*.tmp*"):
             tmp.unlink(missing_ok=True)
@@ -240,7 +158,7 @@ def embed(cfg: EmbedConfig, progress: bool = False) -> EmbedResult:
             "clip_fingerprint": fingerprint(str(cfg.clip_model)),
         },
     )
-    pending = [s for s in range(rank, num_shards, world) if not writer.shard_done(s)]
+    pending = [s for s in shards_of(rank, world, num_shards) if not writer.shard_done(s)]
     shard_items = {s: range(s * shard_size, min((s + 1) * shard_size, len(records))) for s in pending}
     text_only = cfg.text_only
     todo = sum(len(records[n].captions) if text_only else 1 for s in pending for n in shard_items[s] if n not in bad)
@@ -308,14 +226,7 @@ def _embed_images(encoder, records, pending, shard_items, bad, batch_size, worke
             write(shard, *state.pop(shard))
     if not batches:
         return
-    loader = torch.utils.data.DataLoader(
-        _ImageDataset(records, encoder.processor),
-        batch_sampler=batches,
-        num_workers=workers,
-        collate_fn=_collate,
-        worker_init_fn=_worker_init if workers else None,
-        pin_memory=encoder.device.type == "cuda",
-    )
+    loader = image_loader(records, encoder.processor, batches, workers, pin_memory=encoder.device.type == "cuda")
     for shard, (indices, pixels, failed) in zip(owners, loader, strict=True):
         vectors, reasons = state[shard]
         if pixels is not None:

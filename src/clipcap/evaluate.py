@@ -21,6 +21,7 @@ import torch
 
 from .data.references import load_predictions, load_references, match_predictions
 from .data.sources import FORMATS, Record, open_record_image, read_source
+from .data.store import is_store
 from .decoding import DecodingOptions, generate_kwargs
 from .devices import DEVICE_HELP
 from .errors import ClipCapError
@@ -216,11 +217,6 @@ def _strategy(decoding: dict) -> str:
     return "greedy" if decoding["num_beams"] == 1 else "beam search"
 
 
-def _is_store(data) -> bool:
-    path = Path(data)
-    return path.is_dir() and any((path / d).is_dir() for d in ("img_emb", "text_emb"))
-
-
 def _problems(records: list[Record]) -> list[dict]:
     return [{"image": r.image or r.key, "reason": r.problem} for r in records if r.problem]
 
@@ -249,7 +245,7 @@ def evaluate_model(cfg: EvalConfig, progress: bool = False) -> EvalResult:
     )
     encoder = captioner.encoder
     skipped: list[dict] = []
-    if _is_store(cfg.data):
+    if is_store(cfg.data):
         from .data.store import EmbeddingStore
 
         store = EmbeddingStore(cfg.data, split=split)

@@ -1,139 +1,89 @@
-"""`clipcap caption`: image files, directories and globs -> one caption record per image on stdout."""
+"""`clipcap caption`: images, a dataset source or an embedding store -> captions, streamed to stdout (one record per
+image as its batch finishes) or, with an output dir, written as resumable shards (`clipcap.caption_job`)."""
 
 from __future__ import annotations
 
 import csv
-import glob
 import json
 import sys
-from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TextIO
 
-from ..decoding import DecodingOptions, generate_kwargs
-from ..devices import DEVICE_HELP
+from ..caption_job import INFO, SKIPPED, CaptionJobConfig, caption_job, caption_stream, input_kind
 from ..errors import ClipCapError
-from ..images import ImageLoadError, is_image_file, open_image
 from ..options import option
 
 
 @dataclass(kw_only=True)
-class CaptionConfig(DecodingOptions):
-    """The images to caption, the model, and how the records are written."""
+class CaptionConfig(CaptionJobConfig):
+    """The inputs to caption, the model, and how the records are written."""
 
-    images: list[str] = option(
-        positional=True, metavar="IMAGE_OR_DIR_OR_GLOB", help="image files, directories (searched recursively) or globs"
-    )
-    model: str = option(help="model dir (or HF Hub id) to caption with")
-    num_captions: int = option(1, min=1, help="captions per image: the best beams (needs beams >= N) or samples")
-    batch_size: int = option(32, min=1, help="images encoded and decoded together")
-    format: str = option("jsonl", choices=("jsonl", "csv"), help="stdout format")
-    clip_model: str | None = option(None, help="CLIP encoder dir or id", default_text="the one the model config names")
-    device: str = option("auto", help=DEVICE_HELP)
-    dtype: str | None = option(
-        None,
-        choices=("float32", "float16", "bfloat16"),
-        help="weights and compute dtype (float16/bfloat16 are for GPUs)",
-        default_text="as saved",
-    )
-
-
-def find_images(inputs: Iterable[str | Path]) -> list[Path]:
-    """Expand image files, directories (recursively) and glob patterns, in the order given, without duplicates.
-
-    Directories and globs contribute the files with an image extension; a file named explicitly is always kept
-    (even a missing one, so that it is reported). Raises ClipCapError when nothing at all is found."""
-    inputs = [str(item) for item in inputs]
-    found: dict[Path, None] = {}
-    for item in inputs:
-        path = Path(item).expanduser()
-        if path.is_dir():
-            matches = sorted(p for p in path.rglob("*") if is_image_file(p) and p.is_file())
-        elif path.exists() or not any(c in item for c in "*?["):
-            matches = [path]
-        else:
-            hits = (Path(p) for p in glob.glob(str(path), recursive=True))
-            matches = sorted(p for p in hits if is_image_file(p) and p.is_file())
-        found.update(dict.fromkeys(matches))
-    if not found:
-        raise ClipCapError(f"no images found in {', '.join(inputs)}")
-    return list(found)
+    format: str = option("jsonl", choices=("jsonl", "csv"), help="stdout format (without an output dir)")
 
 
 class RecordWriter:
-    """Caption records as JSON lines ({"image", "caption"} or {"image", "captions"}) or CSV with a header."""
+    """Caption records as JSON lines ({"image", "caption"} or {"image", "captions"}, led by "key" for a dataset source
+    or store) or CSV with a header."""
 
-    def __init__(self, out: TextIO, fmt: str, num_captions: int):
-        self.out, self.fmt, self.n = out, fmt, num_captions
+    def __init__(self, out: TextIO, fmt: str, num_captions: int, keyed: bool = False):
+        self.out, self.fmt, self.n, self.keyed = out, fmt, num_captions, keyed
         if fmt == "csv":
             self.csv = csv.writer(out)
             columns = ["caption"] if num_captions == 1 else [f"caption_{i + 1}" for i in range(num_captions)]
-            self.csv.writerow(["image", *columns])
+            self.csv.writerow([*(["key"] if keyed else []), "image", *columns])
 
-    def write(self, image: str, caption: str | list[str]) -> None:
-        captions = [caption] if isinstance(caption, str) else caption
+    def write(self, key: str, image: str | None, captions: list[str]) -> None:
         if self.fmt == "csv":
-            self.csv.writerow([image, *captions])
-        else:
-            record = {"image": image, "caption": caption} if self.n == 1 else {"image": image, "captions": captions}
-            self.out.write(json.dumps(record, ensure_ascii=False) + "\n")
-
-
-def _display(path: Path) -> str:
-    # A file name that is not valid UTF-8 (kept by Python as lone surrogates) is shown with U+FFFD instead.
-    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            self.csv.writerow([*([key] if self.keyed else []), image, *captions])
+            return
+        record = {"key": key} if self.keyed else {}
+        record["image"] = image
+        record.update({"caption": captions[0]} if self.n == 1 else {"captions": captions})
+        self.out.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 def run(cfg: CaptionConfig, progress: bool = True, out: TextIO | None = None, errors: TextIO | None = None) -> int:
-    """Caption `cfg.images`, writing one record per image to `out` as each batch finishes; a bad image is skipped
-    with one line on `errors`. Fails only when nothing is found or no image could be captioned."""
+    """Caption `cfg.inputs`: with `cfg.out`, into resumable shards there; otherwise one record per image to `out` as
+    each batch finishes, a bad image skipped with one line on `errors`. Fails when no image could be captioned."""
+    errors = errors if errors is not None else sys.stderr
+    if cfg.out is not None:
+        return _run_job(cfg, progress, errors)
     from tqdm.auto import tqdm
 
-    from ..captioner import Captioner
-
     out = out if out is not None else sys.stdout
-    errors = errors if errors is not None else sys.stderr
-    paths = find_images(cfg.images)
-    captioner = Captioner.from_pretrained(
-        cfg.model, clip_model=cfg.clip_model, device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size
-    )
-    decoding = generate_kwargs(cfg, captioner.decoding_defaults)
-    if cfg.num_captions > decoding["num_beams"] and not decoding["do_sample"]:
-        raise ClipCapError(
-            f"{cfg.num_captions} captions per image need at least {cfg.num_captions} beams (`num_beams`) or "
-            "sampling (`do_sample`)"
-        )
-    writer = RecordWriter(out, cfg.format, cfg.num_captions)
+    writer = RecordWriter(out, cfg.format, cfg.num_captions, keyed=input_kind(cfg) != "images")
     captioned = skipped = 0
-    bar = tqdm(total=len(paths), unit="img", desc="captioning", file=errors, disable=not progress or len(paths) < 2)
-
-    def flush(batch: list) -> None:
-        nonlocal captioned
-        images = [img for _, img in batch]
-        captions = captioner.caption(images, num_return_sequences=cfg.num_captions, **decoding)
-        for (path, _), caption in zip(batch, captions, strict=True):
-            writer.write(_display(path), caption)
-        out.flush()  # records stream out batch by batch
-        captioned += len(batch)
-        bar.update(len(batch))
-        batch.clear()
-
-    batch: list = []
-    with bar:
-        for path in paths:
-            try:
-                batch.append((path, open_image(path, name=_display(path))))
-            except ImageLoadError as e:
-                bar.write(f"skipped {e}", file=errors)
-                skipped += 1
-                bar.update(1)
-            if len(batch) == cfg.batch_size:
-                flush(batch)
-        if batch:
-            flush(batch)
+    for item in caption_stream(cfg, progress):
+        if item.captions is None:
+            tqdm.write(f"skipped {item.image or item.key}: {item.reason}", file=errors)
+            skipped += 1
+            continue
+        writer.write(item.key, item.image, item.captions)
+        out.flush()  # records stream out as they are captioned
+        captioned += 1
     if not captioned:
-        raise ClipCapError(f"none of the {len(paths)} images could be captioned (reasons above)")
+        raise ClipCapError(f"none of the {skipped} images could be captioned (reasons above)")
     if progress:
         print(f"captioned {captioned} images, skipped {skipped}", file=errors)
+    return 0
+
+
+def _run_job(cfg: CaptionConfig, progress: bool, errors: TextIO) -> int:
+    result = caption_job(cfg, progress)
+    info = result.info
+    if info is None:
+        if progress:
+            print(f"rank {result.rank} done; the last process to finish writes {result.out / INFO}", file=errors)
+        return 0
+    listed = f"listed in {result.out / SKIPPED}"
+    if not info["num_captioned"]:
+        raise ClipCapError(f"none of the {info['num_items']} images could be captioned ({listed})")
+    if progress:
+        reasons = ", ".join(f"{k} {v}" for k, v in info["skipped_by_reason"].items())
+        skipped = f"skipped {info['num_skipped']}" + (f" ({reasons}), {listed}" if info["num_skipped"] else "")
+        print(
+            f"captioned {info['num_captioned']} of {info['num_items']} images into {info['num_shards']} "
+            f"{info['shard_format']} shards in {result.out / 'captions'}; {skipped}",
+            file=errors,
+        )
     return 0

@@ -154,12 +154,18 @@ COMMANDS = (
     ),
     Command(
         "caption",
-        "caption image files, directories or globs",
-        "Caption images with a model dir. Directories are searched recursively and globs expanded (both pick files "
-        'with an image extension). One record per image goes to stdout as its batch finishes: JSON lines {"image": '
-        '..., "caption": ...} ({"image": ..., "captions": [...]} with --num-captions > 1) or CSV. A bad image '
-        "(missing, corrupt, not an image, too many pixels) is skipped with one line on stderr; the exit status is "
-        "non-zero only when no image could be captioned. Decoding settings not given come from the model dir.",
+        "caption images, a dataset or an embedding store (streamed, or sharded and resumable)",
+        "Caption with a model dir: image files, directories (searched recursively) and globs; or one dataset source "
+        "in any format `clipcap embed` reads (with its keys and metadata); or an embedding store, ours or "
+        "clip-retrieval's (img_emb/*.npy + metadata/*.parquet, as LAION publishes), captioned from the stored "
+        "vectors without reading an image (its encoder must be the model's). Without --out, one record per image "
+        'goes to stdout as its batch finishes: JSON lines {"image": ..., "caption": ...} ({"key": ..., "image": '
+        '..., ...} for a dataset or store; "captions": [...] with --num-captions > 1) or CSV; a bad image is skipped '
+        "with one line on stderr. With --out DIR, captions go to DIR/captions/part-*.parquet (key, image, caption, "
+        "the source's own columns; or JSON lines) written atomically, bad items to DIR/skipped.jsonl: rerun the same "
+        "command after any interruption to finish what is missing. Under torchrun each process takes its share of "
+        "the shards: torchrun --nproc-per-node 8 -m clipcap.cli caption STORE --model M --out DIR. The exit status "
+        "is non-zero only when no image could be captioned. Decoding settings not given come from the model dir.",
         "clipcap.cli.caption:CaptionConfig",
         run_caption,
     ),

@@ -2,7 +2,8 @@
 
 Formats: karpathy (COCO / Flickr8k / Flickr30k `dataset_*.json`), coco (`captions_*.json`), nocaps, cc (Conceptual
 Captions TSV + images downloaded by img2dataset), csv, jsonl, parquet, folder (images with sidecar `.txt` captions,
-e.g. img2dataset's `files` output), webdataset (`.tar` shards: KEY.jpg + KEY.txt [+ KEY.json]).
+e.g. img2dataset's `files` output), webdataset (`.tar` shards: KEY.jpg + KEY.txt [+ KEY.json]); and plain image
+files, directories and globs without captions (`read_images`), the images `clipcap caption` takes.
 
 Readers only parse: images are opened later (`open_record_image`), so a bad image is a per-item error for the caller.
 A malformed entry (a field missing or of the wrong type, text that is not valid Unicode, an unreadable line, a damaged
@@ -18,12 +19,12 @@ import json
 import os
 import re
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ClipCapError
-from ..images import IMAGE_EXTENSIONS, MISSING, TOO_LARGE, ImageLoadError, open_image
+from ..images import IMAGE_EXTENSIONS, MISSING, TOO_LARGE, ImageLoadError, is_image_file, open_image
 
 FORMATS = ("karpathy", "coco", "nocaps", "cc", "csv", "jsonl", "parquet", "folder", "webdataset")
 TAR_SEP = "::"
@@ -81,6 +82,44 @@ def _bad(key, problem: str, image: str | None = None) -> Record:
     return Record(key=str(key), image=image, captions=[], problem=problem)
 
 
+def printable(text: str) -> str:
+    """`text` as valid Unicode for output: bytes of a file name that were not UTF-8 (which Python keeps as lone
+    surrogates) become U+FFFD."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # a lone surrogate from a JSON escape rather than from a file name
+        return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+
+
+# -- plain images ------------------------------------------------------------------------------------------------
+def find_images(inputs: Iterable[str | Path]) -> list[Path]:
+    """Expand image files, directories (recursively) and glob patterns, in the order given, without duplicates.
+
+    Directories and globs contribute the files with an image extension; a file named explicitly is always kept
+    (even a missing one, so that it is reported). Raises ClipCapError when nothing at all is found."""
+    inputs = [str(item) for item in inputs]
+    found: dict[Path, None] = {}
+    for item in inputs:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            matches = sorted(p for p in path.rglob("*") if is_image_file(p) and p.is_file())
+        elif path.exists() or not any(c in item for c in "*?["):
+            matches = [path]
+        else:
+            hits = (Path(p) for p in glob.glob(str(path), recursive=True))
+            matches = sorted(p for p in hits if is_image_file(p) and p.is_file())
+        found.update(dict.fromkeys(matches))
+    if not found:
+        raise ClipCapError(f"no images found in {', '.join(inputs)}")
+    return list(found)
+
+
+def read_images(inputs: Iterable[str | Path]) -> Iterator[Record]:
+    """Image files, directories and globs (`find_images`) as records without captions, keyed by their path."""
+    for path in find_images(inputs):
+        yield Record(key=printable(str(path)), image=str(path), captions=[])
+
+
 # -- format detection --------------------------------------------------------------------------------------------
 def _tar_paths(source: str) -> list[Path]:
     """Shards named by a directory, one .tar, a glob, or a webdataset brace pattern (shard-{000..009}.tar)."""
@@ -97,7 +136,8 @@ def _tar_paths(source: str) -> list[Path]:
     return sorted(path.rglob("*.tar")) if path.is_dir() else [path]
 
 
-def _is_shard_pattern(source: str) -> bool:
+def is_shard_pattern(source: str) -> bool:
+    """Whether `source` names webdataset shards by itself: a .tar file or a brace range (shard-{000..009}.tar)."""
     return source.endswith(".tar") or bool(re.search(r"\{\d+\.\.\d+\}", source))
 
 
@@ -141,7 +181,7 @@ def load_json(path: Path):
 
 
 def _detect(source: str) -> tuple[str, object]:
-    if _is_shard_pattern(source):
+    if is_shard_pattern(source):
         return "webdataset", None
     path = Path(source)
     if not path.exists():
@@ -260,7 +300,7 @@ def _img2dataset_index(root: Path) -> dict[str, tuple[str, str]]:
         records.extend(read_folder(root))
         if next(root.rglob("*.tar"), None) is not None:
             records.extend(read_webdataset(str(root)))
-    elif _is_shard_pattern(str(root)):
+    elif is_shard_pattern(str(root)):
         records.extend(read_webdataset(str(root)))
     return {
         r.extra["url"]: (str(r.extra.get("key", r.key)), r.image)
@@ -340,11 +380,17 @@ def _jsonable(value) -> bool:
     return True
 
 
-def _table_records(rows, columns, source: Path, images, image_column, caption_column) -> Iterator[Record]:
+def _table_records(
+    rows, columns, source: Path, images, image_column, caption_column, require_captions: bool = True
+) -> Iterator[Record]:
     """Rows (dicts, or Records already marked bad) of a CSV/JSONL/parquet table -> one Record per image (rows sharing
-    an image merge their captions)."""
+    an image merge their captions). Without `require_captions`, a table with no caption column gives records
+    without captions (images to be captioned)."""
     image_col = _pick(columns, image_column, IMAGE_COLUMNS, "image", source)
-    caption_col = _pick(columns, caption_column, CAPTION_COLUMNS, "caption", source)
+    if caption_column is None and not require_captions and not any(c in columns for c in CAPTION_COLUMNS):
+        caption_col = None
+    else:
+        caption_col = _pick(columns, caption_column, CAPTION_COLUMNS, "caption", source)
     key_col = next((c for c in ("key", "id", "image_id") if c in columns and c != image_col), None)
     root = _root(source, images)
     out: list[Record] = []  # in source order; rows sharing a key merge into the first one's record
@@ -361,7 +407,7 @@ def _table_records(rows, columns, source: Path, images, image_column, caption_co
         if key is None:
             out.append(_bad(f"row{n}", f"no usable key (`{key_col or image_col}`)"))
             continue
-        value = row.get(caption_col)
+        value = row.get(caption_col) if caption_col is not None else None
         caps, problem = ([], None) if value is None else _caption_list(value)
         if problem is not None:
             out.append(_bad(key, problem, str(root / image) if image else None))
@@ -386,7 +432,9 @@ def _table_records(rows, columns, source: Path, images, image_column, caption_co
     yield from out
 
 
-def read_csv(source: Path, images=None, image_column=None, caption_column=None) -> Iterator[Record]:
+def read_csv(
+    source: Path, images=None, image_column=None, caption_column=None, require_captions: bool = True
+) -> Iterator[Record]:
     """A CSV file with a header row; a row that is not UTF-8 or holds a NUL byte is a bad item."""
     lines = _lines(source)
     first = next(lines, (1, ""))
@@ -423,10 +471,12 @@ def read_csv(source: Path, images=None, image_column=None, caption_column=None) 
             if values:
                 yield dict(zip(columns, values, strict=False))
 
-    yield from _table_records(rows(), columns, source, images, image_column, caption_column)
+    yield from _table_records(rows(), columns, source, images, image_column, caption_column, require_captions)
 
 
-def read_jsonl(source: Path, images=None, image_column=None, caption_column=None) -> Iterator[Record]:
+def read_jsonl(
+    source: Path, images=None, image_column=None, caption_column=None, require_captions: bool = True
+) -> Iterator[Record]:
     """JSON lines, one object per line; a line that is not a JSON object is a bad item."""
     rows: list = []
     for n, line in _lines(source):
@@ -440,10 +490,12 @@ def read_jsonl(source: Path, images=None, image_column=None, caption_column=None
                 continue
             rows.append(row if isinstance(row, dict) else _bad(f"line{n}", f"line {n} is not a JSON object"))
     columns = list(dict.fromkeys(k for r in rows if isinstance(r, dict) for k in r))
-    yield from _table_records(rows, columns, source, images, image_column, caption_column)
+    yield from _table_records(rows, columns, source, images, image_column, caption_column, require_captions)
 
 
-def read_parquet(source: Path, images=None, image_column=None, caption_column=None) -> Iterator[Record]:
+def read_parquet(
+    source: Path, images=None, image_column=None, caption_column=None, require_captions: bool = True
+) -> Iterator[Record]:
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -453,7 +505,9 @@ def read_parquet(source: Path, images=None, image_column=None, caption_column=No
         table = pq.read_table(source)
     except (pa.ArrowException, OSError) as e:
         raise ClipCapError(f"{source} is not a readable parquet file ({str(e).splitlines()[0]})") from None
-    yield from _table_records(table.to_pylist(), table.column_names, source, images, image_column, caption_column)
+    yield from _table_records(
+        table.to_pylist(), table.column_names, source, images, image_column, caption_column, require_captions
+    )
 
 
 def _caption_lines(text: str) -> list[str]:
@@ -537,10 +591,12 @@ def read_source(
     split: str | None = None,
     image_column: str | None = None,
     caption_column: str | None = None,
+    require_captions: bool = True,
 ) -> Iterator[Record]:
     """Records of `source` in a stable order. `images` is the image root for formats whose files name images by
     relative path (default: the source file's folder); `split` keeps only that split and fails when none match.
-    Records with `problem` set are yielded too (whatever their split), for the caller to skip and report."""
+    Records with `problem` set are yielded too (whatever their split), for the caller to skip and report. Without
+    `require_captions` a table (CSV/JSONL/parquet) may have no caption column (images to be captioned)."""
     source = str(source)
     obj = None
     if format == "auto":
@@ -559,9 +615,9 @@ def read_source(
         "coco": lambda: read_coco(path, images, obj),
         "nocaps": lambda: read_coco(path, images, obj),
         "cc": lambda: read_cc(path, images),
-        "csv": lambda: read_csv(path, images, image_column, caption_column),
-        "jsonl": lambda: read_jsonl(path, images, image_column, caption_column),
-        "parquet": lambda: read_parquet(path, images, image_column, caption_column),
+        "csv": lambda: read_csv(path, images, image_column, caption_column, require_captions),
+        "jsonl": lambda: read_jsonl(path, images, image_column, caption_column, require_captions),
+        "parquet": lambda: read_parquet(path, images, image_column, caption_column, require_captions),
         "folder": lambda: read_folder(path),
         "webdataset": lambda: read_webdataset(source),
     }

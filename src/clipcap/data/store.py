@@ -19,32 +19,35 @@ import io
 import json
 import os
 import re
+import secrets
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import ClipCapError
+from ..jobs import JOB
 
 INFO = "info.json"
 SKIPPED = "skipped.jsonl"
-JOB = "job.json"  # written by `clipcap embed` when it starts; info.json appears when it finishes
 _EMB_DIRS = {"image": "img_emb", "text": "text_emb"}
 
 
-def _arrow():
+def arrow(needed_for: str = "the embedding store"):
+    """pyarrow, pyarrow.compute and pyarrow.parquet, or one ClipCapError saying how to install them."""
     try:
         import pyarrow as pa
         import pyarrow.compute as pc
         import pyarrow.parquet as pq
     except ImportError:
-        raise ClipCapError("the embedding store needs pyarrow: pip install 'clipcap[train]'") from None
+        raise ClipCapError(f"{needed_for} needs pyarrow: pip install 'clipcap-hf[train]'") from None
     return pa, pc, pq
 
 
 def replace_atomically(path: Path, write) -> None:
     """Call write(tmp_path), then rename over `path`: readers and resumed jobs never see a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    # Unique per write: ranks on several machines of a shared filesystem may share a pid.
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}-{secrets.token_hex(4)}")
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -127,7 +130,7 @@ class StoreWriter:
         skipped: list[dict] | None = None,
     ) -> None:
         """Write shard `i` atomically: skipped list, metadata, then the embeddings (whose presence marks it done)."""
-        pa, _, pq = _arrow()
+        pa, _, pq = arrow()
         emb = np.asarray(embeddings, dtype=np.float32).reshape(-1, self.clip_dim)
         n = len(keys)
         if len(emb) != n or len(captions) != n:
@@ -157,7 +160,7 @@ class StoreWriter:
 
     def finalize(self, num_shards: int) -> dict:
         """Merge the per-shard skip lists into skipped.jsonl and write info.json for shards 0..num_shards-1."""
-        _, _, pq = _arrow()
+        _, _, pq = arrow()
         missing = [i for i in range(num_shards) if not self.shard_done(i)]
         if missing:
             raise ClipCapError(f"{self.path}: shards {missing[:5]} are not written yet")
@@ -247,6 +250,12 @@ def _concat(pa, tables, column: str):
     )
 
 
+def is_store(path: str | Path) -> bool:
+    """Whether `path` is a directory laid out as an embedding store (img_emb/ or text_emb/ inside)."""
+    path = Path(path)
+    return path.is_dir() and any((path / d).is_dir() for d in _EMB_DIRS.values())
+
+
 def _npy_layout(path: Path) -> tuple[int, int, np.dtype, int]:
     """(rows, dim, dtype, byte offset of the data) of a 2-D C-order .npy file, from its header alone."""
     try:
@@ -298,13 +307,14 @@ class EmbeddingStore:
     """A store read row by row from disk: `store[i]` -> (float32 embedding, caption) for the i-th (image, caption) pair.
 
     `split` keeps only images of that split; `caption_column` names the metadata column holding the captions
-    (a list<string> column gives several pairs per image; a string column, as clip-retrieval writes, one).
+    (a list<string> column gives several pairs per image; a string column, as clip-retrieval writes, one); None
+    reads no captions (no pairs), for a store used for its embeddings and metadata rows alone.
     Memory stays flat in the store size: embeddings stay on disk and are read row by row, captions sit in one Arrow
     buffer.
     """
 
-    def __init__(self, path: str | Path, caption_column: str = "captions", split: str | None = None):
-        pa, pc, pq = _arrow()
+    def __init__(self, path: str | Path, caption_column: str | None = "captions", split: str | None = None):
+        pa, pc, pq = arrow()
         self.path = Path(path)
         self.split = split
         if not self.path.is_dir():
@@ -330,6 +340,7 @@ class EmbeddingStore:
                 raise ClipCapError(f"embedding store {self.path} is incomplete: {f} is missing")
 
         self._files: dict[int, io.FileIO] = {}
+        self._shard_table = None  # (shard, its whole metadata table): the last one `metadata` read
         self._layout = [_npy_layout(f) for f in self._emb_files]  # (rows, dim, dtype, data offset)
         lengths = [rows for rows, *_ in self._layout]
         dims = {dim for _, dim, *_ in self._layout}
@@ -339,7 +350,7 @@ class EmbeddingStore:
         self._starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
 
         schema = _arrow_call(pa, self._meta_files[0], pq.read_schema, self._meta_files[0])
-        if caption_column not in schema.names:
+        if caption_column is not None and caption_column not in schema.names:
             if caption_column == "captions" and "caption" in schema.names:
                 caption_column = "caption"  # a clip-retrieval store
             else:
@@ -348,10 +359,15 @@ class EmbeddingStore:
                     f"(columns: {', '.join(schema.names)})"
                 )
         self.caption_column = caption_column
+        self._schema = schema
         self._columns = [c for c in ("key", "image_path", "url", "split", "extra") if c in schema.names]
         tables = []
+        columns = [c for c in (caption_column, "split" if "split" in schema.names else None) if c is not None]
         for f, n in zip(self._meta_files, lengths, strict=True):
-            columns = [caption_column, *(c for c in ("split",) if c in schema.names)]
+            # Read for embeddings and metadata rows, every shard must carry the same columns (rows of several shards
+            # form one table).
+            if caption_column is None and _arrow_call(pa, f, pq.read_schema, f) != schema:
+                raise ClipCapError(f"embedding store {self.path}: {f.name} has other columns than the first shard")
             t = _read_table(pa, pq, f, columns)
             if tables and t.schema != tables[0].schema:
                 raise ClipCapError(f"embedding store {self.path}: {f.name} has other column types than the first shard")
@@ -360,17 +376,24 @@ class EmbeddingStore:
                     f"embedding store {self.path}: {f.name} has {t.num_rows} rows but its embedding file has {n}"
                 )
             tables.append(t)
-        caps = _concat(pa, tables, caption_column).combine_chunks()
-        text = (pa.types.is_string, pa.types.is_large_string)
-        item = caps.type.value_type if pa.types.is_list(caps.type) or pa.types.is_large_list(caps.type) else caps.type
-        if not any(is_type(item) for is_type in text):
-            raise ClipCapError(f"embedding store {self.path}: column {caption_column!r} holds {caps.type}, not text")
-        if pa.types.is_list(caps.type) or pa.types.is_large_list(caps.type):
-            counts = np.asarray(pc.list_value_length(caps).fill_null(0), dtype=np.int64)
-            values = pc.list_flatten(caps)
-        else:  # one caption per row
-            counts = np.asarray(caps.is_valid(), dtype=np.int64)
-            values = caps.drop_null()
+        if caption_column is None:
+            counts = np.zeros(int(self._starts[-1]), dtype=np.int64)
+            values = pa.array([], pa.string())
+        else:
+            caps = _concat(pa, tables, caption_column).combine_chunks()
+            text = (pa.types.is_string, pa.types.is_large_string)
+            is_list = pa.types.is_list(caps.type) or pa.types.is_large_list(caps.type)
+            item = caps.type.value_type if is_list else caps.type
+            if not any(is_type(item) for is_type in text):
+                raise ClipCapError(
+                    f"embedding store {self.path}: column {caption_column!r} holds {caps.type}, not text"
+                )
+            if is_list:
+                counts = np.asarray(pc.list_value_length(caps).fill_null(0), dtype=np.int64)
+                values = pc.list_flatten(caps)
+            else:  # one caption per row
+                counts = np.asarray(caps.is_valid(), dtype=np.int64)
+                values = caps.drop_null()
         # Empty captions are not training pairs.
         keep = np.asarray(pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(values)), 0).fill_null(False))
         cum = np.concatenate([[0], np.cumsum(keep)])
@@ -413,6 +436,7 @@ class EmbeddingStore:
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_files"] = {}  # each DataLoader worker opens its own file handles
+        state["_shard_table"] = None
         return state
 
     # -- metadata ----------------------------------------------------------------------------------------------
@@ -496,7 +520,7 @@ class EmbeddingStore:
     def _column(self, name: str) -> list | None:
         if name not in self._columns:
             return None
-        pa, _, pq = _arrow()
+        pa, _, pq = arrow()
         values = []
         for f in self._meta_files:
             values.extend(_read_table(pa, pq, f, [name]).column(name).to_pylist())
@@ -526,6 +550,31 @@ class EmbeddingStore:
 
     def image_extra(self, j: int) -> dict:
         return self.extras[j]
+
+    @property
+    def metadata_schema(self):
+        """The Arrow schema of the metadata shards: every column, as stored."""
+        return self._schema
+
+    def metadata(self, indices):
+        """Every metadata column of the given images (indices into 0..num_images-1), in that order, as one Arrow
+        table. Each shard is read whole (and checked) when first needed and kept while the indices stay in it."""
+        pa, _, pq = arrow()
+        located = [self._locate(int(j)) for j in indices]
+        parts = []
+        start = 0
+        while start < len(located):
+            shard = located[start][0]
+            end = start
+            while end < len(located) and located[end][0] == shard:
+                end += 1
+            if self._shard_table is None or self._shard_table[0] != shard:
+                f = self._meta_files[shard]
+                self._shard_table = (shard, _read_table(pa, pq, f, self._schema.names))
+            rows = pa.array([local for _, local in located[start:end]], pa.int64())
+            parts.append(self._shard_table[1].take(rows))
+            start = end
+        return pa.concat_tables(parts) if parts else self._schema.empty_table()
 
     def __repr__(self) -> str:
         split = f", split={self.split!r}" if self.split else ""

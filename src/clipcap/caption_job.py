@@ -1,0 +1,616 @@
+"""Captioning at dataset scale: image files, any source `embed` reads, or an embedding store -> captions.
+
+Inputs (`input_format`; detected by default):
+- `images`: image files, directories (searched recursively) and globs;
+- a dataset source in any format `embed` reads (karpathy, coco, nocaps, cc, csv, jsonl, parquet, folder,
+  webdataset), with its keys and its own metadata;
+- `store`: an embedding store, ours or clip-retrieval's (img_emb/*.npy + metadata/*.parquet), captioned from the
+  stored vectors without reading a single image. Its encoder must be the model's (`check_store`).
+
+Without an output dir, `caption_stream` yields each item's captions (or why it was skipped) in input order as its
+batch finishes. With one, `caption_job` cuts the items into fixed shards of `shard_size`: shard i always holds the same
+items in the same batches, and is written atomically (its skip list, then its captions file, whose presence marks it
+done), so a rerun after any interruption, even a SIGKILL, finishes only the missing shards and gives the same output
+as an uninterrupted run; job.json refuses a different command on the same dir (`jobs.py`). Under torchrun rank r takes
+shards r, r + world, ...; whichever process finds every shard done writes info.json and the merged skipped.jsonl.
+
+Images are decoded and preprocessed in DataLoader workers while the main process encodes and generates.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data.loading import image_loader
+from .data.sources import FORMATS, Record, detect_format, is_shard_pattern, printable, read_images, read_source
+from .data.store import EmbeddingStore, arrow, is_store, reason_class, replace_atomically, write_json
+from .decoding import DecodingOptions, generate_kwargs
+from .devices import DEVICE_HELP
+from .encoder import fingerprint, same_encoder
+from .errors import ClipCapError
+from .hub import resolve_dir
+from .images import is_image_file
+from .jobs import check_job_dir, claim_job, rank_and_world, shards_of
+from .options import option
+
+logger = logging.getLogger(__name__)
+
+INPUT_KINDS = ("images", "store", *FORMATS)
+SHARD_FORMATS = ("parquet", "jsonl")
+COMMAND, KIND = "clipcap caption", "caption job"
+INFO, SKIPPED = "info.json", "skipped.jsonl"
+OWN_COLUMNS = ("key", "image", "caption", "captions")
+SOURCE_SUFFIXES = (".json", ".tsv", ".csv", ".jsonl", ".parquet")
+
+
+@dataclass(kw_only=True)
+class CaptionJobConfig(DecodingOptions):
+    """What to caption, with which model, and where the captions go."""
+
+    inputs: list[str] = option(
+        positional=True,
+        metavar="INPUT",
+        help="image files, directories (searched recursively) or globs; or one dataset source (any format embed "
+        "reads) or embedding store (ours or clip-retrieval's), captioned from its stored vectors",
+    )
+    model: str = option(help="model dir (or HF Hub id) to caption with")
+    out: str | None = option(
+        None,
+        help="directory for sharded, resumable output (rerun the same command to finish an interrupted job; under "
+        "torchrun each process takes its share of the shards)",
+        default_text="none: records stream out as they are captioned",
+    )
+    input_format: str = option(
+        "auto",
+        choices=("auto", *INPUT_KINDS),
+        help="what the inputs are: images, an embedding store, or a dataset source format (auto: detected)",
+    )
+    image_root: str | None = option(
+        None,
+        help="image root for sources that name images by relative path (default: the source file's folder); for cc, "
+        "the img2dataset output whose .json sidecars map URLs to images",
+    )
+    split: str | None = option(None, help="only this split of a dataset source or store")
+    image_column: str | None = option(None, help="CSV/JSONL/parquet column holding the image path (default: guessed)")
+    num_captions: int = option(1, min=1, help="captions per image: the best beams (needs beams >= N) or samples")
+    batch_size: int = option(32, min=1, help="images (or stored embeddings) captioned together")
+    workers: int = option(2, min=0, help="image-decoding worker processes, ahead of generation; 0 decodes in-process")
+    shard_size: int = option(10_000, min=1, help="items per output shard (with an output dir)")
+    shard_format: str = option(
+        "parquet", choices=SHARD_FORMATS, help="output shard files (with an output dir): parquet or JSON lines"
+    )
+    clip_model: str | None = option(None, help="CLIP encoder dir or id", default_text="the one the model config names")
+    device: str = option("auto", help=DEVICE_HELP)
+    dtype: str | None = option(
+        None,
+        choices=("float32", "float16", "bfloat16"),
+        help="weights and compute dtype (float16/bfloat16 are for GPUs)",
+        default_text="as saved",
+    )
+
+
+# -- inputs ------------------------------------------------------------------------------------------------------
+def input_kind(cfg: CaptionJobConfig) -> str:
+    """The kind of `cfg.inputs`: `input_format`, or the detected kind when that is "auto"."""
+    return detect_input(cfg.inputs) if cfg.input_format == "auto" else cfg.input_format
+
+
+def detect_input(inputs: list[str]) -> str:
+    """The input kind of `inputs`: "store" for an embedding store, a source format for one dataset file or set of
+    webdataset shards, else "images" (image files, directories and globs)."""
+    if len(inputs) != 1:
+        return "images"
+    item = inputs[0]
+    path = Path(item).expanduser()
+    if is_store(path):
+        return "store"
+    if is_shard_pattern(item) or (path.is_file() and path.suffix.lower() in SOURCE_SUFFIXES):
+        return detect_format(item)
+    if path.is_dir() and not any(is_image_file(p) for p in path.rglob("*")) and next(path.rglob("*.tar"), None):
+        return "webdataset"
+    return "images"
+
+
+@dataclass
+class Inputs:
+    """The items to caption: records (images and sources) or the images of a store, with the reason each item the
+    reader could not use is skipped (by item index)."""
+
+    kind: str
+    records: list[Record] | None = None
+    store: EmbeddingStore | None = None
+    bad: dict[int, str] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.store.num_images if self.store is not None else len(self.records)
+
+    def names(self, indices: list[int]) -> list[tuple[str, str | None]]:
+        """(key, image reference) of the given items, as text that can be written out."""
+        if self.store is None:
+            return [
+                (self.records[n].key, printable(self.records[n].image) if self.records[n].image else None)
+                for n in indices
+            ]
+        return _store_names(self.store.metadata(indices), indices)
+
+
+def _store_image_column(names: list[str]) -> str | None:
+    return next((c for c in ("image_path", "url") if c in names), None)
+
+
+def _store_names(table, indices: list[int]) -> list[tuple[str, str | None]]:
+    """(key, image) of store rows: its `key` column (else the row number) and `image_path` (else `url`) column."""
+    keys = table.column("key").to_pylist() if "key" in table.column_names else [None] * len(indices)
+    column = _store_image_column(table.column_names)
+    images = table.column(column).to_pylist() if column else [None] * len(indices)
+    return [
+        (str(k) if k is not None else str(n), str(i) if i is not None else None)
+        for n, k, i in zip(indices, keys, images, strict=True)
+    ]
+
+
+def open_inputs(cfg: CaptionJobConfig) -> Inputs:
+    """Read what `cfg.inputs` names (records are listed whole; a store is opened, not loaded)."""
+    kind = input_kind(cfg)
+    if kind in ("images", "store"):
+        given = [n for n in ("image_root", "image_column") if getattr(cfg, n) is not None]
+        given += ["split"] if kind == "images" and cfg.split is not None else []
+        if given:
+            raise ClipCapError(f"`{given[0]}` applies to dataset sources, not to {kind} inputs")
+    if kind == "images":
+        return Inputs(kind, records=list(read_images(cfg.inputs)))
+    if len(cfg.inputs) != 1:
+        raise ClipCapError(
+            f"caption one dataset source or store at a time, not {len(cfg.inputs)} inputs ({', '.join(cfg.inputs)})"
+        )
+    source = cfg.inputs[0]
+    if kind == "store":
+        if not is_store(source):
+            raise ClipCapError(f"{source} is not an embedding store (no img_emb/ or text_emb/ directory in it)")
+        inputs = Inputs(kind, store=EmbeddingStore(source, caption_column=None, split=cfg.split))
+        if not len(inputs):
+            raise ClipCapError(f"{source} holds no embeddings to caption")
+        return inputs
+    records = list(
+        read_source(
+            source, kind, images=cfg.image_root, split=cfg.split, image_column=cfg.image_column, require_captions=False
+        )
+    )
+    bad, seen = {}, set()
+    for n, rec in enumerate(records):
+        if rec.problem:
+            bad[n] = rec.problem
+        elif rec.key in seen:
+            bad[n] = "duplicate key (first occurrence kept)"
+        seen.add(rec.key)
+    if not records:
+        raise ClipCapError(f"{source} holds no items to caption")
+    return Inputs(kind, records=records, bad=bad)
+
+
+# -- the model ---------------------------------------------------------------------------------------------------
+def check_store(store: EmbeddingStore, captioner) -> None:
+    """Refuse a store whose vectors the model cannot caption: text embeddings, another size, another encoder, or
+    normalised vectors for a model that maps raw ones. A store that records no encoder (clip-retrieval's) is taken
+    to come from the model's encoder when the size matches, and a warning says so."""
+    config, name = captioner.model.config, captioner.clip_model
+    if store.modality != "image":
+        raise ClipCapError(f"{store.path} holds {store.modality} embeddings, not image embeddings")
+    if store.clip_dim != config.clip_dim:
+        raise ClipCapError(
+            f"{store.path} holds {store.clip_dim}-d embeddings but the model expects {config.clip_dim}-d ones "
+            f"(from {name})"
+        )
+    if store.clip_model is None:
+        logger.warning(
+            "%s records no encoder: its %d-d embeddings are taken to come from %s, the model's encoder (only their "
+            "size can be checked)",
+            store.path,
+            store.clip_dim,
+            name,
+        )
+    elif not same_encoder(store.clip_model, name, store.clip_fingerprint):
+        raise ClipCapError(
+            f"{store.path} was embedded with {store.clip_model}, but the model expects embeddings from {name}: embed "
+            "the data with the model's encoder, or name the store's encoder as `clip_model` if the model was trained "
+            "on it"
+        )
+    if store.normalized and not config.normalize_prefix:
+        raise ClipCapError(
+            f"{store.path} holds L2-normalised embeddings but the model maps raw ones (normalize_prefix is off in its "
+            "config), so its captions of them would be wrong: embed without normalising, or use a model trained on "
+            "normalised embeddings"
+        )
+
+
+def load_captioner(cfg: CaptionJobConfig, inputs: Inputs):
+    """The Captioner for `cfg` (without an image encoder for a store, whose vectors it checks) and the keyword
+    arguments for its decoding."""
+    from .captioner import Captioner
+
+    captioner = Captioner.from_pretrained(
+        cfg.model,
+        clip_model=cfg.clip_model,
+        device=cfg.device,
+        dtype=cfg.dtype,
+        batch_size=cfg.batch_size,
+        load_encoder=inputs.store is None,
+    )
+    if inputs.store is not None:
+        check_store(inputs.store, captioner)
+    decoding = generate_kwargs(cfg, captioner.decoding_defaults)
+    if cfg.num_captions > decoding["num_beams"] and not decoding["do_sample"]:
+        raise ClipCapError(
+            f"{cfg.num_captions} captions per image need at least {cfg.num_captions} beams (`num_beams`) or "
+            "sampling (`do_sample`)"
+        )
+    return captioner, decoding
+
+
+def _caption_batches(captioner, inputs: Inputs, batches: list[list[int]], decoding: dict, num: int, workers: int):
+    """For each batch of item indices, in order: ({index: captions}, {index: reason}). Stored vectors are read
+    straight from the store; images are decoded by `workers` DataLoader processes ahead of generation."""
+
+    def generate(embeds: torch.Tensor) -> list[list[str]]:
+        out = captioner.caption_embeddings(embeds, num_return_sequences=num, **decoding)
+        return [[c] for c in out] if num == 1 else out
+
+    if inputs.store is not None:
+        for batch in batches:
+            vectors = inputs.store.image_embeddings(batch)
+            finite = np.isfinite(vectors).all(axis=1)
+            good = [n for n, ok in zip(batch, finite, strict=True) if ok]
+            failed = {n: "stored embedding is not finite" for n, ok in zip(batch, finite, strict=True) if not ok}
+            captions = generate(torch.from_numpy(vectors[finite])) if good else []
+            yield dict(zip(good, captions, strict=True)), failed
+        return
+    encoder = captioner.encoder
+    pin = encoder.device.type == "cuda"
+    for good, pixels, failed in image_loader(inputs.records, encoder.processor, batches, workers, pin_memory=pin):
+        captions = generate(encoder.encode_pixels(pixels)) if good else []
+        yield dict(zip(good, captions, strict=True)), failed
+
+
+def _batches(indices: list[int], size: int) -> list[list[int]]:
+    return [indices[i : i + size] for i in range(0, len(indices), size)]
+
+
+# -- streaming ---------------------------------------------------------------------------------------------------
+@dataclass
+class Captioned:
+    """One item's outcome: its captions, or the reason it was skipped."""
+
+    key: str
+    image: str | None
+    captions: list[str] | None
+    reason: str | None = None
+
+
+def caption_stream(cfg: CaptionJobConfig, progress: bool = False) -> Iterator[Captioned]:
+    """Caption every item of `cfg.inputs`, yielding outcomes in input order as each batch finishes."""
+    from tqdm.auto import tqdm
+
+    inputs = open_inputs(cfg)
+    captioner, decoding = load_captioner(cfg, inputs)
+    good = [n for n in range(len(inputs)) if n not in inputs.bad]
+    batches = _batches(good, cfg.batch_size)
+    unreadable = sorted(inputs.bad)
+    bar = tqdm(total=len(inputs), unit="img", desc="captioning", disable=not progress or len(inputs) < 2)
+
+    def outcomes(indices: list[int], captions: dict, failed: dict) -> Iterator[Captioned]:
+        for n, (key, image) in zip(indices, inputs.names(indices), strict=True):
+            reason = inputs.bad.get(n) or failed.get(n)
+            yield Captioned(key, image, captions.get(n), reason)
+        bar.update(len(indices))
+
+    generated = _caption_batches(captioner, inputs, batches, decoding, cfg.num_captions, cfg.workers)
+    with bar:
+        done = 0
+        for batch, (captions, failed) in zip(batches, generated, strict=True):
+            # Items the reader could not use come out where they stand in the input.
+            start = done
+            while done < len(unreadable) and unreadable[done] < batch[-1]:
+                done += 1
+            yield from outcomes(sorted(unreadable[start:done] + batch), captions, failed)
+        yield from outcomes(unreadable[done:], {}, {})
+
+
+# -- sharded jobs ------------------------------------------------------------------------------------------------
+def _digest(records: list[Record]) -> str:
+    h = hashlib.sha256()
+    for rec in records:
+        h.update(f"{rec.key}\0{rec.image}\0{rec.problem}\n".encode("utf-8", "surrogatepass"))
+    return h.hexdigest()
+
+
+def _job_record(cfg: CaptionJobConfig, inputs: Inputs, captioner, decoding: dict) -> dict:
+    """The parameters that decide the output: a rerun with the same ones resumes, any other is refused."""
+    model_dir = resolve_dir(cfg.model)
+    resolved = [str(Path(i).resolve()) if Path(i).exists() else i for i in cfg.inputs]
+    return {
+        "command": "caption",
+        "inputs": resolved,
+        "input_format": inputs.kind,
+        "image_root": str(Path(cfg.image_root).resolve()) if cfg.image_root is not None else None,
+        "split": cfg.split,
+        "image_column": cfg.image_column,
+        "num_items": len(inputs),
+        "items_sha256": _digest(inputs.records) if inputs.records is not None else None,
+        "model": str(model_dir.resolve()),
+        "model_fingerprint": fingerprint(str(model_dir)),
+        "clip_model": str(captioner.clip_model),
+        "clip_fingerprint": fingerprint(str(captioner.clip_model)),
+        "decoding": decoding,
+        "num_captions": cfg.num_captions,
+        "batch_size": cfg.batch_size,
+        "dtype": cfg.dtype,
+        "device": cfg.device,
+        "shard_size": cfg.shard_size,
+        "shard_format": cfg.shard_format,
+    }
+
+
+def _free_name(name: str, taken: set[str]) -> str:
+    while name in taken:
+        name = f"source_{name}"
+    return name
+
+
+def _json_value(value):
+    if isinstance(value, (bytes, bytearray)):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    return str(value)
+
+
+class _Columns:
+    """The output columns, the same in every shard: key, image, caption (or captions), then the source's own
+    metadata columns (for a store, its metadata columns as stored; for a source, split, its captions as
+    `source_captions` and its extra fields), renamed `source_NAME` where a name is taken."""
+
+    def __init__(self, inputs: Inputs, num_captions: int):
+        pa, _, _ = arrow("sharded output")
+        self.pa = pa
+        self.inputs = inputs
+        self.caption_field = (
+            pa.field("caption", pa.string()) if num_captions == 1 else pa.field("captions", pa.list_(pa.string()))
+        )
+        taken = set(OWN_COLUMNS)
+        self.fields = []  # (output name, source name, arrow type, as JSON text)
+        if inputs.store is not None:
+            schema = inputs.store.metadata_schema
+            used = {"key", _store_image_column(schema.names)}  # they are the key and image columns
+            for f in schema:
+                if f.name not in used:
+                    name = _free_name(f.name, taken)
+                    taken.add(name)
+                    self.fields.append((name, f.name, f.type, False))
+            return
+        good = [r for n, r in enumerate(inputs.records) if n not in inputs.bad]
+        columns = {}
+        if any(r.split is not None for r in good):
+            columns["split"] = [r.split for r in good]
+        if any(r.captions for r in good):
+            columns["source_captions"] = [r.captions for r in good]
+        for name in dict.fromkeys(k for r in good for k in r.extra):
+            columns[f"extra:{name}"] = [r.extra.get(name) for r in good]
+        for source, values in columns.items():
+            name = _free_name(source.removeprefix("extra:"), taken)
+            taken.add(name)
+            try:
+                kind = pa.array(values).type
+                as_json = False
+            except (pa.ArrowException, TypeError, ValueError, OverflowError):
+                kind, as_json = pa.string(), True  # mixed types across rows: kept as JSON text
+            self.fields.append((name, source, pa.string() if pa.types.is_null(kind) else kind, as_json))
+
+    @property
+    def names(self) -> list[str]:
+        return ["key", "image", self.caption_field.name, *(name for name, *_ in self.fields)]
+
+    def table(self, indices: list[int], captions: dict[int, list[str]]):
+        """The rows of the captioned items `indices` (in order) as one Arrow table."""
+        pa = self.pa
+        meta = self.inputs.store.metadata(indices) if self.inputs.store is not None else None
+        names = _store_names(meta, indices) if meta is not None else self.inputs.names(indices)
+        texts = [captions[n] for n in indices]
+        arrays = {
+            "key": pa.array([k for k, _ in names], pa.string()),
+            "image": pa.array([i for _, i in names], pa.string()),
+            self.caption_field.name: pa.array(
+                [t[0] for t in texts] if self.caption_field.name == "caption" else texts, self.caption_field.type
+            ),
+        }
+        for name, source, kind, as_json in self.fields:
+            if meta is not None:
+                arrays[name] = meta.column(source)
+                continue
+            values = [self._value(self.inputs.records[n], source) for n in indices]
+            if as_json:
+                values = [None if v is None else json.dumps(v, ensure_ascii=False, sort_keys=True) for v in values]
+            arrays[name] = pa.array(values, kind)
+        return pa.table(arrays)
+
+    @staticmethod
+    def _value(record: Record, source: str):
+        if source == "split":
+            return record.split
+        if source == "source_captions":
+            return record.captions
+        return record.extra.get(source.removeprefix("extra:"))
+
+
+@dataclass
+class CaptionJobResult:
+    """Where the output is, this process's rank, and info.json once every shard is written (None on a rank that
+    finished while others still work)."""
+
+    out: Path
+    rank: int
+    world: int
+    info: dict | None
+
+
+class _ShardFiles:
+    """OUT/captions/part-NNNNN.{parquet,jsonl} and OUT/skipped/part-NNNNN.jsonl."""
+
+    def __init__(self, out: Path, fmt: str, num_shards: int):
+        self.out, self.fmt, self.num_shards = out, fmt, num_shards
+        self.width = max(5, len(str(num_shards - 1)))
+        self.captions_dir, self.skipped_dir = out / "captions", out / "skipped"
+
+    def captions(self, i: int) -> Path:
+        return self.captions_dir / f"part-{i:0{self.width}d}.{self.fmt}"
+
+    def skipped(self, i: int) -> Path:
+        return self.skipped_dir / f"part-{i:0{self.width}d}.jsonl"
+
+    def done(self, i: int) -> bool:
+        return self.captions(i).is_file()
+
+    def write(self, i: int, table, skipped: list[dict]) -> None:
+        """The skip list, then the captions (whose file marks the shard done), each atomically."""
+        _, _, pq = arrow("sharded output")
+        lines = "".join(json.dumps({**s, "shard": i}, ensure_ascii=False) + "\n" for s in skipped)
+        replace_atomically(self.skipped(i), lambda tmp: tmp.write_text(lines, encoding="utf-8"))
+        if self.fmt == "parquet":
+            replace_atomically(self.captions(i), lambda tmp: pq.write_table(table, tmp))
+            return
+        rows = "".join(json.dumps(r, ensure_ascii=False, default=_json_value) + "\n" for r in table.to_pylist())
+        replace_atomically(self.captions(i), lambda tmp: tmp.write_text(rows, encoding="utf-8"))
+
+    def rows(self, i: int) -> int:
+        """How many rows shard i holds; a file damaged since it was written is one error naming it."""
+        path = self.captions(i)
+        damaged = f"{path} is damaged (%s): delete it and rerun the same command to redo that shard"
+        if self.fmt == "parquet":
+            pa, _, pq = arrow("sharded output")
+            try:
+                return pq.read_metadata(path).num_rows
+            except (pa.ArrowException, OSError) as e:
+                raise ClipCapError(damaged % str(e).splitlines()[0]) from None
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+            for line in lines:
+                json.loads(line)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ClipCapError(damaged % e) from None
+        return len(lines)
+
+    def read_skipped(self, i: int) -> list[str]:
+        path = self.skipped(i)
+        try:
+            lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            reasons = [json.loads(line)["reason"] for line in lines]
+        except FileNotFoundError:
+            raise ClipCapError(f"{path} is missing: delete {self.captions(i)} and rerun to redo that shard") from None
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ClipCapError(f"{path} is damaged ({e}): delete {self.captions(i)} and rerun to redo it") from None
+        return list(zip(lines, reasons, strict=True))
+
+
+def caption_job(cfg: CaptionJobConfig, progress: bool = False) -> CaptionJobResult:
+    """Caption `cfg.inputs` into sharded, resumable output in `cfg.out` (this process's share under torchrun)."""
+    from tqdm.auto import tqdm
+
+    if cfg.out is None:
+        raise ClipCapError("a sharded job needs an output dir (`out`)")
+    out = Path(cfg.out)
+    check_job_dir(out, COMMAND, KIND)  # before minutes of reading and loading
+    inputs = open_inputs(cfg)
+    rank, world = rank_and_world()
+    captioner, decoding = load_captioner(cfg, inputs)
+    columns = _Columns(inputs, cfg.num_captions)
+    claim_job(out, _job_record(cfg, inputs, captioner, decoding), COMMAND, KIND)
+    num_shards = max(1, math.ceil(len(inputs) / cfg.shard_size))
+    files = _ShardFiles(out, cfg.shard_format, num_shards)
+    for d in (files.captions_dir, files.skipped_dir):
+        d.mkdir(exist_ok=True)
+    pending = [s for s in shards_of(rank, world, num_shards) if not files.done(s)]
+    items = {s: range(s * cfg.shard_size, min((s + 1) * cfg.shard_size, len(inputs))) for s in pending}
+    batches, owners = [], []
+    for shard in pending:
+        for batch in _batches([n for n in items[shard] if n not in inputs.bad], cfg.batch_size):
+            batches.append(batch)
+            owners.append(shard)
+    left = {s: owners.count(s) for s in pending}
+    state = {s: ({}, {}) for s in pending}  # captions and reasons by item
+    desc = "caption" + (f" [rank {rank}/{world}]" if world > 1 else "")
+    bar = tqdm(total=sum(len(items[s]) for s in pending), unit="img", desc=desc, disable=not progress)
+
+    def finish(shard: int) -> None:
+        captions, failed = state.pop(shard)
+        failed.update({n: inputs.bad[n] for n in items[shard] if n in inputs.bad})
+        kept = [n for n in items[shard] if n in captions]
+        lost = [n for n in items[shard] if n in failed]
+        skipped = [
+            {"key": key, "image": image, "reason": failed[n]}
+            for n, (key, image) in zip(lost, inputs.names(lost), strict=True)
+        ]
+        files.write(shard, columns.table(kept, captions), skipped)
+        bar.update(sum(1 for n in items[shard] if n in inputs.bad))
+        if skipped:
+            counts: dict[str, int] = {}
+            for s in skipped:
+                counts[reason_class(s["reason"])] = counts.get(reason_class(s["reason"]), 0) + 1
+            summary = ", ".join(f"{reason} {count}" for reason, count in sorted(counts.items()))
+            logger.info("shard %d: skipped %d of %d (%s)", shard, len(skipped), len(items[shard]), summary)
+
+    with bar:
+        for shard in pending:
+            if left[shard] == 0:  # nothing to caption in it: write its skip list now
+                finish(shard)
+        generated = _caption_batches(captioner, inputs, batches, decoding, cfg.num_captions, cfg.workers)
+        for shard, batch, (captions, failed) in zip(owners, batches, generated, strict=True):
+            state[shard][0].update(captions)
+            state[shard][1].update(failed)
+            bar.update(len(batch))
+            left[shard] -= 1
+            if left[shard] == 0:
+                finish(shard)
+    if not all(files.done(s) for s in range(num_shards)):
+        return CaptionJobResult(out, rank, world, None)  # the last process to finish writes info.json
+    return CaptionJobResult(out, rank, world, _finalize(files, inputs, columns, len(inputs), world))
+
+
+def _finalize(files: _ShardFiles, inputs: Inputs, columns: _Columns, num_items: int, world: int) -> dict:
+    """Merge the skip lists into skipped.jsonl and write info.json (both the same whoever writes them)."""
+    rows = [files.rows(i) for i in range(files.num_shards)]
+    skipped = [entry for i in range(files.num_shards) for entry in files.read_skipped(i)]
+    by_reason: dict[str, int] = {}
+    for _, reason in skipped:
+        by_reason[reason_class(reason)] = by_reason.get(reason_class(reason), 0) + 1
+    text = "".join(line + "\n" for line, _ in skipped)
+    replace_atomically(files.out / SKIPPED, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    info = {
+        "format": "clipcap-captions",
+        "version": 1,
+        "input_format": inputs.kind,
+        "num_items": num_items,
+        "num_captioned": sum(rows),
+        "num_skipped": len(skipped),
+        "skipped_by_reason": dict(sorted(by_reason.items())),
+        "num_shards": files.num_shards,
+        "shard_format": files.fmt,
+        "columns": columns.names,
+    }
+    write_json(files.out / INFO, info)
+    # Temporaries of processes killed mid-write; no process writes shards any more once every one is done.
+    for d in (files.captions_dir, files.skipped_dir):
+        for tmp in d.glob(".*.tmp*"):
+            tmp.unlink(missing_ok=True)
+    if world == 1:
+        for tmp in files.out.glob(".*.tmp*"):
+            tmp.unlink(missing_ok=True)
+    return info
