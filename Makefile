@@ -30,7 +30,7 @@ browser:
 		echo "chromium not installed: the browser test will be skipped"
 
 test: $(STAMP) browser
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n auto --durations=20
 	$(BIN)/ruff check .
 
 lint: $(STAMP)
