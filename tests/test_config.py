@@ -34,6 +34,15 @@ def test_json_round_trip(tmp_path):
         (dict(mapping="lstm"), "mapping must be one of"),
         (dict(prefix_length=0), "prefix_length must be a positive integer"),
         (dict(mapping="transformer", clip_length=-1), "clip_length must be a positive integer"),
+        (dict(token_shape=[50, 768]), "image tokens need the transformer mapping"),
+        (dict(mapping="transformer", token_shape=[50]), r"token_shape must be \[tokens, width\]"),
+        (dict(mapping="transformer", token_shape="50x768"), r"token_shape must be \[tokens, width\]"),
+        (dict(mapping="transformer", token_shape=[0, 768]), "two positive integers"),
+        (dict(mapping="transformer", token_shape=[50, 7.5]), "two positive integers"),
+        (dict(mapping="transformer", token_shape=[50, True]), "two positive integers"),
+        (dict(mapping="transformer", token_shape=[50, 768], token_grid=0), "token_grid must be a positive integer"),
+        (dict(mapping="transformer", clip_length=10, token_grid=7), "token_grid is set but token_shape is not"),
+        (dict(mapping="transformer", token_shape=[50, 768], normalize_prefix=True), "not image tokens"),
     ],
 )
 def test_validation_messages(fields, message):
@@ -50,3 +59,13 @@ def test_bad_files(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"prefix_length": 3, "colour": "red"}))
     with pytest.raises(ClipCapError, match="unknown ClipCapConfig fields: colour"):
         ClipCapConfig.from_pretrained(tmp_path)
+
+
+def test_token_fields_round_trip(tmp_path):
+    config = ClipCapConfig(mapping="transformer", token_shape=(50, 768), token_grid=7, tune_lm=False)
+    assert config.token_shape == [50, 768] and config.clip_length is None  # the tokens replace clip_length
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert (saved["token_shape"], saved["token_grid"]) == ([50, 768], 7)
+    assert ClipCapConfig.from_pretrained(tmp_path) == config
+    assert ClipCapConfig().token_shape is None  # a model that reads the pooled embedding

@@ -86,6 +86,12 @@ class Captioner:
                 f"the encoder {encoder.name} gives {encoder.dim}-d features but the model expects "
                 f"clip_dim={model.config.clip_dim}"
             )
+        tokens = model.config.token_shape
+        if encoder is not None and tokens is not None and encoder.token_dim != tokens[1]:
+            raise ClipCapError(
+                f"the encoder {encoder.name} gives {encoder.token_dim}-wide image tokens but the model reads "
+                f"{tokens[1]}-wide ones"
+            )
 
     @classmethod
     def from_pretrained(
@@ -123,6 +129,13 @@ class Captioner:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def model_inputs(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """What the model reads for preprocessed images: pooled CLIP features (B, clip_dim), or the vision tower's
+        last hidden states (B, T, D), pooled to the model's token grid, when the model reads image tokens."""
+        if self.model.config.token_shape is None:
+            return self.encoder.encode_pixels(pixel_values)
+        return self.encoder.encode_pixels_and_tokens(pixel_values, self.model.config.token_grid)[1]
+
     def decode(self, ids: torch.Tensor) -> list[str]:
         """Token rows -> clean strings: cut after the stop token, special tokens dropped, whitespace stripped."""
         stop = self.model.config.stop_token_id
@@ -141,7 +154,8 @@ class Captioner:
         num_return_sequences: int = 1,
         **generate_kwargs,
     ) -> list[str] | list[list[str]]:
-        """Captions for precomputed CLIP embeddings (B, clip_dim), in batches of `batch_size`."""
+        """Captions for precomputed CLIP embeddings (B, clip_dim), or image tokens (B, T, D) for a model that reads
+        them, in batches of `batch_size`."""
         if num_return_sequences > num_beams and not generate_kwargs.get("do_sample"):
             raise ClipCapError(
                 f"{num_return_sequences} captions per image need at least {num_return_sequences} beams "
@@ -173,11 +187,14 @@ class Captioner:
     ) -> list[str] | list[list[str]]:
         """Caption PIL images or paths (one or a list). Returns one string per image, or a list of
         `num_return_sequences` strings per image when that is > 1. A bad image raises ImageLoadError."""
+        from .encoder import load_image
+
         if isinstance(images, (str, Path, Image.Image)):
             images = [images]
         out: list = []
         for i in range(0, len(images), self.batch_size):
-            embeds = self.encoder.encode(images[i : i + self.batch_size], batch_size=self.batch_size)
+            chunk = [load_image(im) for im in images[i : i + self.batch_size]]
+            embeds = self.model_inputs(self.encoder.preprocess(chunk))
             out.extend(
                 self.caption_embeddings(embeds, num_beams, max_new_tokens, num_return_sequences, **generate_kwargs)
             )

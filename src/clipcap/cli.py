@@ -98,12 +98,15 @@ def cmd_demo(args) -> int:
 def add_experiment(sub) -> None:
     p = sub.add_parser(
         "experiment",
-        help="the paper's ablations: prefix length, mapping x LM tuning",
+        help="the paper's ablations (prefix length, mapping x LM tuning) and where things are (relations)",
         description="prefix-length: train and test score against the prefix length k for a tuned and a frozen LM "
         "(the paper's figure; OUT/prefix_length.png). mapping: MLP/Transformer x tuned/frozen LM (OUT/table.md). "
-        "Both write OUT/results.json and train every run with `clipcap train` on --data.",
+        "Both write OUT/results.json and train every run with `clipcap train` on --data. relations: each CLIP of "
+        "--clip-models x pooled embedding (MLP + tuned, Transformer + frozen LM) or image tokens (Transformer, tuned "
+        "or frozen LM) on the demo's shapes world (--quick: a smaller one): single objects, two-object scenes and "
+        "their relations, in-domain and novel, seconds of training, store size (OUT/table.md).",
     )
-    p.add_argument("kind", choices=["prefix-length", "mapping"], help="which ablation")
+    p.add_argument("kind", choices=["prefix-length", "mapping", "relations"], help="which ablation")
     p.add_argument("--out", required=True, help="output directory (runs/, results.json, plots)")
     p.add_argument("--data", help="embedding store to train and test on (made by `clipcap embed`)")
     p.add_argument("--lm", help="HF id or dir of the language model")
@@ -122,6 +125,22 @@ def add_experiment(sub) -> None:
     p.add_argument("--num-layers", type=int, default=4, help="transformer mapper layers (default: 4)")
     p.add_argument("--beams", type=int, default=1, help="beam width when scoring (default: 1, greedy)")
     p.add_argument("--train-eval-images", type=int, default=500, help="training images scored for the train curve")
+    p.add_argument(
+        "--clip-models",
+        nargs="+",
+        help="relations: CLIP encoders to compare, as DIR or NAME=DIR (default: the shipped shapes CLIP)",
+    )
+    p.add_argument(
+        "--token-grids",
+        type=lambda t: [None if v == "all" else int(v) for v in t.split(",")],
+        help="relations: token grids for the token variants, e.g. all,3,2 (default: all tokens)",
+    )
+    p.add_argument(
+        "--variants",
+        type=lambda t: t.split(","),
+        help="relations: which variants, comma-separated (default: mlp_tuned,transformer_frozen,tokens_tuned,"
+        "tokens_frozen)",
+    )
     p.set_defaults(func=cmd_experiment)
 
 
@@ -145,6 +164,9 @@ def cmd_experiment(args) -> int:
         num_layers=args.num_layers,
         num_beams=args.beams,
         train_eval_images=args.train_eval_images,
+        clip_models=args.clip_models,
+        token_grids=args.token_grids,
+        variants=args.variants,
         **({} if args.epochs is None else {"epochs": args.epochs}),  # unset: --quick picks its own
     )
     return 0
@@ -193,6 +215,16 @@ def add_embed(sub) -> None:
         help="L2-normalise the embeddings, as clip-retrieval does (default: raw features, as the paper trained on)",
     )
     p.add_argument("--shard-size", type=int, default=10_000, help="records per shard file (default: 10000)")
+    p.add_argument(
+        "--tokens",
+        action="store_true",
+        help="also store the vision tower's last hidden states per image (tok_emb/*.npy), for `train --tokens`",
+    )
+    p.add_argument(
+        "--token-grid",
+        type=int,
+        help="with --tokens: average-pool the patch tokens to an N x N grid (class token kept; default: all tokens)",
+    )
     p.add_argument("--device", help="torch device (default: cuda:LOCAL_RANK when available, else cpu)")
     p.add_argument("--image-column", help="CSV/JSONL/parquet column holding the image path (default: guessed)")
     p.add_argument("--caption-column", help="CSV/JSONL/parquet column holding the caption(s) (default: guessed)")
@@ -219,6 +251,8 @@ def cmd_embed(args) -> int:
         image_column=args.image_column,
         caption_column=args.caption_column,
         progress=not args.quiet,
+        tokens=args.tokens,
+        token_grid=args.token_grid,
     )
     return 0
 
@@ -511,6 +545,11 @@ def add_train(sub) -> None:
     )
     p.add_argument(
         "--noise-variance", type=float, default=0.016, help="--text-only Gaussian noise variance (default: 0.016)"
+    )
+    p.add_argument(
+        "--tokens",
+        action="store_true",
+        help="the transformer mapper reads the store's image tokens (`embed --tokens`) instead of one pooled vector",
     )
     p.add_argument("--lm-text", help="plain-text file (one passage per line) for extra LM loss while tuning the LM")
     p.add_argument("--lm-text-weight", type=float, default=0.0, help="weight of the --lm-text loss (default: 0 = off)")

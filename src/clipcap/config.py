@@ -30,6 +30,10 @@ class ClipCapConfig:
     normalize_prefix: bool = False
     stop_token_id: int | None = None
     pad_token_id: int | None = None
+    # Image tokens instead of one pooled embedding (transformer mapping only): [T, D] of the vision tower's last
+    # hidden states the mapper reads, and the grid their patches were pooled to (None: every token).
+    token_shape: list[int] | None = None
+    token_grid: int | None = None
     # The LM's own config (AutoConfig dict), so a saved model dir rebuilds its LM without the network.
     lm_config: dict[str, Any] | None = field(default=None, repr=False)
 
@@ -44,11 +48,30 @@ class ClipCapConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ClipCapError(f"{name} must be a positive integer, got {value!r}")
-        if self.mapping == "transformer":
+        if self.mapping == "transformer" and self.token_shape is None:
             if self.clip_length is None:
                 raise ClipCapError("the transformer mapping needs clip_length (the original used 10, or 40 with k=40)")
             if not isinstance(self.clip_length, int) or self.clip_length < 1:
                 raise ClipCapError(f"clip_length must be a positive integer, got {self.clip_length!r}")
+        if self.token_shape is not None:
+            self._validate_tokens()
+        elif self.token_grid is not None:
+            raise ClipCapError("token_grid is set but token_shape is not: a token grid needs image tokens")
+
+    def _validate_tokens(self) -> None:
+        shape = self.token_shape
+        if not isinstance(shape, (list, tuple)) or len(shape) != 2:
+            raise ClipCapError(f"token_shape must be [tokens, width], got {shape!r}")
+        if any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in shape):
+            raise ClipCapError(f"token_shape must hold two positive integers, got {shape!r}")
+        self.token_shape = [int(v) for v in shape]
+        if self.mapping != "transformer":
+            raise ClipCapError("image tokens need the transformer mapping (the MLP mapper reads one vector)")
+        grid = self.token_grid
+        if grid is not None and (not isinstance(grid, int) or isinstance(grid, bool) or grid < 1):
+            raise ClipCapError(f"token_grid must be a positive integer or null, got {grid!r}")
+        if self.normalize_prefix:
+            raise ClipCapError("normalize_prefix applies to pooled embeddings, not image tokens")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -132,18 +132,28 @@ def embed(
     image_column: str | None = None,
     caption_column: str | None = None,
     progress: bool = True,
+    tokens: bool = False,
+    token_grid: int | None = None,
 ) -> Path:
     """Encode `source` into the store `out` and return its path.
 
     Image mode: one row per image with all its captions (training visits each (image, caption) pair). `text_only`:
     one row per caption holding the CLIP *text* embedding of that caption ("modality": "text"), for text-only
     (CapDec-style) training. `normalize` L2-normalises the vectors (what clip-retrieval stores hold); the default
-    keeps the raw features the paper trained on. Rerunning after an interruption resumes.
+    keeps the raw features the paper trained on. `tokens` also stores the vision tower's last hidden states per
+    image (every token, or the patch grid average-pooled to `token_grid` x `token_grid`), for a mapper that reads
+    them. Rerunning after an interruption resumes.
     """
     from tqdm.auto import tqdm
 
     if batch_size < 1 or shard_size < 1 or workers < 0:
         raise ClipCapError("--batch-size and --shard-size must be >= 1 and --workers >= 0")
+    if tokens and text_only:
+        raise ClipCapError("image tokens come from images: they cannot be stored with text-only embeddings")
+    if token_grid is not None and not tokens:
+        raise ClipCapError("a token grid pools image tokens: it needs tokens stored")
+    if token_grid is not None and (not isinstance(token_grid, int) or isinstance(token_grid, bool) or token_grid < 1):
+        raise ClipCapError(f"the token grid must be a positive integer, got {token_grid!r}")
     out = Path(out)
     fmt = detect_format(source, images) if format == "auto" else format
     records = list(
@@ -163,10 +173,13 @@ def embed(
         "num_records": len(records),
         "image_column": image_column,
         "caption_column": caption_column,
+        "tokens": tokens,
+        "token_grid": token_grid,
     }
     _check_job(out, job, world)
     num_shards = max(1, math.ceil(len(records) / shard_size))
     encoder = ImageEncoder.from_pretrained(clip_model, normalize=normalize, device=_device(device))
+    token_shape = _token_shape(encoder, token_grid) if tokens else None
     writer = StoreWriter(
         out,
         clip_model=str(clip_model),
@@ -175,6 +188,8 @@ def embed(
         modality="text" if text_only else "image",
         shard_size=shard_size,
         extra_info={"source": job["source"], "format": fmt, "split": split},
+        token_shape=token_shape,
+        token_grid=token_grid,
     )
     pending = [s for s in range(rank, num_shards, world) if not writer.shard_done(s)]
     shard_items = {s: range(s * shard_size, min((s + 1) * shard_size, len(records))) for s in pending}
@@ -183,7 +198,7 @@ def embed(
     desc = "embed" + (f" [rank {rank}/{world}]" if world > 1 else "")
     bar = tqdm(total=todo, unit=unit, desc=desc, disable=not progress, file=sys.stderr, dynamic_ncols=True)
 
-    def write(shard: int, vectors: dict[int, np.ndarray], failed: dict[int, str]) -> None:
+    def write(shard: int, vectors: dict[int, np.ndarray], failed: dict[int, str], grids=None) -> None:
         rows = [n for n in shard_items[shard] if n in vectors]
         skipped = []
         for n in shard_items[shard]:
@@ -214,13 +229,14 @@ def embed(
             splits=[records[n].split for n in rows],
             extras=[records[n].extra for n in rows],
             skipped=skipped,
+            tokens=None if grids is None else np.array([grids[n] for n in rows]).reshape(len(rows), *token_shape),
         )
 
     if text_only:
         for shard in pending:
             _embed_texts(encoder, records, shard, shard_items[shard], bad, batch_size, write, bar)
     else:
-        _embed_images(encoder, records, pending, shard_items, bad, batch_size, workers, write, bar)
+        _embed_images(encoder, records, pending, shard_items, bad, batch_size, workers, write, bar, token_grid, tokens)
     bar.close()
 
     if not all(writer.shard_done(s) for s in range(num_shards)):
@@ -239,9 +255,22 @@ def embed(
     return out
 
 
-def _embed_images(encoder, records, pending, shard_items, bad, batch_size, workers, write, bar) -> None:
+def _token_shape(encoder: ImageEncoder, grid: int | None) -> tuple[int, int]:
+    """(T, D) of the tokens `encoder` gives per image with the patch grid pooled to `grid`: one probe forward pass."""
+    size = encoder.processor.crop_size if getattr(encoder.processor, "do_center_crop", False) else None
+    size = size or encoder.processor.size
+    height = size.get("height") or size.get("shortest_edge")
+    width = size.get("width") or size.get("shortest_edge")
+    probe = torch.zeros(1, 3, height, width)
+    return tuple(encoder.encode_pixels_and_tokens(probe, grid)[1].shape[1:])
+
+
+def _embed_images(
+    encoder, records, pending, shard_items, bad, batch_size, workers, write, bar, grid=None, tokens=False
+) -> None:
     """Decode in DataLoader workers, encode batch by batch, write each shard as soon as its last batch is in.
-    Batches never cross a shard boundary, so a redone shard sees exactly the batches it saw the first time."""
+    Batches never cross a shard boundary, so a redone shard sees exactly the batches it saw the first time.
+    With `tokens`, the vision tower's last hidden states (patch grid pooled to `grid`) go with each vector."""
     batches, owners = [], []
     for shard in pending:
         good = [n for n in shard_items[shard] if n not in bad]
@@ -249,7 +278,7 @@ def _embed_images(encoder, records, pending, shard_items, bad, batch_size, worke
             batches.append(good[i : i + batch_size])
             owners.append(shard)
     remaining = {s: owners.count(s) for s in pending}
-    state = {s: ({}, {}) for s in pending}
+    state = {s: ({}, {}, {} if tokens else None) for s in pending}
     for shard in pending:
         if remaining[shard] == 0:  # nothing loadable in this shard: write its skip list now
             write(shard, *state.pop(shard))
@@ -264,8 +293,12 @@ def _embed_images(encoder, records, pending, shard_items, bad, batch_size, worke
         pin_memory=encoder.device.type == "cuda",
     )
     for shard, (indices, pixels, failed) in zip(owners, loader, strict=True):
-        vectors, reasons = state[shard]
-        if pixels is not None:
+        vectors, reasons, grids = state[shard]
+        if pixels is not None and tokens:
+            pooled, hidden = encoder.encode_pixels_and_tokens(pixels, grid)
+            for n, vec, tok in zip(indices, pooled.cpu().numpy(), hidden.cpu().numpy(), strict=True):
+                vectors[n], grids[n] = vec, tok
+        elif pixels is not None:
             for n, vec in zip(indices, encoder.encode_pixels(pixels).cpu().numpy(), strict=True):
                 vectors[n] = vec
         reasons.update(failed)

@@ -431,12 +431,14 @@ def _score(predictions: dict[str, str], items: dict[str, _Item], clip: dict[str,
     return result
 
 
-def _encode_images(encoder, sources: list, open_image, batch_size: int, desc: str):
+def _encode_images(encoder, sources: list, open_image, batch_size: int, desc: str, token_grid=False):
     """CLIP features of the images that open; bad ones are skipped and reported. Streams, so memory holds one
-    batch of pixels. Returns (features (n_ok, dim) on CPU, indices of the images kept, skipped [{image, reason}])."""
+    batch of pixels. Returns (features (n_ok, dim) on CPU, indices of the images kept, skipped [{image, reason}]).
+    `token_grid` other than False: the features are (pooled (n_ok, dim), image tokens (n_ok, T, D)) instead, the
+    patch grid pooled to that grid (None: every token)."""
     from .encoder import ImageLoadError
 
-    feats, kept, skipped = [], [], []
+    feats, tokens, kept, skipped = [], [], [], []
     with tqdm(total=len(sources), desc=desc, unit="img", disable=None) as bar:
         for start in range(0, len(sources), batch_size):
             batch = []
@@ -446,10 +448,17 @@ def _encode_images(encoder, sources: list, open_image, batch_size: int, desc: st
                     kept.append(i)
                 except ImageLoadError as e:
                     skipped.append({"image": e.source, "reason": e.reason})
-            if batch:
+            if batch and token_grid is not False:
+                pooled, hidden = encoder.encode_pixels_and_tokens(encoder.preprocess(batch), token_grid)
+                feats.append(pooled.cpu())
+                tokens.append(hidden.cpu())
+            elif batch:
                 feats.append(encoder.encode_pixels(encoder.preprocess(batch)).cpu())
             bar.update(min(batch_size, len(sources) - start))
-    return (torch.cat(feats) if feats else torch.empty(0, encoder.dim)), kept, skipped
+    pooled = torch.cat(feats) if feats else torch.empty(0, encoder.dim)
+    if token_grid is not False:
+        return (pooled, torch.cat(tokens) if tokens else torch.empty(0, 0, encoder.token_dim)), kept, skipped
+    return pooled, kept, skipped
 
 
 def _clip_rows(encoder, keys, captions, features, references, batch_size) -> dict[str, dict[str, float]]:
@@ -521,6 +530,7 @@ def evaluate_model(
     start = time.perf_counter()
     captioner = Captioner.from_pretrained(model_dir, clip_model=clip_model, device=device, batch_size=batch_size)
     encoder = captioner.encoder
+    tokens = captioner.model.config.token_shape  # a model that reads image tokens is given them
     skipped: list[dict] = []
     if _is_store(data):
         from .data.store import EmbeddingStore
@@ -538,6 +548,14 @@ def evaluate_model(
             for j in range(count)
         ]
         features = torch.from_numpy(store.image_embeddings(range(count)))
+        inputs = features
+        if tokens is not None:
+            if [*(store.token_shape or ())] != tokens or store.token_grid != captioner.model.config.token_grid:
+                raise ClipCapError(
+                    f"{data} holds image tokens {store.token_shape} (grid {store.token_grid}) but the model reads "
+                    f"{tuple(tokens)} (grid {captioner.model.config.token_grid})"
+                )
+            inputs = torch.from_numpy(store.image_tokens(range(count)))
     else:
         from .data.sources import open_record_image, read_source
 
@@ -549,7 +567,9 @@ def evaluate_model(
                 records.append(record)
             else:
                 skipped.append({"image": record.image or record.key, "reason": "no reference captions"})
-        features, kept, bad = _encode_images(encoder, records, open_record_image, batch_size, "encoding images")
+        grid = False if tokens is None else captioner.model.config.token_grid
+        features, kept, bad = _encode_images(encoder, records, open_record_image, batch_size, "encoding images", grid)
+        features, inputs = features if tokens is not None else (features, features)
         skipped += bad
         records = [records[i] for i in kept]
         items = [_Item(r.key, list(r.captions), r.extra.get("domain"), r.image) for r in records]
@@ -560,7 +580,7 @@ def evaluate_model(
     captions: list[str] = []
     with tqdm(total=len(items), desc="captioning", unit="img", disable=None) as bar:
         for i in range(0, len(items), batch_size):
-            chunk = features[i : i + batch_size]
+            chunk = inputs[i : i + batch_size]
             captions += captioner.caption_embeddings(
                 chunk, num_beams=num_beams, max_new_tokens=max_new_tokens, length_penalty=length_penalty
             )

@@ -25,7 +25,7 @@ from transformers.utils import ModelOutput
 from .config import CONFIG_NAME, ClipCapConfig
 from .errors import ClipCapError
 from .hub import load_causal_lm, resolve_dir
-from .mapping import MLPMapper, TransformerMapper
+from .mapping import MLPMapper, TokenTransformerMapper, TransformerMapper
 
 WEIGHTS_NAME = "model.safetensors"
 IGNORE_INDEX = -100
@@ -44,6 +44,16 @@ class ClipCapOutput(ModelOutput):
 def build_mapper(config: ClipCapConfig, lm_hidden: int) -> nn.Module:
     if config.mapping == "mlp":
         return MLPMapper(config.clip_dim, lm_hidden, config.prefix_length)
+    if config.token_shape is not None:
+        num_tokens, token_dim = config.token_shape
+        return TokenTransformerMapper(
+            token_dim,
+            num_tokens,
+            lm_hidden,
+            config.prefix_length,
+            num_layers=config.num_layers,
+            num_heads=config.num_heads,
+        )
     return TransformerMapper(
         config.clip_dim,
         lm_hidden,
@@ -85,7 +95,15 @@ class ClipCapModel(nn.Module):
         return self
 
     def prefix(self, clip_embeds: torch.Tensor) -> torch.Tensor:
-        """Map CLIP embeddings (B, clip_dim) to prefix embeddings (B, k, lm_hidden)."""
+        """Map CLIP embeddings (B, clip_dim), or image tokens (B, T, D) when config.token_shape is set, to prefix
+        embeddings (B, k, lm_hidden)."""
+        tokens = self.config.token_shape
+        expected = tuple(tokens) if tokens is not None else (self.config.clip_dim,)
+        if tuple(clip_embeds.shape[1:]) != expected:
+            what = "image tokens" if tokens is not None else "CLIP embeddings"
+            raise ClipCapError(
+                f"this model reads {what} of shape (B, {', '.join(map(str, expected))}), got {tuple(clip_embeds.shape)}"
+            )
         param = next(self.mapper.parameters())
         x = clip_embeds.to(device=param.device, dtype=param.dtype)
         if self.config.normalize_prefix:

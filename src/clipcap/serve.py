@@ -186,7 +186,7 @@ class MicroBatcher:
                     start += len(job.pixels)
 
     def _run(self, pixels: torch.Tensor, settings: DecodeSettings) -> list[list[str]]:
-        embeds = self.captioner.encoder.encode_pixels(pixels)
+        embeds = self.captioner.model_inputs(pixels)
         out = self.captioner.caption_embeddings(
             embeds,
             num_beams=settings.num_beams,

@@ -89,10 +89,15 @@ class TrainConfig:
     lm_text: str | None = None
     lm_text_weight: float = 0.0
     lm_text_block: int = 64
+    tokens: bool = False  # read the store's image tokens (transformer mapping), not its pooled embeddings
 
     def validate(self) -> None:
         if self.mapping not in MAPPINGS:
             raise ClipCapError(f"--mapping must be one of {', '.join(MAPPINGS)}, got {self.mapping!r}")
+        if self.tokens and self.mapping != "transformer":
+            raise ClipCapError("--tokens needs --mapping transformer: the MLP mapper reads one vector")
+        if self.tokens and self.text_only:
+            raise ClipCapError("--tokens and --text-only exclude each other: text embeddings have no image tokens")
         positive = ("prefix_length", "num_layers", "epochs", "batch_size", "grad_accum", "max_caption_tokens")
         for name in positive + ("save_every", "keep_checkpoints", "log_every", "lm_text_block"):
             value = getattr(self, name)
@@ -156,12 +161,16 @@ def pad_batch(sequences: list, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]
 class CaptionPairs:
     """The usable (embedding, caption) pairs of a store, tokenised once; `batch(rows)` builds a padded batch.
 
-    Token ids live in one flat int32 array, so memory is a few bytes per token however large the store is."""
+    Token ids live in one flat int32 array, so memory is a few bytes per token however large the store is.
+    `image_tokens`: batches carry the store's image tokens (B, T, D) instead of its pooled embeddings."""
 
-    def __init__(self, store, tokenizer, max_tokens: int, name: str = "train", progress: bool = True):
+    def __init__(
+        self, store, tokenizer, max_tokens: int, name: str = "train", progress: bool = True, image_tokens: bool = False
+    ):
         from tqdm.auto import tqdm
 
         self.store = store
+        self.image_tokens = image_tokens
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         tokens, offsets, pairs, image = array("i"), array("q", [0]), array("q"), array("q")
         self.skipped: list[dict] = []
@@ -198,7 +207,9 @@ class CaptionPairs:
 
     def batch(self, rows) -> dict[str, torch.Tensor]:
         """Embeddings + dynamically padded captions of the given rows (0..len-1)."""
-        embeds = torch.from_numpy(self.store.image_embeddings([int(self.image[r]) for r in rows]))
+        images = [int(self.image[r]) for r in rows]
+        read = self.store.image_tokens if self.image_tokens else self.store.image_embeddings
+        embeds = torch.from_numpy(read(images))
         input_ids, attention_mask = pad_batch([self.token_ids(int(r)) for r in rows], self.pad_id)
         return {"clip_embeds": embeds, "input_ids": input_ids, "attention_mask": attention_mask}
 
@@ -388,6 +399,8 @@ class Trainer:
         if self.tokenizer.eos_token_id is None:
             raise ClipCapError(f"the tokenizer of {cfg.lm} has no end token to end captions with")
 
+        if cfg.tokens and self.store.token_shape is None:
+            raise ClipCapError(f"{cfg.data} holds no image tokens: make the store with `clipcap embed --tokens`")
         set_seed(cfg.seed)
         mapping_transformer = cfg.mapping == "transformer"
         config = ClipCapConfig(
@@ -395,21 +408,23 @@ class Trainer:
             clip_model=self._clip_model_name(),
             clip_dim=self.store.clip_dim,
             prefix_length=cfg.prefix_length,
-            clip_length=(cfg.clip_length or cfg.prefix_length) if mapping_transformer else None,
+            clip_length=(cfg.clip_length or cfg.prefix_length) if mapping_transformer and not cfg.tokens else None,
             mapping=cfg.mapping,
             num_layers=cfg.num_layers,
             tune_lm=cfg.tune_lm if cfg.tune_lm is not None else not mapping_transformer,
             # The Captioner feeds raw encoder features: normalise them as the training embeddings were.
-            normalize_prefix=bool(self.store.normalized or cfg.text_only),
+            normalize_prefix=bool(self.store.normalized or cfg.text_only) and not cfg.tokens,
             stop_token_id=self.tokenizer.eos_token_id,
             pad_token_id=self.tokenizer.pad_token_id,
+            token_shape=list(self.store.token_shape) if cfg.tokens else None,
+            token_grid=self.store.token_grid if cfg.tokens else None,
         )
         # fp32 master weights whatever dtype the LM was saved in; autocast gives bf16/fp16 compute on GPU.
         self.model = ClipCapModel(config).float()
         self.max_tokens = self._caption_budget()
 
         progress = self.main
-        self.pairs = CaptionPairs(self.store, self.tokenizer, self.max_tokens, "train", progress)
+        self.pairs = CaptionPairs(self.store, self.tokenizer, self.max_tokens, "train", progress, cfg.tokens)
         if len(self.pairs) == 0:
             raise ClipCapError(f"{cfg.data} has no usable (embedding, caption) pairs ({self.pairs.skip_summary()})")
         self.val = self._val_pairs(progress)
@@ -484,7 +499,12 @@ class Trainer:
                 f"validation store was embedded with {store.clip_model} but the training store with "
                 f"{self.store.clip_model}"
             )
-        pairs = CaptionPairs(store, self.tokenizer, self.max_tokens, "val", progress)
+        if cfg.tokens and (store.token_shape, store.token_grid) != (self.store.token_shape, self.store.token_grid):
+            raise ClipCapError(
+                f"validation store has image tokens {store.token_shape} (grid {store.token_grid}) but the training "
+                f"store {self.store.token_shape} (grid {self.store.token_grid})"
+            )
+        pairs = CaptionPairs(store, self.tokenizer, self.max_tokens, "val", progress, cfg.tokens)
         if len(pairs) == 0:
             raise ClipCapError(f"validation data has no usable pairs ({pairs.skip_summary()})")
         return pairs

@@ -4,8 +4,13 @@
   (the paper's figure: with a tuned LM longer prefixes stop helping around 10 and overfit; with a frozen LM they keep
   helping up to ~40-80). Writes results.json and prefix_length.png (two panels, train and test lines).
 - `mapping_ablation`: the mapping network x LM tuning table (MLP/Transformer x tuned/frozen).
+- `relations_ablation` (beyond the paper): where things are. Each CLIP given (e.g. with and without
+  relation-aware hard negatives) x each way of reading the image (the pooled embedding with the paper's two
+  variants, or image tokens with the Transformer mapper, tuned or frozen LM), on the demo's shapes world: single
+  objects, two-object scenes named exactly and their relation, CIDEr, in-domain and novel; seconds of training and
+  the size of what each setting reads from the store. Writes results.json and table.md.
 
-`--quick` runs either on a small shapes world with the shipped encoders, in minutes.
+`--quick` runs any of them on a small shapes world with the shipped encoders, in minutes.
 """
 
 from __future__ import annotations
@@ -190,6 +195,120 @@ def quick_world(out: str | Path, seed: int = 0) -> tuple[str, str]:
     return str(store), str(ASSETS / "lm")
 
 
+def _dir_mb(path: Path) -> float:
+    return round(sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20, 2)
+
+
+def relations_recipe(quick: bool):
+    """The demo's recipe (world, variants, decoding), or with `quick` a smaller world, two epochs, greedy."""
+    from dataclasses import replace
+
+    from .runner import VARIANTS, DemoRecipe
+
+    recipe = DemoRecipe(variants=tuple(VARIANTS.values()))
+    if quick:
+        recipe = replace(
+            recipe,
+            counts={"train": 2000, "test": 300, "novel": 300},
+            variants=tuple(replace(v, epochs=2) for v in recipe.variants),
+            num_beams=1,
+        )
+    return recipe
+
+
+def relations_ablation(
+    out: str | Path,
+    clips: dict[str, str],
+    lm: str,
+    quick: bool = False,
+    token_grids: list[int | None] | None = None,
+    variants: list[str] | None = None,
+) -> dict:
+    """Every CLIP in `clips` (name -> dir) x every variant (default: all of runner.VARIANTS; token variants once per
+    grid in `token_grids`, None = every token), trained on one shapes world and scored on its test and novel splits.
+    Writes OUT/results.json (after every run) and OUT/table.md."""
+    from ..embed import embed
+    from . import world as shapes
+    from .runner import evaluate_variant, train_variant
+
+    recipe = relations_recipe(quick)
+    chosen = [v for v in recipe.variants if variants is None or v.name in variants]
+    unknown = sorted(set(variants or ()) - {v.name for v in recipe.variants})
+    if unknown or not chosen:
+        raise ClipCapError(f"unknown variant(s) {unknown}: choose from {', '.join(v.name for v in recipe.variants)}")
+    if not clips:
+        raise ClipCapError("name at least one CLIP encoder to compare")
+    grids = token_grids or [None]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    counts = {s: 0 for s in shapes.SPLITS} | recipe.counts
+    world = shapes.generate_world(out / "world", counts, seed=recipe.seed)
+    results: dict = {"experiment": "relations", "quick": quick, "counts": recipe.counts, "runs": {}}
+    for clip_name, clip_dir in clips.items():
+        stores = {}
+        for grid in grids:
+            _say(f"{clip_name}: embedding the world with image tokens (grid {grid or 'all'})")
+            stores[grid] = out / "stores" / f"{clip_name}-grid{grid or 'all'}"
+            shutil.rmtree(stores[grid], ignore_errors=True)
+            embed(world, stores[grid], clip_dir, batch_size=256, workers=0, tokens=True, token_grid=grid)
+        for v in chosen:
+            for grid in grids if v.tokens else grids[:1]:
+                name = f"{clip_name}/{v.name}" + (f"/grid{grid or 'all'}" if v.tokens else "")
+                _say(f"{name}: training")
+                store = stores[grid]
+                start = time.perf_counter()
+                model_dir = train_variant(v, store, Path(lm), out / "runs" / name.replace("/", "-"), recipe.seed)
+                seconds = round(time.perf_counter() - start, 1)
+                row = {
+                    "clip": clip_name,
+                    "variant": v.name,
+                    "title": v.title,
+                    "input": f"tokens (grid {grid or 'all'})" if v.tokens else "pooled",
+                    "train_s": seconds,
+                    "store_mb": _dir_mb(store / ("tok_emb" if v.tokens else "img_emb")),
+                }
+                for split in ("test", "novel"):
+                    scored = evaluate_variant(model_dir, store, split, recipe)
+                    b = scored["binding"]
+                    row[split] = {
+                        **{k: b[k] for k in ("single", "objects", "pairs_exact", "relation_right", "position_right")},
+                        "CIDEr": scored["metrics"].get("CIDEr", float("nan")),
+                        "errors": b["errors"],
+                    }
+                results["runs"][name] = row
+                _say(
+                    f"{name}: pairs exact {row['test']['pairs_exact']:.3f} / novel {row['novel']['pairs_exact']:.3f}, "
+                    f"relation right {row['test']['relation_right']:.3f} / {row['novel']['relation_right']:.3f}"
+                )
+                (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "table.md").write_text(relations_table(results))
+    return results
+
+
+def relations_table(results: dict) -> str:
+    """A Markdown table: one row per (CLIP, variant, input); in-domain and novel scores, seconds, store size."""
+    head = (
+        "| CLIP | variant | input | single | pairs exact | relation right | CIDEr | novel single | novel pairs exact "
+        "| novel relation right | novel CIDEr | train s | store MB |"
+    )
+    lines = [head, "|---" * 13 + "|"]
+    for r in results["runs"].values():
+        cells = [
+            f"{r[split][m]:.3f}"
+            for split in ("test", "novel")
+            for m in ("single", "pairs_exact", "relation_right", "CIDEr")
+        ]
+        cells += [f"{r['train_s']:.0f}", f"{r['store_mb']}"]
+        lines.append(f"| {r['clip']} | {r['title']} | {r['input']} | {' | '.join(cells)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _named(spec: str) -> tuple[str, str]:
+    """ "NAME=DIR" -> (NAME, DIR); "DIR" -> (its folder name, DIR)."""
+    name, sep, path = spec.partition("=")
+    return (name, path) if sep and name and path else (Path(spec).name, spec)
+
+
 def run_experiment(
     kind: str,
     out: str | Path,
@@ -199,12 +318,22 @@ def run_experiment(
     lengths: list[int] | None = None,
     mapping: str = "mlp",
     prefix_length: int = 10,
+    clip_models: list[str] | None = None,
+    token_grids: list[int | None] | None = None,
+    variants: list[str] | None = None,
     **settings,
 ) -> dict:
     """`clipcap experiment KIND`: `prefix-length` or `mapping`, on `data` (a store) with `lm`, or with `quick` on a
-    small shapes world (store and LM made here; fewer lengths and epochs unless given)."""
-    if kind not in ("prefix-length", "mapping"):
-        raise ClipCapError(f"unknown experiment {kind!r}: choose prefix-length or mapping")
+    small shapes world (store and LM made here; fewer lengths and epochs unless given). `relations` always runs on
+    the shapes world (the demo's, or with `quick` a smaller one) with the shipped LM and each of `clip_models`
+    ("NAME=DIR" or "DIR"; default: the shipped CLIP)."""
+    if kind not in ("prefix-length", "mapping", "relations"):
+        raise ClipCapError(f"unknown experiment {kind!r}: choose prefix-length, mapping or relations")
+    if kind == "relations":
+        from .encoders import ASSETS
+
+        clips = dict(_named(c) for c in clip_models) if clip_models else {"shipped": str(ASSETS / "clip")}
+        return relations_ablation(out, clips, lm or str(ASSETS / "lm"), quick, token_grids, variants)
     if quick and data is None:
         data, default_lm = quick_world(Path(out) / "quick")
         lm = lm or default_lm
