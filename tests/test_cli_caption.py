@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clipcap import Captioner
+from clipcap import Captioner, ClipCapError
 from clipcap.cli import main
-from tests.test_encoder import REAL_IMAGES, png_with_header
+from clipcap.cli.caption import find_images
+from tests.test_images import REAL_IMAGES, png_with_header
 
 
 @pytest.fixture(scope="module")
@@ -168,9 +169,8 @@ def test_help_and_flag_validation(capsys):
         assert flag in text
     for flag in ("--clip-model", "--device", "--dtype", "--quiet"):
         assert flag in text
-    with pytest.raises(SystemExit) as info:
-        main(["caption", "x.jpg", "--model", "m", "--beams", "0"])
-    assert info.value.code == 2 and "must be at least 1" in capsys.readouterr().err
+    assert main(["caption", "x.jpg", "--model", "m", "--beams", "0"]) == 2
+    assert capsys.readouterr().err == "clipcap caption: error: --beams must be at least 1, got 0\n"
 
 
 def test_real_photographs_directory(capsys, varied_model_dir):
@@ -178,3 +178,31 @@ def test_real_photographs_directory(capsys, varied_model_dir):
     assert code == 0 and err == ""
     photographs = sorted(str(p) for p in REAL_IMAGES.glob("*.jpg"))  # the 12 JPEGs, not the README or json
     assert sorted(r["image"] for r in records(out)) == photographs
+
+
+# -- find_images -----------------------------------------------------------------------------------------------
+def test_find_images_files_dirs_and_globs(tmp_path, monkeypatch):
+    for name in ("a.jpg", "b.PNG", "notes.txt", "sub/c.webp", "sub/deeper/d.jpeg", "sub/deeper/e.json", "x[1].png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    monkeypatch.chdir(tmp_path)
+    P = type(tmp_path)
+    # a directory: recursive, image extensions only (any case), sorted
+    assert find_images(["sub"]) == [P("sub/c.webp"), P("sub/deeper/d.jpeg")]
+    # globs, including recursive ones; files named explicitly are kept whatever their extension
+    assert find_images(["*.jpg", "notes.txt"]) == [P("a.jpg"), P("notes.txt")]
+    assert find_images(["**/*.jp*g"]) == [P("a.jpg"), P("sub/deeper/d.jpeg")]
+    # order of the inputs, duplicates dropped; an existing file whose name looks like a glob is taken literally
+    assert find_images(["b.PNG", ".", "x[1].png"]) == [
+        P("b.PNG"),
+        P("a.jpg"),
+        P("sub/c.webp"),
+        P("sub/deeper/d.jpeg"),
+        P("x[1].png"),
+    ]
+    # a missing file is kept so that it is reported; nothing found at all is an error
+    assert find_images(["missing.jpg"]) == [P("missing.jpg")]
+    (tmp_path / "no-images").mkdir()
+    (tmp_path / "no-images" / "readme.txt").write_text("x")
+    with pytest.raises(ClipCapError, match=r"no images found in \*\.gif, no-images$"):
+        find_images(["*.gif", "no-images"])

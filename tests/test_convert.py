@@ -81,7 +81,7 @@ def test_cli_convert_and_flag_contradictions(tmp_path, lm_dir, capsys):
 def test_checkpoint_for_another_lm_is_a_clear_error(tmp_path, lm_dir, opt_dir):
     ckpt = tmp_path / "orig.pt"
     make_original(opt_dir, "mlp", ckpt)
-    with pytest.raises(ClipCapError, match="does not fit --lm"):
+    with pytest.raises(ClipCapError, match="does not fit the LM"):
         convert_original(ckpt, tmp_path / "out", lm=str(lm_dir))
 
 

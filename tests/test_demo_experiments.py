@@ -2,32 +2,35 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
 import pytest
 
-from clipcap.demo.experiments import ExperimentSettings, mapping_table, plot_prefix_length, run_experiment
+from clipcap.demo.experiments import ExperimentConfig, mapping_table, plot_prefix_length, run_experiment
 from clipcap.errors import ClipCapError
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, clip_dir):
     from clipcap.demo import world as shapes
-    from clipcap.embed import embed
+    from clipcap.embed import EmbedConfig, embed
 
     out = tmp_path_factory.mktemp("exp")
     world = shapes.generate_world(
         out / "world", {s: 0 for s in shapes.SPLITS} | {"train": 24, "test": 8}, progress=False
     )
-    return str(embed(world, out / "store", clip_dir, batch_size=32, workers=0, progress=False))
+    cfg = EmbedConfig(source=str(world), out=str(out / "store"), clip_model=str(clip_dir), batch_size=32, workers=0)
+    return str(embed(cfg).out)
 
 
 def test_prefix_length_ablation_trains_every_length_for_both_tunings(tmp_path, store, lm_dir):
     out = tmp_path / "pl"
-    results = run_experiment(
-        "prefix-length", out, data=store, lm=str(lm_dir), lengths=[2], epochs=1, batch_size=16, max_new_tokens=6
+    cfg = ExperimentConfig(
+        kind="prefix-length", out=str(out), data=store, lm=str(lm_dir), lengths=[2], epochs=1, batch_size=16
     )
+    results = run_experiment(dataclasses.replace(cfg, max_new_tokens=6))
     assert sorted(results["runs"]) == ["frozen_k2", "tuned_k2"]
     for name, run in results["runs"].items():
         assert run["prefix_length"] == int(name[-1])
@@ -63,14 +66,12 @@ def test_prefix_length_plot(tmp_path):
 
 
 def test_bad_requests_raise(tmp_path):
-    with pytest.raises(ClipCapError, match="unknown experiment"):
-        run_experiment("depth", tmp_path)
-    with pytest.raises(ClipCapError, match="--data STORE and --lm"):
-        run_experiment("mapping", tmp_path)
-    with pytest.raises(ClipCapError, match="--lengths"):
-        from clipcap.demo.experiments import prefix_length_ablation
-
-        prefix_length_ablation(ExperimentSettings(data="x", lm="y", out=str(tmp_path)), [0, 2])
+    with pytest.raises(ClipCapError, match="`kind` must be one of prefix-length, mapping"):
+        ExperimentConfig(kind="depth", out=str(tmp_path))
+    with pytest.raises(ClipCapError, match="name the `data` store and the `lm`"):
+        run_experiment(ExperimentConfig(kind="mapping", out=str(tmp_path)))
+    with pytest.raises(ClipCapError, match="`lengths` must be at least 1"):
+        ExperimentConfig(kind="mapping", out=str(tmp_path), lengths=[0, 2])
 
 
 def test_cli_leaves_epochs_to_quick_unless_given(tmp_path, monkeypatch):
@@ -78,10 +79,10 @@ def test_cli_leaves_epochs_to_quick_unless_given(tmp_path, monkeypatch):
     from clipcap.demo import experiments as experiment
 
     calls = []
-    monkeypatch.setattr(experiment, "run_experiment", lambda kind, out, **kw: calls.append(kw))
+    monkeypatch.setattr(experiment, "run_experiment", lambda cfg: calls.append(cfg))
     assert main(["experiment", "mapping", "--quick", "--out", str(tmp_path)]) == 0
     assert main(["experiment", "mapping", "--quick", "--out", str(tmp_path), "--epochs", "5"]) == 0
-    assert "epochs" not in calls[0] and calls[1]["epochs"] == 5
+    assert calls[0].epochs is None and calls[1].epochs == 5 and calls[0].quick
 
 
 def test_relations_ablation_scores_every_clip_variant_and_grid(tmp_path, clip_dir, lm_dir, monkeypatch):
@@ -96,14 +97,15 @@ def test_relations_ablation_scores_every_clip_variant_and_grid(tmp_path, clip_di
 
     monkeypatch.setattr(experiments, "relations_recipe", tiny_recipe)
     out = tmp_path / "rel"
-    results = run_experiment(
-        "relations",
-        out,
+    cfg = ExperimentConfig(
+        kind="relations",
+        out=str(out),
         lm=str(lm_dir),
         clip_models=[f"a={clip_dir}"],
-        token_grids=[None, 2],
+        token_grids=[0, 2],
         variants=["mlp_tuned", "tokens_frozen"],
     )
+    results = run_experiment(cfg)
     assert sorted(results["runs"]) == ["a/mlp_tuned", "a/tokens_frozen/grid2", "a/tokens_frozen/gridall"]
     names = ("mlp_tuned", "tokens_frozen/gridall", "tokens_frozen/grid2")
     pooled, every, grid = (results["runs"][f"a/{n}"] for n in names)
@@ -118,8 +120,8 @@ def test_relations_ablation_scores_every_clip_variant_and_grid(tmp_path, clip_di
     assert json.loads((out / "results.json").read_text())["runs"].keys() == results["runs"].keys()
     table = (out / "table.md").read_text().strip().splitlines()
     assert len(table) == 2 + 3 and table[0].startswith("| CLIP | variant | input | single | pairs exact |")
-    with pytest.raises(ClipCapError, match="unknown variant"):
-        run_experiment("relations", tmp_path / "x", lm=str(lm_dir), clip_models=[str(clip_dir)], variants=["lstm"])
+    with pytest.raises(ClipCapError, match="`variants` must be one of mlp_tuned, transformer_frozen"):
+        ExperimentConfig(kind="relations", out=str(tmp_path / "x"), variants=["lstm"])
 
 
 def test_clip_models_are_named_or_named_after_their_folder():
@@ -135,9 +137,10 @@ def test_cli_passes_the_relations_options(tmp_path, monkeypatch):
     from clipcap.demo import experiments as experiment
 
     calls = []
-    monkeypatch.setattr(experiment, "run_experiment", lambda kind, out, **kw: calls.append((kind, kw)))
-    argv = ["experiment", "relations", "--quick", "--out", str(tmp_path), "--clip-models", "old=/a", "/b"]
-    assert main([*argv, "--token-grids", "all,3", "--variants", "mlp_tuned,tokens_tuned"]) == 0
-    kind, kw = calls[0]
-    assert kind == "relations" and kw["clip_models"] == ["old=/a", "/b"] and kw["token_grids"] == [None, 3]
-    assert kw["variants"] == ["mlp_tuned", "tokens_tuned"]
+    monkeypatch.setattr(experiment, "run_experiment", lambda cfg: calls.append(cfg))
+    argv = ["experiment", "relations", "--quick", "--out", str(tmp_path), "--clip-models", "old=/a,/b"]
+    assert main([*argv, "--token-grids", "0,3", "--variants", "mlp_tuned,tokens_tuned"]) == 0
+    cfg = calls[0]
+    assert cfg.kind == "relations" and cfg.clip_models == ["old=/a", "/b"] and cfg.token_grids == [0, 3]
+    assert cfg.variants == ["mlp_tuned", "tokens_tuned"] and cfg.quick
+    assert main([*argv, "--variants", "mlp_tuned,lstm"]) == 2

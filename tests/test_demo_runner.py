@@ -55,7 +55,7 @@ def test_quick_demo_learns(tmp_path):
     from clipcap import Captioner
 
     out = tmp_path / "demo"
-    summary = demo.run_demo(out, quick=True)
+    summary = demo.run_demo(demo.DemoConfig(out=str(out), quick=True))
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["best"] == summary["best"] and saved["best"] in saved["variants"]
     chance = 1 / (len(shapes.COLOURS) * len(shapes.SHAPES))

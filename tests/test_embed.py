@@ -19,7 +19,7 @@ import pytest
 from clipcap.cli import main
 from clipcap.data.sources import open_record_image, read_source
 from clipcap.data.store import EmbeddingStore
-from clipcap.embed import embed
+from clipcap.embed import EmbedConfig, embed
 from clipcap.encoder import ImageEncoder
 from clipcap.errors import ClipCapError
 from tests.test_sources import add_to_tar, bad_image_files, image_bytes, karpathy_json, truncated_jpeg
@@ -71,13 +71,21 @@ EXPECTED_SKIPS = {
 }
 
 
+def run_embed(source, out, clip_model, **options) -> Path:
+    """The library call, quietly: embed `source` into `out` with `clip_model`."""
+    cfg = EmbedConfig(source=str(source), out=str(out), clip_model=str(clip_model), **options)
+    return embed(cfg).out
+
+
 def read_store(path: Path):
     store = EmbeddingStore(path)
     return store, store.keys, store.image_embeddings()
 
 
 def test_embed_equals_the_encoder_and_reports_every_bad_item(tmp_path, dataset, clip_dir, encoder, capsys):
-    out = embed(dataset, tmp_path / "store", clip_dir, batch_size=4, workers=2, shard_size=5)
+    out = tmp_path / "store"
+    argv = ["embed", str(dataset), "--out", str(out), "--clip-model", str(clip_dir), "--batch-size", "4"]
+    assert main([*argv, "--workers", "2", "--shard-size", "5"]) == 0
     store, keys, vectors = read_store(out)
     good = [r for r in read_source(dataset)][:9]
     assert keys == [r.key for r in good]
@@ -99,21 +107,21 @@ def test_embed_equals_the_encoder_and_reports_every_bad_item(tmp_path, dataset, 
 
 
 def test_split_normalize_and_resume_when_complete(tmp_path, dataset, clip_dir, encoder):
-    out = embed(dataset, tmp_path / "s", clip_dir, split="val", normalize=True, workers=0, progress=False)
+    out = run_embed(dataset, tmp_path / "s", clip_dir, split="val", normalize=True, workers=0)
     store = EmbeddingStore(out)
     assert store.keys == ["101", "106"] and store.normalized
     np.testing.assert_allclose(np.linalg.norm(store.image_embeddings(), axis=1), 1.0, atol=2e-3)
     before = {p: p.stat().st_mtime_ns for p in (out / "img_emb").iterdir()}
-    embed(dataset, out, clip_dir, split="val", normalize=True, workers=0, progress=False)
+    run_embed(dataset, out, clip_dir, split="val", normalize=True, workers=0)
     assert {p: p.stat().st_mtime_ns for p in (out / "img_emb").iterdir()} == before  # nothing recomputed
     with pytest.raises(
         ClipCapError, match="different `clipcap embed` command.*differs in: normalize, num_records, split"
     ):
-        embed(dataset, out, clip_dir, workers=0, progress=False)
+        run_embed(dataset, out, clip_dir, workers=0)
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("y")
     with pytest.raises(ClipCapError, match="is not a store started by"):
-        embed(dataset, tmp_path / "full", clip_dir, progress=False)
+        run_embed(dataset, tmp_path / "full", clip_dir)
 
 
 def test_webdataset_with_bad_members(tmp_path, clip_dir, encoder):
@@ -126,7 +134,7 @@ def test_webdataset_with_bad_members(tmp_path, clip_dir, encoder):
         add_to_tar(tar, "0003.txt", b"cut.")
         add_to_tar(tar, "0004.txt", b"caption without image.")
         add_to_tar(tar, "0005.jpg", image_bytes(5, "JPEG"))  # image without caption
-    out = embed(path, tmp_path / "store", clip_dir, workers=0, progress=False)
+    out = run_embed(path, tmp_path / "store", clip_dir, workers=0)
     store, keys, vectors = read_store(out)
     assert keys == ["0000", "0001", "0002"] and [store[i][1] for i in range(3)] == ["good 0.", "good 1.", "good 2."]
     expected = encoder.encode([open_record_image(f"{path}::{k:04d}.jpg") for k in range(3)]).numpy()
@@ -141,7 +149,7 @@ def test_text_only_store(tmp_path, clip_dir, encoder):
     tsv = tmp_path / "Validation_GCC-1.1.0-Validation.tsv"
     captions = ["a red circle.", "a dog on a beach.", "", "two people riding bikes."]
     tsv.write_text("".join(f"{c}\thttp://x/{n}.jpg\n" for n, c in enumerate(captions)))
-    out = embed(tsv, tmp_path / "text", clip_dir, text_only=True, batch_size=2, progress=False)
+    out = run_embed(tsv, tmp_path / "text", clip_dir, text_only=True, batch_size=2)
     store = EmbeddingStore(out)
     assert store.modality == "text" and (out / "text_emb" / "text_emb_0.npy").is_file()
     assert store.keys == ["row0#0", "row1#0", "row3#0"]
@@ -154,19 +162,19 @@ def test_text_only_store(tmp_path, clip_dir, encoder):
 
 
 def test_ranks_shard_the_work_and_the_last_one_finalizes(tmp_path, dataset, clip_dir, monkeypatch):
-    reference = embed(dataset, tmp_path / "one", clip_dir, shard_size=3, workers=0, progress=False)
+    reference = run_embed(dataset, tmp_path / "one", clip_dir, shard_size=3, workers=0)
     out = tmp_path / "two"
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
-    embed(dataset, out, clip_dir, shard_size=3, workers=0, progress=False)
+    run_embed(dataset, out, clip_dir, shard_size=3, workers=0)
     assert sorted(p.name for p in (out / "img_emb").iterdir()) == ["img_emb_1.npy", "img_emb_3.npy", "img_emb_5.npy"]
     assert not (out / "info.json").exists()
     monkeypatch.setenv("RANK", "0")
-    embed(dataset, out, clip_dir, shard_size=3, workers=0, progress=False)
+    run_embed(dataset, out, clip_dir, shard_size=3, workers=0)
     _assert_same_store(out, reference)
     monkeypatch.setenv("RANK", "2")
     with pytest.raises(ClipCapError, match="RANK=2 is outside WORLD_SIZE=2"):
-        embed(dataset, out, clip_dir, shard_size=3, workers=0, progress=False)
+        run_embed(dataset, out, clip_dir, shard_size=3, workers=0)
 
 
 def _assert_same_store(a: Path, b: Path) -> None:
@@ -188,7 +196,7 @@ HANGING_EMBED = textwrap.dedent(
     from pathlib import Path
     import clipcap.data.store as store
 
-    rename = store._replace_atomically
+    rename = store.replace_atomically
 
     def hang_on_shard_1(path, write):
         if path.name != "img_emb_1.npy":
@@ -201,7 +209,7 @@ HANGING_EMBED = textwrap.dedent(
 
         return rename(path, write_then_hang)
 
-    store._replace_atomically = hang_on_shard_1
+    store.replace_atomically = hang_on_shard_1
     from clipcap.cli import main
     sys.exit(main(sys.argv[2:]))
     """
@@ -234,7 +242,7 @@ def test_resumes_after_sigkill(tmp_path, dataset, clip_dir):
 
     assert main([*args, "--workers", "0", "--quiet"]) == 0  # the same command resumes
     assert not list(out.rglob(".*tmp*"))
-    reference = embed(dataset, tmp_path / "uninterrupted", clip_dir, shard_size=3, workers=0, progress=False)
+    reference = run_embed(dataset, tmp_path / "uninterrupted", clip_dir, shard_size=3, workers=0)
     _assert_same_store(out, reference)
 
 

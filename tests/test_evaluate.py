@@ -4,6 +4,7 @@ CLIPScore / RefCLIPScore on a tiny CLIP, input formats, nocaps domains, and `cli
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -13,13 +14,16 @@ import torch
 import torch.nn.functional as F
 
 from clipcap import evaluate as ev
+from clipcap import metrics as mt
 from clipcap.cli import main
+from clipcap.data.references import load_predictions, load_references, match_predictions
+from clipcap.data.sources import Record
 from clipcap.errors import ClipCapError
 
 # CLIPScore's public example (MIT, see its LICENSE): references, two caption sets, coco-caption's figures.
 EXAMPLE = Path(__file__).resolve().parent / "fixtures" / "clipscore-example"
 CAPTION_SETS = ("good_captions.json", "bad_captions.json")
-NO_JAVA = ev.java_problem()
+NO_JAVA = mt.java_problem()
 needs_example = pytest.mark.skipif(not EXAMPLE.is_dir(), reason=f"reference example not found at {EXAMPLE}")
 
 
@@ -32,6 +36,17 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def as_dict(result: ev.EvalResult) -> dict:
+    """metrics.json's layout, with the per-image rows."""
+    return {**result.to_dict(), "per_image": result.rows}
+
+
+def embed_source(source, out, clip_dir) -> Path:
+    from clipcap.embed import EmbedConfig, embed
+
+    return embed(EmbedConfig(source=str(source), out=str(out), clip_model=str(clip_dir), workers=0)).out
+
+
 def load(name: str):
     return json.loads((EXAMPLE / name).read_text())
 
@@ -39,12 +54,12 @@ def load(name: str):
 @pytest.fixture(scope="module")
 def example_scores():
     refs = load("refs.json")
-    return {name: ev.compute_scores(load(name), refs) for name in CAPTION_SETS}
+    return {name: mt.compute_scores(load(name), refs) for name in CAPTION_SETS}
 
 
 @pytest.fixture
 def no_java(monkeypatch):
-    monkeypatch.setattr(ev.shutil, "which", lambda name, *a, **k: None if name == "java" else shutil.which(name))
+    monkeypatch.setattr(mt.shutil, "which", lambda name, *a, **k: None if name == "java" else shutil.which(name))
 
 
 # -- coco-caption parity -----------------------------------------------------------------------------------------
@@ -56,7 +71,7 @@ def test_reproduces_published_coco_caption_scores(example_scores, name, metric):
         pytest.skip(f"METEOR runs on Java: {NO_JAVA}")
     expected = load("expected.json")[name]["coco_caption"][metric]
     scores = example_scores[name]
-    assert scores.tokenizer == (ev.PYTHON_TOKENIZER if NO_JAVA else ev.PTB_TOKENIZER)
+    assert scores.tokenizer == (mt.PYTHON_TOKENIZER if NO_JAVA else mt.PTB_TOKENIZER)
     assert scores.metrics[metric] == pytest.approx(expected, abs=1e-4)
     # and the published 4-digit figure
     assert round(scores.metrics[metric], 4) == pytest.approx(load("expected.json")[name]["published"][metric])
@@ -65,7 +80,7 @@ def test_reproduces_published_coco_caption_scores(example_scores, name, metric):
 @needs_example
 def test_spice_is_reported_unavailable_with_the_reason_never_faked(example_scores):
     scores = example_scores["good_captions.json"]
-    if ev._spice_problem() is None and not NO_JAVA:
+    if mt._spice_problem() is None and not NO_JAVA:
         pytest.skip("Stanford CoreNLP is installed here: SPICE really runs")
     assert "SPICE" not in scores.metrics
     assert "CoreNLP" in scores.unavailable["SPICE"] or "Java" in scores.unavailable["SPICE"]
@@ -75,7 +90,7 @@ def test_spice_is_reported_unavailable_with_the_reason_never_faked(example_score
 @needs_example
 def test_score_captions_returns_the_corpus_metrics(example_scores):
     refs, good = load("refs.json"), load("good_captions.json")
-    assert ev.score_captions(good, refs) == example_scores["good_captions.json"].metrics
+    assert mt.score_captions(good, refs) == example_scores["good_captions.json"].metrics
 
 
 # -- CIDEr-D is a corpus-level metric ------------------------------------------------------------------------------
@@ -89,11 +104,11 @@ def test_cider_idf_comes_from_the_evaluated_references(example_scores):
     assert per[0] > 0
     # ...but each per-image value depends on the other images' references: alone, every n-gram of image1's
     # references occurs in the one document there is, idf = log(1/1) = 0, and CIDEr-D is exactly 0.
-    alone = ev.compute_scores({"image1": good["image1"]}, {"image1": refs["image1"]}, spice=False)
+    alone = mt.compute_scores({"image1": good["image1"]}, {"image1": refs["image1"]}, spice=False)
     assert alone.metrics["CIDEr"] == 0.0
     # A third image whose references share no n-gram with image1 raises image1's idf weights: a new score.
     distractor = {"image3": ["a red bus parked by a station."]}
-    three = ev.compute_scores(
+    three = mt.compute_scores(
         {**good, "image3": "a bus at the station."}, {**refs, **distractor}, spice=False
     ).per_image["image1"]["CIDEr"]
     assert three != pytest.approx(per[0], abs=1e-6)
@@ -101,11 +116,11 @@ def test_cider_idf_comes_from_the_evaluated_references(example_scores):
 
 # -- without Java --------------------------------------------------------------------------------------------------
 def test_python_tokenize_follows_coco_caption_rules():
-    assert ev.python_tokenize("A man's dog doesn't like \"T-shirts\", 3.5 m... (OK)?") == (
+    assert mt.python_tokenize("A man's dog doesn't like \"T-shirts\", 3.5 m... (OK)?") == (
         "a man 's dog does n't like t-shirts 3.5 m ok"
     )
-    assert ev.python_tokenize("  Two dogs;\tone cat!\n") == "two dogs one cat"
-    assert ev.python_tokenize("") == ""
+    assert mt.python_tokenize("  Two dogs;\tone cat!\n") == "two dogs one cat"
+    assert mt.python_tokenize("") == ""
 
 
 @pytest.mark.skipif(bool(NO_JAVA), reason=f"comparison with the PTB tokenizer needs Java: {NO_JAVA}")
@@ -117,25 +132,25 @@ def test_python_tokenize_equals_ptb_on_ordinary_captions():
         "a small blue square above a green triangle.",
         "The kids aren't playing; they're eating pizza.",
     ]
-    ptb = ev._ptb_tokenize({"x": captions})["x"]
-    assert [ev.python_tokenize(c) for c in captions] == ptb
+    ptb = mt._ptb_tokenize({"x": captions})["x"]
+    assert [mt.python_tokenize(c) for c in captions] == ptb
 
 
 def test_ptb_tokenize_keeps_alignment_with_empty_and_multiline_captions():
     if NO_JAVA:
         pytest.skip(f"the PTB tokenizer runs on Java: {NO_JAVA}")
-    out = ev._ptb_tokenize({"a": ["", "Two\nlines here."], "b": ["...", "A dog."]})
+    out = mt._ptb_tokenize({"a": ["", "Two\nlines here."], "b": ["...", "A dog."]})
     assert out == {"a": ["", "two lines here"], "b": ["", "a dog"]}
 
 
 @needs_example
 def test_without_java_bleu_rouge_cider_still_computed_and_labelled(no_java, capsys):
-    assert ev.java_problem() == "no `java` found on PATH"
+    assert mt.java_problem() == "no `java` found on PATH"
     refs = load("refs.json")
     expected = load("expected.json")
     for name in CAPTION_SETS:
-        scores = ev.compute_scores(load(name), refs)
-        assert scores.tokenizer == ev.PYTHON_TOKENIZER
+        scores = mt.compute_scores(load(name), refs)
+        assert scores.tokenizer == mt.PYTHON_TOKENIZER
         assert "METEOR" not in scores.metrics and "SPICE" not in scores.metrics
         for metric in ("METEOR", "SPICE"):
             reason = scores.unavailable[metric]
@@ -143,7 +158,7 @@ def test_without_java_bleu_rouge_cider_still_computed_and_labelled(no_java, caps
         # The example's captions tokenize identically, so even these digits match coco-caption.
         for metric in ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr"):
             assert scores.metrics[metric] == pytest.approx(expected[name]["coco_caption"][metric], abs=1e-4)
-    result = ev._score(load("good_captions.json"), {k: ev._Item(k, v) for k, v in refs.items()}, {}, spice=True)
+    result = ev.score(load("good_captions.json"), {k: Record(k, None, v) for k, v in refs.items()}, {}, spice=True)
     table = ev.format_table(result)
     assert "| CIDEr* |" in table and "Python tokenizer because Java is missing" in table
     assert "METEOR: n/a, METEOR runs on Java" in table
@@ -159,19 +174,19 @@ def encoder(clip_dir):
 
 
 def test_clipscore_formula_on_known_cosines(encoder):
-    text = encoder.encode_text([ev.CLIPSCORE_PREFIX + "a red circle."])
+    text = encoder.encode_text([mt.CLIPSCORE_PREFIX + "a red circle."])
     # An "image" whose feature equals the caption's text feature: cos = 1 -> CLIPScore = w = 2.5.
-    same = ev.clip_score(["a red circle."], encoder, image_features=3 * text, references=[["a red circle."]])
+    same = mt.clip_score(["a red circle."], encoder, image_features=3 * text, references=[["a red circle."]])
     assert same["CLIPScore"] == pytest.approx(2.5, abs=1e-5)
     # RefCLIPScore: harmonic mean of 2.5 and the best reference cosine (1 here) = 2*2.5*1/3.5.
     assert same["RefCLIPScore"] == pytest.approx(5 / 3.5, abs=1e-5)
     # The best reference counts, whatever the others are.
-    many = ev.clip_score(
+    many = mt.clip_score(
         ["a red circle."], encoder, image_features=text, references=[["two dogs on a beach.", "a red circle."]]
     )
     assert many["RefCLIPScore"] == pytest.approx(5 / 3.5, abs=1e-5)
     # Negative cosine is clipped to 0, and the harmonic mean with 0 is 0.
-    opposite = ev.clip_score(["a red circle."], encoder, image_features=-text, references=[["a red circle."]])
+    opposite = mt.clip_score(["a red circle."], encoder, image_features=-text, references=[["a red circle."]])
     assert opposite["CLIPScore"] == 0.0 and opposite["RefCLIPScore"] == 0.0
 
 
@@ -183,7 +198,7 @@ def test_clipscore_on_images_matches_clip_computed_directly(encoder, clip_dir):
     good, refs = load("good_captions.json"), load("refs.json")
     captions = [good["image1"], good["image2"]]
     references = [refs["image1"], refs["image2"]]
-    scores = ev.clip_score(captions, encoder, images=paths, references=references, batch_size=1)
+    scores = mt.clip_score(captions, encoder, images=paths, references=references, batch_size=1)
 
     # Independently: the CLIPModel and its processor, all captions prefixed, cosines by hand.
     from PIL import Image
@@ -218,9 +233,9 @@ def test_clipscore_on_images_matches_clip_computed_directly(encoder, clip_dir):
 def test_clipscore_rejects_mismatched_inputs(encoder):
     feats = torch.zeros(2, encoder.dim)
     with pytest.raises(ClipCapError, match="2 images"):
-        ev.clip_score(["one caption"], encoder, image_features=feats)
+        mt.clip_score(["one caption"], encoder, image_features=feats)
     with pytest.raises(ClipCapError, match="exactly one of"):
-        ev.clip_score(["a"], encoder)
+        mt.clip_score(["a"], encoder)
 
 
 # -- input formats and matching ------------------------------------------------------------------------------------
@@ -231,39 +246,39 @@ def write(path: Path, obj) -> Path:
 
 def test_load_predictions_formats(tmp_path):
     coco = write(tmp_path / "res.json", [{"image_id": 7, "caption": "a dog."}, {"image_id": 9, "caption": "a cat."}])
-    assert ev.load_predictions(coco) == ({"7": "a dog.", "9": "a cat."}, {})
+    assert load_predictions(coco) == ({"7": "a dog.", "9": "a cat."}, {})
     jsonl = write(tmp_path / "caps.jsonl", '{"image": "imgs/a.jpg", "caption": "a dog."}\n\n')
-    assert ev.load_predictions(jsonl) == ({"imgs/a.jpg": "a dog."}, {"imgs/a.jpg": "imgs/a.jpg"})
+    assert load_predictions(jsonl) == ({"imgs/a.jpg": "a dog."}, {"imgs/a.jpg": "imgs/a.jpg"})
     plain = write(tmp_path / "plain.json", {"image1": "a dog."})
-    assert ev.load_predictions(plain) == ({"image1": "a dog."}, {})
+    assert load_predictions(plain) == ({"image1": "a dog."}, {})
     dup = write(tmp_path / "dup.json", [{"image_id": 7, "caption": "a."}, {"image_id": 7, "caption": "b."}])
     with pytest.raises(ClipCapError, match="more than one prediction"):
-        ev.load_predictions(dup)
+        load_predictions(dup)
     many = write(tmp_path / "many.jsonl", '{"image": "a.jpg", "captions": ["x.", "y."]}\n')
     with pytest.raises(ClipCapError, match="one caption string"):
-        ev.load_predictions(many)
+        load_predictions(many)
     with pytest.raises(ClipCapError, match="not valid JSON"):
-        ev.load_predictions(write(tmp_path / "bad.json", "{"))
+        load_predictions(write(tmp_path / "bad.json", "{"))
 
 
 def test_predictions_match_references_by_id_path_or_stem(tmp_path):
-    items = [ev._Item("1", ["a dog."], image=str(tmp_path / "img" / "dog.jpg")), ev._Item("2", ["a cat."])]
+    items = [Record("1", str(tmp_path / "img" / "dog.jpg"), ["a dog."]), Record("2", None, ["a cat."])]
     preds = {"1": "x", "cat/2.png": "y"}
-    assert ev._match(preds, {"cat/2.png": "cat/2.png"}, items) == {"1": items[0], "cat/2.png": items[1]}
-    assert ev._match({"elsewhere/dog.jpg": "x"}, {}, items) == {"elsewhere/dog.jpg": items[0]}
+    assert match_predictions(preds, {"cat/2.png": "cat/2.png"}, items) == {"1": items[0], "cat/2.png": items[1]}
+    assert match_predictions({"elsewhere/dog.jpg": "x"}, {}, items) == {"elsewhere/dog.jpg": items[0]}
     with pytest.raises(ClipCapError, match="match no reference"):
-        ev._match({"3": "z"}, {}, items)
+        match_predictions({"3": "z"}, {}, items)
     with pytest.raises(ClipCapError, match="same image"):
-        ev._match({"1": "x", "dog": "y"}, {}, items)
+        match_predictions({"1": "x", "dog": "y"}, {}, items)
 
 
 def test_compute_scores_rejects_unscorable_input():
     with pytest.raises(ClipCapError, match="no references"):
-        ev.compute_scores({"a": "x."}, {"b": ["y."]})
+        mt.compute_scores({"a": "x."}, {"b": ["y."]})
     with pytest.raises(ClipCapError, match="empty reference list"):
-        ev.compute_scores({"a": "x."}, {"a": []})
+        mt.compute_scores({"a": "x."}, {"a": []})
     with pytest.raises(ClipCapError, match="nothing to score"):
-        ev.compute_scores({}, {"a": ["x."]})
+        mt.compute_scores({}, {"a": ["x."]})
 
 
 def nocaps_files(tmp_path: Path) -> tuple[Path, Path]:
@@ -294,20 +309,21 @@ def nocaps_files(tmp_path: Path) -> tuple[Path, Path]:
 
 def test_nocaps_scores_per_domain_and_overall(tmp_path):
     pred_file, ref_file = nocaps_files(tmp_path)
-    result = ev.evaluate_predictions(pred_file, ref_file, spice=False)
+    scored = ev.evaluate_predictions(ev.EvalConfig(predictions=str(pred_file), references=str(ref_file), spice=False))
+    result = as_dict(scored)
     assert list(result["domains"]) == ["in-domain", "near-domain", "out-domain"]
     assert [result["domains"][d]["num_images"] for d in result["domains"]] == [2, 1, 2]
     assert result["num_images"] == 5 and result["missing_predictions"] == 0
-    preds, _ = ev.load_predictions(pred_file)
-    refs = {it.key: it.references for it in ev.load_references(ref_file)}
+    preds, _ = load_predictions(pred_file)
+    refs = {r.key: r.captions for r in load_references(ref_file)}
     # Each domain is scored as its own corpus (CIDEr's idf from that domain's references), as nocaps does.
-    out = ev.compute_scores({k: preds[k] for k in ("4", "5")}, refs, spice=False).metrics
+    out = mt.compute_scores({k: preds[k] for k in ("4", "5")}, refs, spice=False).metrics
     assert result["domains"]["out-domain"]["CIDEr"] == out["CIDEr"]
-    overall = ev.compute_scores(preds, refs, spice=False).metrics
+    overall = mt.compute_scores(preds, refs, spice=False).metrics
     assert result["CIDEr"] == overall["CIDEr"] and result["BLEU-4"] == overall["BLEU-4"]
     assert [row["domain"] for row in result["per_image"]] == ["in-domain"] * 2 + ["near-domain"] + ["out-domain"] * 2
     assert result["unavailable"]["CLIPScore"].startswith("needs a CLIP model")
-    table = ev.format_table(result)
+    table = ev.format_table(scored)
     assert "| in-domain | 2 |" in table and "| out-domain | 2 |" in table
 
 
@@ -337,7 +353,7 @@ def test_cli_scores_prediction_files_with_clipscore(tmp_path, clip_dir, capsys):
         rows = list(csv.DictReader(f))
     assert [r["image"] for r in rows] == ["image1", "image2"]
     assert json.loads(rows[0]["references"]) == load("refs.json")["image1"]
-    per = ev.compute_scores(load("good_captions.json"), load("refs.json")).per_image
+    per = mt.compute_scores(load("good_captions.json"), load("refs.json")).per_image
     assert float(rows[1]["CIDEr"]) == pytest.approx(per["image2"]["CIDEr"], abs=1e-9)
     assert {"prediction", "CLIPScore", "RefCLIPScore"} <= set(rows[0])
     assert not out.with_name("m.predictions.json").exists()  # nothing was generated
@@ -348,7 +364,7 @@ def test_cli_scores_prediction_files_with_clipscore(tmp_path, clip_dir, capsys):
     [
         ([], "either a model"),
         (["--model", "m"], "--model needs --data"),
-        (["--predictions", "p.json", "--references", "r.json", "--beams", "3"], "--beams only apply when generating"),
+        (["--predictions", "p.json", "--references", "r.json", "--beams", "3"], "--beams only applies when generating"),
         (["--predictions", "missing.json", "--references", "r.json"], "file not found"),
     ],
 )
@@ -400,7 +416,6 @@ def trained(tmp_path_factory, lm_dir, clip_dir):
     three images, and a nocaps-style evaluation source: those images with two references each, plus a corrupt one."""
     from PIL import Image
 
-    from clipcap.embed import embed
     from clipcap.train import TrainConfig, train
 
     root = tmp_path_factory.mktemp("e2e")
@@ -412,7 +427,7 @@ def trained(tmp_path_factory, lm_dir, clip_dir):
     # Each image listed 5 times: 5 optimizer steps per epoch (an epoch also writes a checkpoint).
     said = [[s] for _, s, _ in TRAINED.values()] * 5
     train_source = nocaps_source(root / "train.json", list(TRAINED) * 5, domains * 5, said)
-    store = embed(train_source, root / "train-store", clip_dir, workers=0, progress=False)
+    store = embed_source(train_source, root / "train-store", clip_dir)
     cfg = TrainConfig(
         data=str(store),
         out=str(root / "run"),
@@ -465,20 +480,27 @@ def test_cli_evaluates_a_trained_model_on_a_nocaps_style_source(trained, tmp_pat
     # The written predictions (COCO results format) rescore to the same numbers.
     predictions = out.with_name("metrics.predictions.json")
     assert json.loads(predictions.read_text())[0] == {"image_id": 1, "caption": TRAINED["img1"][1]}
-    rescored = ev.evaluate_predictions(predictions, source, clipscore=False, spice=False)
+    rescored = as_dict(
+        ev.evaluate_predictions(
+            ev.EvalConfig(predictions=str(predictions), references=str(source), clipscore=False, spice=False)
+        )
+    )
     for name in ("BLEU-4", "ROUGE-L", "CIDEr"):
         assert rescored[name] == metrics[name]
         for domain in metrics["domains"]:
             assert rescored["domains"][domain][name] == metrics["domains"][domain][name]
 
 
-def test_evaluate_model_on_an_embedding_store_matches_the_source(trained, tmp_path, clip_dir):
-    from clipcap.embed import embed
+def generate_and_score(model_dir, data, **options) -> dict:
+    cfg = ev.EvalConfig(model=str(model_dir), data=str(data), split="all", num_beams=1, max_new_tokens=30, spice=False)
+    return as_dict(ev.evaluate_model(dataclasses.replace(cfg, **options)))
 
+
+def test_evaluate_model_on_an_embedding_store_matches_the_source(trained, tmp_path, clip_dir):
     model_dir, source = trained
-    store = embed(source, tmp_path / "store", clip_dir, workers=0, progress=False)
-    from_store = ev.evaluate_model(model_dir, store, split=None, num_beams=1, max_new_tokens=30, spice=False)
-    from_source = ev.evaluate_model(model_dir, source, split=None, num_beams=1, max_new_tokens=30, spice=False)
+    store = embed_source(source, tmp_path / "store", clip_dir)
+    from_store = generate_and_score(model_dir, store)
+    from_source = generate_and_score(model_dir, source)
     assert [r["prediction"] for r in from_store["per_image"]] == [said for _, said, _ in TRAINED.values()]
     assert [r["prediction"] for r in from_store["per_image"]] == [r["prediction"] for r in from_source["per_image"]]
     assert from_store["CIDEr"] == from_source["CIDEr"]
@@ -491,7 +513,7 @@ def test_evaluate_model_on_an_embedding_store_matches_the_source(trained, tmp_pa
 def test_evaluate_model_says_which_splits_exist(trained):
     model_dir, source = trained
     with pytest.raises(ClipCapError, match="no records in split 'test'"):
-        ev.evaluate_model(model_dir, source, split="test")
+        generate_and_score(model_dir, source, split="test")
 
 
 def test_clipscore_is_unavailable_not_fatal_when_the_clip_has_no_tokenizer(trained, clip_dir, monkeypatch):
@@ -506,6 +528,6 @@ def test_clipscore_is_unavailable_not_fatal_when_the_clip_has_no_tokenizer(train
         return load(name, *args, **kwargs)
 
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", no_clip_tokenizer)
-    result = ev.evaluate_model(model_dir, source, split=None, num_beams=1, max_new_tokens=30, spice=False)
+    result = generate_and_score(model_dir, source)
     assert "CLIPScore" not in result and "no tokenizer files" in result["unavailable"]["RefCLIPScore"]
     assert [r["prediction"] for r in result["per_image"]] == [said for _, said, _ in TRAINED.values()]

@@ -138,7 +138,7 @@ def test_hub_id_offline_fails_fast_with_hint(monkeypatch):
 
 
 def test_missing_lm_offline_fails_fast():
-    with pytest.raises(ClipCapError, match=r"cannot load language model 'gpt2'.*--lm DIR"):
+    with pytest.raises(ClipCapError, match=r"cannot load language model 'gpt2'.*pass its local directory instead"):
         ClipCapModel(tiny.tiny_config("mlp", lm="gpt2"))
 
 

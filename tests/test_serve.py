@@ -20,7 +20,7 @@ from PIL import Image
 
 from clipcap import Captioner, ClipCapError, serve
 from clipcap.cli import main
-from clipcap.serve import DecodeSettings, MicroBatcher, Overloaded, ServeConfig, create_app, open_upload
+from clipcap.serve import DecodeSettings, MicroBatcher, Overloaded, ServerLimits, create_app, open_upload
 
 COLOURS = [(220, 30, 30), (40, 170, 60), (40, 70, 220), (235, 200, 30), (140, 60, 180), (245, 130, 20)]
 
@@ -62,7 +62,7 @@ def captioner(model_dir):
 
 @pytest.fixture(scope="module")
 def client(captioner):
-    config = ServeConfig(max_images=4, max_upload_bytes=2 * 1024 * 1024, max_pixels=1_000_000, max_beams=4)
+    config = ServerLimits(max_images=4, max_upload_mb=2, max_pixels=1_000_000, max_beams=4)
     with TestClient(create_app(captioner, config)) as c:
         yield c
 
@@ -94,7 +94,7 @@ def test_beams_and_several_captions(client, captioner):
 
 
 def test_defaults_come_from_the_config(captioner):
-    config = ServeConfig(default_new_tokens=5, num_beams=2)
+    config = ServerLimits(max_new_tokens=5, num_beams=2)
     image = png(COLOURS[1])
     with TestClient(create_app(captioner, config)) as c:
         r = c.post("/v1/captions", files=files(("g.png", image)))
@@ -134,7 +134,7 @@ BAD_UPLOADS = {
     "unsupported format (PPM)": (png(fmt="PPM"), 415, "not a supported image"),
     "empty": (b"", 400, "empty file"),
     "truncated": (_truncated(), 400, "truncated"),
-    "too many pixels": (png(size=(1001, 1000)), 413, "1001x1000 is more than the 1000000 pixels allowed"),
+    "too many pixels": (png(size=(1001, 1000)), 413, "too many pixels (1001x1000 > 1000000"),
     "header of a 40000x40000 image": (png_bomb(40000, 40000, rows=2), 413, "decompression bomb"),
 }
 
@@ -153,21 +153,22 @@ def test_bad_uploads_get_their_4xx_and_the_server_lives_on(client, name):
 def test_body_over_the_upload_limit_is_413(client):
     big = b"\x00" * (2 * 1024 * 1024)
     r = client.post("/v1/captions", files=files(("big.png", big)))
-    # With a Content-Length, FastAPI's body limit answers before reading anything (as plain text).
-    assert (r.status_code, r.text) == (413, "Content Too Large")
+    # With a Content-Length, the limit answers before reading anything, in the API's JSON error form.
+    over = {"detail": "request body over the limit of 2097152 bytes"}
+    assert (r.status_code, r.headers["content-type"], r.json()) == (413, "application/json", over)
     head = b'--xx\r\nContent-Disposition: form-data; name="image"; filename="big.png"\r\n\r\n'
     chunks = (head, big[: 1024 * 1024], big[1024 * 1024 :], b"\r\n--xx--\r\n")
     streamed = client.post(
         "/v1/captions", content=iter(chunks), headers={"content-type": "multipart/form-data; boundary=xx"}
     )
-    assert (streamed.status_code, streamed.json()) == (413, {"detail": "Content Too Large"})
+    assert (streamed.status_code, streamed.json()) == (413, over)
     assert client.get("/healthz").status_code == 200
 
 
 def test_bomb_is_refused_without_decoding(client, bomb):
     r = client.post("/v1/captions", files=files(("bomb.png", bomb)))
     assert r.status_code == 413
-    assert "9000x9000 is more than the 1000000 pixels allowed" in r.json()["detail"]
+    assert "too many pixels (9000x9000 > 1000000" in r.json()["detail"]
     # PIL counts every image it allocates: the bomb is rejected from its header, a real image is decoded.
     created = Image.core.get_stats()["new_count"]
     with pytest.raises(HTTPException) as err:
@@ -273,7 +274,7 @@ async def _until(condition) -> None:
 
 def test_concurrent_requests_share_one_run(captioner):
     image = png(COLOURS[4])
-    app = create_app(captioner, ServeConfig(max_batch_size=8, max_wait_ms=30_000))
+    app = create_app(captioner, ServerLimits(max_batch_size=8, max_wait_ms=30_000))
 
     async def run():
         async with app.router.lifespan_context(app), _client(app) as c:
@@ -293,7 +294,7 @@ def _client(app) -> httpx.AsyncClient:
 
 
 def test_overload_is_503_with_retry_after_and_slow_requests_time_out(captioner):
-    app = create_app(captioner, ServeConfig(max_batch_size=1, max_wait_ms=1, max_queue=1, timeout_s=600))
+    app = create_app(captioner, ServerLimits(max_batch_size=1, max_wait_ms=1, max_queue=1, timeout=600))
     batcher = app.state.batcher
     busy = threading.Event()
 
@@ -321,7 +322,7 @@ def test_overload_is_503_with_retry_after_and_slow_requests_time_out(captioner):
 
 
 def test_request_timeout_is_504_and_the_queued_job_is_dropped(captioner):
-    config = ServeConfig(max_batch_size=1, max_wait_ms=1, timeout_s=600)
+    config = ServerLimits(max_batch_size=1, max_wait_ms=1, timeout=600)
     app = create_app(captioner, config)
     batcher = app.state.batcher
     busy = threading.Event()
@@ -335,9 +336,9 @@ def test_request_timeout_is_504_and_the_queued_job_is_dropped(captioner):
 
             first = asyncio.ensure_future(post())
             await _until(lambda: batcher.pending == 1 and batcher.queued == 0)  # taken, waiting for the model
-            config.timeout_s = 0.05
+            config.timeout = 0.05
             late = await post()  # waits in the queue behind `first` past its time limit
-            config.timeout_s = 600
+            config.timeout = 600
             busy.set()
             return late, await first, await post()
 
@@ -387,9 +388,9 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
         f"clipcap serve: error: model directory not found: {tmp_path / 'missing'}"
     ]
     assert main(["serve", "--model", str(tmp_path), "--max-batch-size", "0"]) == 2
-    assert "max_batch_size must be positive" in capsys.readouterr().err
+    assert "--max-batch-size must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_config_rejects_defaults_beyond_limits():
     with pytest.raises(ClipCapError):
-        ServeConfig(num_beams=9, max_beams=8)
+        ServerLimits(num_beams=9, max_beams=8)

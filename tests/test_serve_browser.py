@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from clipcap import Captioner
-from clipcap.serve import ServeConfig, create_app
+from clipcap.serve import ServerLimits, create_app
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
 uvicorn = pytest.importorskip("uvicorn")
@@ -58,7 +58,7 @@ def captioner(model_dir):
 
 @pytest.fixture(scope="module")
 def page(captioner):
-    with running_server(create_app(captioner, ServeConfig(max_beams=4))) as url, sync_api.sync_playwright() as p:
+    with running_server(create_app(captioner, ServerLimits(max_beams=4))) as url, sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1100, "height": 760})
         page.goto(url)

@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 from clipcap.data.sources import Record, detect_format, open_record_image, read_source
-from clipcap.encoder import ImageLoadError
 from clipcap.errors import ClipCapError
+from clipcap.images import ImageLoadError
 
 
 # -- fixture builders (also used by test_embed.py) ----------------------------------------------------------------
@@ -230,13 +230,15 @@ def test_jsonl_caption_lists_and_custom_columns(tmp_path):
     (tmp_path / "d.jsonl").write_text(json.dumps(rows[0]) + "\n")
     (rec,) = read_source(tmp_path / "d.jsonl", images="/data", image_column="file", caption_column="texts")
     assert rec == Record("7", "/data/x.png", ["one.", "two."], None, {"source": "web"})
-    with pytest.raises(ClipCapError, match="no image column among id, file, texts, source; name it with --image"):
+    with pytest.raises(ClipCapError, match="no image column among id, file, texts, source; name it with `image_"):
         list(read_source(tmp_path / "d.jsonl"))
     with pytest.raises(ClipCapError, match="no caption column 'caption'"):
         list(read_source(tmp_path / "d.jsonl", image_column="file", caption_column="caption"))
-    (tmp_path / "broken.jsonl").write_text('{"image": "a.png"}\n{oops\n')
-    with pytest.raises(ClipCapError, match="broken.jsonl:2 is not valid JSON"):
-        list(read_source(tmp_path / "broken.jsonl"))
+    # a line that is not a JSON object is one bad item, reported; the others are read
+    (tmp_path / "broken.jsonl").write_text('{"image": "a.png", "caption": "a."}\n{oops\n[1]\n')
+    good, broken, listed = read_source(tmp_path / "broken.jsonl")
+    assert (good.key, good.captions, good.problem) == ("a.png", ["a."], None)
+    assert broken.problem.startswith("line 2 is not valid JSON") and listed.problem == "line 3 is not a JSON object"
 
 
 # -- folder and webdataset ------------------------------------------------------------------------------------------
@@ -324,7 +326,7 @@ def test_detection_and_user_errors(tmp_path):
     with pytest.raises(ClipCapError, match="source not found"):
         list(read_source(tmp_path / "missing.json"))
     (tmp_path / "x.bin").write_bytes(b"?")
-    with pytest.raises(ClipCapError, match="pass --format"):
+    with pytest.raises(ClipCapError, match="cannot tell the format"):
         detect_format(tmp_path / "x.bin")
     (tmp_path / "odd.json").write_text("[1, 2]")
     with pytest.raises(ClipCapError, match="unrecognised JSON"):

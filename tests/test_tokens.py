@@ -3,6 +3,7 @@ user mistakes along the way (each a one-line CLI error)."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 
@@ -15,8 +16,9 @@ from PIL import Image
 from clipcap import Captioner, ClipCapError, ClipCapModel
 from clipcap.cli import main
 from clipcap.data.store import EmbeddingStore
-from clipcap.encoder import ImageEncoder, load_image
-from clipcap.evaluate import evaluate_model
+from clipcap.encoder import ImageEncoder
+from clipcap.evaluate import EvalConfig, evaluate_model
+from clipcap.images import open_image
 from clipcap.serve import create_app
 
 SAID = {  # image -> (its colour, the caption the tiny model is trained to say back)
@@ -66,7 +68,7 @@ def test_embed_stores_pooled_embeddings_and_grid_pooled_tokens(token_run, clip_d
     store = EmbeddingStore(store_dir, split="test")
     assert store.token_shape == (5, 32) and store.token_grid == 2  # class token + 2 x 2 cells of 4 x 4 patches
     encoder = ImageEncoder.from_pretrained(clip_dir)
-    pixels = encoder.preprocess([load_image(source.parent / f"{n}.png") for n in SAID])
+    pixels = encoder.preprocess([open_image(source.parent / f"{n}.png") for n in SAID])
     pooled, tokens = encoder.encode_pixels_and_tokens(pixels, 2)
     np.testing.assert_allclose(store.image_tokens(), tokens.numpy(), rtol=1e-2, atol=1e-2)  # float16 on disk
     np.testing.assert_allclose(store.image_embeddings(), pooled.numpy(), rtol=1e-2, atol=1e-2)
@@ -80,22 +82,26 @@ def test_the_model_dir_records_what_it_reads(token_run):
     assert ClipCapModel.from_pretrained(model_dir).mapper.positions.shape == (5, 32)
 
 
-def test_evaluate_caption_and_serve_agree(token_run, source, tmp_path):
+def _evaluate(model_dir, data, **options):
+    cfg = EvalConfig(model=str(model_dir), data=str(data), split="test", num_beams=1, max_new_tokens=40, spice=False)
+    return evaluate_model(dataclasses.replace(cfg, **options))
+
+
+def test_evaluate_caption_and_serve_agree(token_run, source, capsys):
     store, model_dir = token_run
-    from_store = evaluate_model(model_dir, store, split="test", num_beams=1, max_new_tokens=40, spice=False)
-    from_images = evaluate_model(model_dir, source, split="test", num_beams=1, max_new_tokens=40, spice=False)
+    from_store, from_images = _evaluate(model_dir, store), _evaluate(model_dir, source)
     said = [caption for _, caption in SAID.values()]
-    assert [r["prediction"] for r in from_store["per_image"]] == said  # it learned to read the tokens
-    assert [r["prediction"] for r in from_images["per_image"]] == said
-    assert from_images["CLIPScore"] == pytest.approx(from_store["CLIPScore"], abs=1e-2)  # pooled features still
+    assert [r["prediction"] for r in from_store.rows] == said  # it learned to read the tokens
+    assert [r["prediction"] for r in from_images.rows] == said
+    # CLIPScore still reads the pooled features
+    assert from_images.metrics["CLIPScore"] == pytest.approx(from_store.metrics["CLIPScore"], abs=1e-2)
     captioner = Captioner.from_pretrained(model_dir)
     images = [source.parent / f"{n}.png" for n in SAID]
     assert captioner.caption(images, max_new_tokens=40) == said
     # `clipcap caption` goes through the same Captioner
-    out = tmp_path / "captions.jsonl"
-    with open(out, "w") as f:
-        captioner.caption_files(images, f, progress=False, max_new_tokens=40)
-    assert [json.loads(line)["caption"] for line in out.read_text().splitlines()] == said
+    capsys.readouterr()
+    assert main(["caption", *map(str, images), "--model", str(model_dir), "--max-new-tokens", "40", "--quiet"]) == 0
+    assert [json.loads(line)["caption"] for line in capsys.readouterr().out.splitlines()] == said
     with TestClient(create_app(captioner)) as client:
         buf = io.BytesIO()
         Image.open(images[1]).save(buf, "PNG")
@@ -120,7 +126,7 @@ def test_evaluating_a_token_model_on_a_store_of_another_grid_is_refused(token_ru
     assert main(["embed", str(source), "--out", str(tmp_path / "s"), "--clip-model", str(clip_dir), "--workers",
                  "0", "--quiet", "--tokens"]) == 0  # fmt: skip
     with pytest.raises(ClipCapError, match=r"holds image tokens \(17, 32\) \(grid None\) but the model reads"):
-        evaluate_model(model_dir, tmp_path / "s", split="test", num_beams=1, spice=False)
+        _evaluate(model_dir, tmp_path / "s")
 
 
 def _one_line_error(capsys, command: str, words: str) -> None:
@@ -132,14 +138,14 @@ def test_user_mistakes_are_one_line_errors(token_run, source, clip_dir, lm_dir, 
     store, _ = token_run
     embed = ["embed", str(source), "--clip-model", str(clip_dir), "--workers", "0", "--quiet"]
     assert main([*embed, "--out", str(tmp_path / "a"), "--token-grid", "2"]) == 2
-    _one_line_error(capsys, "embed", "needs tokens stored")
+    _one_line_error(capsys, "embed", "--token-grid pools image tokens: it needs --tokens")
     assert main([*embed, "--out", str(tmp_path / "b"), "--tokens", "--text-only"]) == 2
-    _one_line_error(capsys, "embed", "cannot be stored with text-only")
+    _one_line_error(capsys, "embed", "--tokens cannot go with --text-only")
     assert main([*embed, "--out", str(tmp_path / "c"), "--tokens", "--token-grid", "0"]) == 2
-    _one_line_error(capsys, "embed", "positive integer")
-    with pytest.raises(SystemExit):
+    _one_line_error(capsys, "embed", "--token-grid must be at least 1")
+    with pytest.raises(SystemExit) as exit_:
         main([*embed, "--out", str(tmp_path / "d"), "--tokens", "--token-grid", "two"])
-    assert "--token-grid: invalid int value: 'two'" in capsys.readouterr().err
+    assert exit_.value.code == 2 and "--token-grid: invalid int value: 'two'" in capsys.readouterr().err
     assert main([*embed, "--out", str(store), "--tokens"]) == 2  # resuming with another grid
     _one_line_error(capsys, "embed", "differs in: token_grid")
     plain = tmp_path / "plain"
@@ -149,4 +155,4 @@ def test_user_mistakes_are_one_line_errors(token_run, source, clip_dir, lm_dir, 
                  "--tokens"]) == 2  # fmt: skip
     _one_line_error(capsys, "train", "holds no image tokens")
     assert main([*train, "--data", str(store), "--out", str(tmp_path / "r2"), "--tokens"]) == 2
-    _one_line_error(capsys, "train", "--tokens needs --mapping transformer")
+    _one_line_error(capsys, "train", "--tokens needs the transformer mapping")

@@ -19,19 +19,10 @@ from safetensors.torch import load_file
 
 from clipcap import Captioner, ClipCapModel
 from clipcap.cli import main as cli_main
+from clipcap.data.pairs import CaptionPairs, PackedText, pad_batch, tokenize_captions
 from clipcap.data.store import EmbeddingStore, StoreWriter
 from clipcap.errors import ClipCapError
-from clipcap.train import (
-    CaptionPairs,
-    Objective,
-    PackedText,
-    TrainConfig,
-    Trainer,
-    noise_injection,
-    pad_batch,
-    tokenize_captions,
-    train,
-)
+from clipcap.train import Objective, TrainConfig, Trainer, noise_injection, train
 from tests import tiny
 
 DIM = 16  # the tiny CLIP's projection size
@@ -178,11 +169,13 @@ def test_existing_run_needs_resume_and_cli_errors_are_one_line(run_dir, image_st
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (dict(text_only=True), "--text-only trains on CLIP text embeddings"),
-        (dict(mapping="transformer", lm_text_weight=1.0, lm_text="x.txt"), "--lm-text needs --tune-lm"),
-        (dict(tune_lm=False, lm_lr=1e-5), "--lm-lr needs --tune-lm"),
+        (dict(text_only=True), "`text_only` trains on CLIP text embeddings"),
+        (dict(mapping="transformer", lm_text_weight=1.0, lm_text="x.txt"), "`lm_text` needs `tune_lm`"),
+        (dict(tune_lm=False, lm_lr=1e-5), "`lm_lr` needs `tune_lm`"),
         (dict(lm_text="x.txt"), "go together"),
-        (dict(batch_size=0), "batch-size must be a positive integer"),
+        (dict(batch_size=0), "`batch_size` must be at least 1, got 0"),
+        (dict(epochs="3"), "`epochs` must be int, got '3'"),
+        (dict(mapping="lstm"), "`mapping` must be one of mlp, transformer"),
     ],
 )
 def test_bad_flag_combinations_raise(tmp_path, image_store, lm_dir, overrides, message):
@@ -358,7 +351,7 @@ def test_text_only_training_learns_captions_and_captions_images(tmp_path, tokeni
         modality="text",
         embeds=np.tile(text_embeds, (10, 1)),
     )
-    with pytest.raises(ClipCapError, match="pass --text-only"):
+    with pytest.raises(ClipCapError, match="train on it with `text_only`"):
         Trainer(small_cfg(store, tmp_path / "no-flag", lm_dir))
     cfg = small_cfg(store, tmp_path / "run", lm_dir, text_only=True, epochs=10, batch_size=6, lr=1e-2, num_samples=0)
     cfg.log_every = 20
@@ -374,13 +367,14 @@ def test_text_only_training_learns_captions_and_captions_images(tmp_path, tokeni
 
 
 def test_text_only_trains_on_a_store_from_embed_text_only(tmp_path, lm_dir, clip_dir):
-    from clipcap.embed import embed
+    from clipcap.embed import EmbedConfig, embed
 
     source = tmp_path / "captions.jsonl"
     source.write_text(
         "".join(json.dumps({"image": f"{i}.jpg", "caption": c}) + "\n" for i, c in enumerate(tiny.CORPUS))
     )
-    store = embed(source, tmp_path / "store", clip_model=str(clip_dir), text_only=True, workers=0, progress=False)
+    out = str(tmp_path / "store")
+    store = embed(EmbedConfig(source=str(source), out=out, clip_model=str(clip_dir), text_only=True, workers=0)).out
     run = train(small_cfg(store, tmp_path / "run", lm_dir, text_only=True, epochs=1, batch_size=3, num_samples=0))
     config = ClipCapModel.from_pretrained(run / "final").config
     assert config.normalize_prefix and config.clip_model == str(clip_dir) and config.clip_dim == DIM

@@ -4,7 +4,6 @@ from .captioner import Captioner
 from .config import ClipCapConfig
 from .errors import ClipCapError
 from .model import ClipCapModel
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = ["ClipCapConfig", "ClipCapError", "ClipCapModel", "Captioner", "__version__"]

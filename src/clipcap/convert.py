@@ -8,18 +8,21 @@ contradict them are errors. The originals never learned an end token, so generat
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 import re
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from .config import ClipCapConfig
+from .config import MAPPINGS, ClipCapConfig
 from .errors import ClipCapError
 from .hub import load_causal_lm, load_tokenizer, offline_hint
 from .model import ClipCapModel
+from .options import check_options, option
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"  # ViT-B/32: the encoder of the published MLP checkpoints
 DEFAULT_CLIP_DIM = 512
@@ -79,7 +82,7 @@ def infer_mapper(state: dict[str, torch.Tensor], lm_hidden: int) -> dict:
 
 def check_flag(name: str, given, found) -> None:
     if given is not None and given != found:
-        raise ClipCapError(f"--{name.replace('_', '-')} {given} contradicts the checkpoint, which has {found}")
+        raise ClipCapError(f"`{name}` {given} contradicts the checkpoint, which has {found}")
 
 
 def convert_original(
@@ -99,7 +102,7 @@ def convert_original(
     try:
         lm_config = AutoConfig.from_pretrained(lm)
     except (OSError, ValueError):
-        raise ClipCapError(offline_hint(lm, "language model", "--lm")) from None
+        raise ClipCapError(offline_hint(lm, "language model")) from None
     tokenizer = load_tokenizer(lm)
     has_lm = any(k.startswith("gpt.") for k in state)
     lm_model = AutoModelForCausalLM.from_config(lm_config) if has_lm else load_causal_lm(lm)
@@ -108,7 +111,7 @@ def convert_original(
     found = infer_mapper(state, lm_hidden)
     check_flag("mapping", mapping, found["mapping"])
     if found["hidden"] != lm_hidden:
-        raise ClipCapError(f"the mapper emits {found['hidden']}-d vectors but --lm {lm} has hidden size {lm_hidden}")
+        raise ClipCapError(f"the mapper emits {found['hidden']}-d vectors but the LM {lm} has hidden size {lm_hidden}")
     given = dict(prefix_length=prefix_length, clip_dim=clip_dim, clip_length=clip_length, num_layers=num_layers)
     for name, value in given.items():
         if name in found:
@@ -143,12 +146,12 @@ def convert_original(
     for key, value in renamed.items():
         if key in expected and expected[key].shape != value.shape:
             raise ClipCapError(
-                f"{key}: checkpoint shape {tuple(value.shape)} does not fit --lm {lm} ({tuple(expected[key].shape)})"
+                f"{key}: checkpoint shape {tuple(value.shape)} does not fit the LM {lm} ({tuple(expected[key].shape)})"
             )
     missing = sorted(set(expected) - set(renamed) - tied_keys(model))
     unexpected = sorted(set(renamed) - set(expected))
     if missing or unexpected:
-        raise ClipCapError(f"checkpoint does not fit --lm {lm}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise ClipCapError(f"checkpoint does not fit the LM {lm}: missing {missing[:3]}, unexpected {unexpected[:3]}")
     model.load_state_dict(renamed, strict=False)
     out = Path(out_dir)
     model.save_pretrained(out)
@@ -165,3 +168,33 @@ def tied_keys(model: ClipCapModel) -> set[str]:
             tied.add(key)
         seen.setdefault(ptr, key)
     return tied
+
+
+@dataclass(kw_only=True)
+class ConvertConfig:
+    """An original checkpoint to convert, and what its tensors cannot say (sizes are read from them; values given
+    here that contradict them are errors)."""
+
+    checkpoint: str = option(positional=True, help="original .pt file (read with weights_only=True, never executed)")
+    out_dir: str = option(positional=True, help="model dir to write")
+    lm: str = option("gpt2", help="HF id or dir of the language model the checkpoint tuned")
+    mapping: str | None = option(None, choices=MAPPINGS, help="mapping network", default_text="inferred")
+    prefix_length: int | None = option(None, min=1, help="k", default_text="inferred")
+    clip_length: int | None = option(None, min=1, help="transformer mapper's clip_length", default_text="inferred")
+    num_layers: int | None = option(None, min=1, help="transformer mapper layers", default_text="inferred")
+    clip_dim: int | None = option(None, min=1, help="CLIP embedding size", default_text="inferred")
+    normalize_prefix: bool = option(False, help="L2-normalise the CLIP embedding (the published Transformer)")
+    clip_model: str | None = option(
+        None,
+        help="HF id or dir of the CLIP encoder to record",
+        default_text=f"{DEFAULT_CLIP} for {DEFAULT_CLIP_DIM}-d checkpoints",
+    )
+
+    def __post_init__(self) -> None:
+        check_options(self)
+
+
+def convert(cfg: ConvertConfig) -> Path:
+    """Convert as `cfg` says; returns the model dir."""
+    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name not in ("checkpoint", "out_dir")}
+    return convert_original(cfg.checkpoint, cfg.out_dir, **fields)

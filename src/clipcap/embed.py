@@ -1,4 +1,4 @@
-"""`clipcap embed`: a captioning source -> an embedding store (data/store.py), batched, resumable, multi-process.
+"""Embedding a dataset: a captioning source -> an embedding store (data/store.py), batched, resumable, multi-process.
 
 The record list is cut into fixed shards of `shard_size` records; shard i always holds the same records and is
 encoded in the same batches, so it is a deterministic unit of work. A shard is complete once its embedding file
@@ -12,16 +12,19 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .data.sources import Record, detect_format, open_record_image, read_source
-from .data.store import INFO, JOB, StoreWriter, write_json
-from .encoder import ImageEncoder, ImageLoadError
+from .data.sources import FORMATS, Record, detect_format, open_record_image, read_source
+from .data.store import JOB, StoreWriter
+from .devices import DEVICE_HELP, resolve_device
+from .encoder import ImageEncoder, fingerprint
 from .errors import ClipCapError
+from .images import ImageLoadError
+from .options import check_options, option
 
 
 class _ImageDataset(torch.utils.data.Dataset):
@@ -56,15 +59,18 @@ def _worker_init(_):
 
 
 def _clean(records: list[Record]) -> tuple[list[Record], dict[int, str], dict[int, list[dict]]]:
-    """Strip captions; mark records that cannot become training rows (duplicate key, no usable caption) and note
-    captions dropped from otherwise good records. Returns (records, bad reason by index, notes by index)."""
+    """Strip captions; mark records that cannot become rows (a problem found by the reader, duplicate key, no usable
+    caption) and note captions dropped from otherwise good records. Returns (records, bad reason by index, notes by
+    index)."""
     seen: set[str] = set()
     bad: dict[int, str] = {}
     notes: dict[int, list[dict]] = {}
     for n, rec in enumerate(records):
         captions = [c.strip() for c in rec.captions if isinstance(c, str)]
         kept = [c for c in captions if c]
-        if rec.key in seen:
+        if rec.problem:
+            bad[n] = rec.problem
+        elif rec.key in seen:
             bad[n] = "duplicate key (first occurrence kept)"
         elif not rec.captions:
             bad[n] = "no captions"
@@ -80,123 +86,188 @@ def _clean(records: list[Record]) -> tuple[list[Record], dict[int, str], dict[in
     return records, bad, notes
 
 
-def _check_job(out: Path, job: dict, world: int) -> None:
-    """Refuse to resume into a store started by a different command; start a fresh one otherwise."""
+def _claim(out: Path, job: dict) -> None:
+    """Start a store at `out` for `job`, or check that the store there was started by the same command.
+
+    Several ranks may start together on a fresh `out`: job.json is written to a temporary file and hard-linked into
+    place, which succeeds for exactly one of them; the others then read and compare it."""
     job_file = out / JOB
-    if job_file.is_file():
-        previous = json.loads(job_file.read_text())
-        differs = sorted(k for k in set(job) | set(previous) if job.get(k) != previous.get(k))
-        if differs:
-            raise ClipCapError(
-                f"{out} holds a store from a different `clipcap embed` command (differs in: {', '.join(differs)}); "
-                "pass another --out, or delete it to start over"
-            )
-        if world == 1:  # temporaries left by a killed run; with several ranks another rank may be writing one
-            for tmp in out.rglob(".*.tmp*"):
-                tmp.unlink(missing_ok=True)
-        return
-    if out.exists() and any(out.iterdir()):
-        raise ClipCapError(f"{out} exists and is not a store started by `clipcap embed`: pass an empty or new --out")
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(job_file, job)
+    if out.exists() and not out.is_dir():
+        raise ClipCapError(f"{out} is a file, not a store directory")
+    if not job_file.is_file():
+        leftovers = [p for p in out.iterdir() if not p.name.startswith(f".{JOB}.tmp")] if out.is_dir() else []
+        # Another rank links job.json before it creates anything else, so leftovers without it are foreign files.
+        if leftovers and not job_file.is_file():
+            raise ClipCapError(f"{out} exists and is not a store started by `clipcap embed`: use an empty or new dir")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            tmp = out / f".{JOB}.tmp{os.getpid()}"
+            tmp.write_text(json.dumps(job, indent=2) + "\n", encoding="utf-8")
+        except OSError as e:
+            raise ClipCapError(f"cannot create the store {out}: {e.strerror or e}") from None
+        try:
+            os.link(tmp, job_file)
+            return
+        except FileExistsError:
+            pass  # another rank started the same store a moment ago: compare with its job below
+        finally:
+            tmp.unlink(missing_ok=True)
+    try:
+        previous = json.loads(job_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ClipCapError(f"{job_file} is damaged ({e}): delete {out} to start over") from None
+    differs = sorted(k for k in set(job) | set(previous) if job.get(k) != previous.get(k))
+    if differs:
+        raise ClipCapError(
+            f"{out} holds a store from a different `clipcap embed` command (differs in: {', '.join(differs)}); "
+            "use another output dir, or delete it to start over"
+        )
 
 
 def _rank() -> tuple[int, int]:
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    try:
+        rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    except ValueError:
+        raise ClipCapError("RANK and WORLD_SIZE must be integers") from None
     if not 0 <= rank < world:
         raise ClipCapError(f"RANK={rank} is outside WORLD_SIZE={world}")
     return rank, world
 
 
-def _device(device: str | None) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
+@dataclass(kw_only=True)
+class EmbedConfig:
+    """What `embed` encodes, with which encoder, into which store."""
+
+    source: str = option(
+        positional=True,
+        help="dataset: Karpathy/COCO/nocaps JSON, Conceptual Captions TSV, CSV/JSONL/parquet, a folder of images "
+        "with .txt sidecars, or webdataset .tar shards (a dir, a glob or shard-{00000..00009}.tar)",
+    )
+    out: str = option(help="store directory to write (or resume)")
+    clip_model: str = option(help="HF id or dir of the CLIP-family encoder")
+    format: str = option("auto", choices=("auto", *FORMATS), help="source format (auto: from the extension or content)")
+    images: str | None = option(
+        None,
+        help="image root for sources that name images by relative path (default: the source file's folder); "
+        "for cc, the img2dataset output (folder or .tar shards) whose .json sidecars map URLs to images",
+    )
+    split: str | None = option(None, help="only this split (Karpathy: train, val, test, ...; restval counts as train)")
+    batch_size: int = option(64, min=1, help="images per encoder forward pass")
+    workers: int = option(2, min=0, help="image-decoding worker processes; 0 decodes in-process")
+    text_only: bool = option(
+        False,
+        help="store CLIP text embeddings of the captions instead (one row per caption; for text-only training)",
+    )
+    normalize: bool = option(
+        False, help="L2-normalise the embeddings, as clip-retrieval does (default: raw features, as the paper)"
+    )
+    shard_size: int = option(10_000, min=1, help="records per shard file")
+    device: str = option("auto", help=DEVICE_HELP)
+    image_column: str | None = option(None, help="CSV/JSONL/parquet column holding the image path (default: guessed)")
+    caption_column: str | None = option(None, help="CSV/JSONL/parquet column holding the caption(s) (default: guessed)")
+    tokens: bool = option(
+        False,
+        help="also store the vision tower's last hidden states of each image (tok_emb/*.npy), for a mapper that reads "
+        "image tokens",
+    )
+    token_grid: int | None = option(
+        None,
+        min=1,
+        metavar="N",
+        help="with `tokens`: average-pool the patch tokens to an N x N grid (a class token is kept as it is)",
+        default_text="every token",
+    )
+
+    def __post_init__(self) -> None:
+        check_options(self)
+        if self.tokens and self.text_only:
+            raise ClipCapError("image tokens come from images: `tokens` cannot go with `text_only`")
+        if self.token_grid is not None and not self.tokens:
+            raise ClipCapError("`token_grid` pools image tokens: it needs `tokens`")
 
 
-def embed(
-    source: str | Path,
-    out: str | Path,
-    clip_model: str | Path,
-    format: str = "auto",
-    images: str | Path | None = None,
-    split: str | None = None,
-    batch_size: int = 64,
-    workers: int = 2,
-    text_only: bool = False,
-    normalize: bool = False,
-    shard_size: int = 10_000,
-    device: str | None = None,
-    image_column: str | None = None,
-    caption_column: str | None = None,
-    progress: bool = True,
-    tokens: bool = False,
-    token_grid: int | None = None,
-) -> Path:
-    """Encode `source` into the store `out` and return its path.
+@dataclass
+class EmbedResult:
+    """Where the store is, and its info.json once every shard is written (None on a rank that finished early)."""
+
+    out: Path
+    rank: int
+    world: int
+    info: dict | None
+
+
+def embed(cfg: EmbedConfig, progress: bool = False) -> EmbedResult:
+    """Encode `cfg.source` into the store `cfg.out`.
 
     Image mode: one row per image with all its captions (training visits each (image, caption) pair). `text_only`:
     one row per caption holding the CLIP *text* embedding of that caption ("modality": "text"), for text-only
     (CapDec-style) training. `normalize` L2-normalises the vectors (what clip-retrieval stores hold); the default
     keeps the raw features the paper trained on. `tokens` also stores the vision tower's last hidden states per
     image (every token, or the patch grid average-pooled to `token_grid` x `token_grid`), for a mapper that reads
-    them. Rerunning after an interruption resumes.
-    """
+    them. Rerunning after an interruption resumes."""
     from tqdm.auto import tqdm
 
-    if batch_size < 1 or shard_size < 1 or workers < 0:
-        raise ClipCapError("--batch-size and --shard-size must be >= 1 and --workers >= 0")
-    if tokens and text_only:
-        raise ClipCapError("image tokens come from images: they cannot be stored with text-only embeddings")
-    if token_grid is not None and not tokens:
-        raise ClipCapError("a token grid pools image tokens: it needs tokens stored")
-    if token_grid is not None and (not isinstance(token_grid, int) or isinstance(token_grid, bool) or token_grid < 1):
-        raise ClipCapError(f"the token grid must be a positive integer, got {token_grid!r}")
-    out = Path(out)
-    fmt = detect_format(source, images) if format == "auto" else format
+    out = Path(cfg.out)
+    fmt = detect_format(cfg.source) if cfg.format == "auto" else cfg.format
     records = list(
-        read_source(source, fmt, images=images, split=split, image_column=image_column, caption_column=caption_column)
+        read_source(
+            cfg.source,
+            fmt,
+            images=cfg.images,
+            split=cfg.split,
+            image_column=cfg.image_column,
+            caption_column=cfg.caption_column,
+        )
     )
     records, bad, notes = _clean(records)
     rank, world = _rank()
+    source = cfg.source
     job = {
         "source": str(Path(source).resolve()) if Path(source).exists() else str(source),
         "format": fmt,
-        "images": str(Path(images).resolve()) if images is not None else None,
-        "split": split,
-        "clip_model": str(clip_model),
-        "text_only": text_only,
-        "normalize": normalize,
-        "shard_size": shard_size,
+        "images": str(Path(cfg.images).resolve()) if cfg.images is not None else None,
+        "split": cfg.split,
+        "clip_model": str(cfg.clip_model),
+        "text_only": cfg.text_only,
+        "normalize": cfg.normalize,
+        "shard_size": cfg.shard_size,
         "num_records": len(records),
-        "image_column": image_column,
-        "caption_column": caption_column,
-        "tokens": tokens,
-        "token_grid": token_grid,
+        "image_column": cfg.image_column,
+        "caption_column": cfg.caption_column,
+        "tokens": cfg.tokens,
+        "token_grid": cfg.token_grid,
     }
-    _check_job(out, job, world)
+    _claim(out, job)
+    if world == 1:  # temporaries left by a killed run; with several ranks another rank may be writing one
+        for tmp in out.rglob(".*.tmp*"):
+            tmp.unlink(missing_ok=True)
+    shard_size = cfg.shard_size
     num_shards = max(1, math.ceil(len(records) / shard_size))
-    encoder = ImageEncoder.from_pretrained(clip_model, normalize=normalize, device=_device(device))
-    token_shape = _token_shape(encoder, token_grid) if tokens else None
+    encoder = ImageEncoder.from_pretrained(cfg.clip_model, normalize=cfg.normalize, device=resolve_device(cfg.device))
+    token_shape = _token_shape(encoder, cfg.token_grid) if cfg.tokens else None
     writer = StoreWriter(
         out,
-        clip_model=str(clip_model),
+        clip_model=str(cfg.clip_model),
         clip_dim=encoder.dim,
-        normalized=normalize,
-        modality="text" if text_only else "image",
+        normalized=cfg.normalize,
+        modality="text" if cfg.text_only else "image",
         shard_size=shard_size,
-        extra_info={"source": job["source"], "format": fmt, "split": split},
+        extra_info={
+            "source": job["source"],
+            "format": fmt,
+            "split": cfg.split,
+            "clip_fingerprint": fingerprint(str(cfg.clip_model)),
+        },
         token_shape=token_shape,
-        token_grid=token_grid,
+        token_grid=cfg.token_grid,
     )
     pending = [s for s in range(rank, num_shards, world) if not writer.shard_done(s)]
     shard_items = {s: range(s * shard_size, min((s + 1) * shard_size, len(records))) for s in pending}
+    text_only = cfg.text_only
     todo = sum(len(records[n].captions) if text_only else 1 for s in pending for n in shard_items[s] if n not in bad)
     unit = "caption" if text_only else "img"
     desc = "embed" + (f" [rank {rank}/{world}]" if world > 1 else "")
-    bar = tqdm(total=todo, unit=unit, desc=desc, disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(total=todo, unit=unit, desc=desc, disable=not progress, dynamic_ncols=True)
 
     def write(shard: int, vectors: dict[int, np.ndarray], failed: dict[int, str], grids=None) -> None:
         rows = [n for n in shard_items[shard] if n in vectors]
@@ -234,25 +305,25 @@ def embed(
 
     if text_only:
         for shard in pending:
-            _embed_texts(encoder, records, shard, shard_items[shard], bad, batch_size, write, bar)
+            _embed_texts(encoder, records, shard, shard_items[shard], bad, cfg.batch_size, write, bar)
     else:
-        _embed_images(encoder, records, pending, shard_items, bad, batch_size, workers, write, bar, token_grid, tokens)
-    bar.close()
-
-    if not all(writer.shard_done(s) for s in range(num_shards)):
-        if progress:
-            print(f"clipcap embed: rank {rank} done; the last rank to finish writes {out / INFO}", file=sys.stderr)
-        return out
-    info = writer.finalize(num_shards)
-    if progress:
-        reasons = ", ".join(f"{k} {v}" for k, v in info["skipped_by_reason"].items())
-        print(
-            f"clipcap embed: {info['num_images']} {'captions' if text_only else 'images'} "
-            f"({info['num_captions']} captions) in {num_shards} shards -> {out}; skipped {info['skipped']}"
-            + (f" ({reasons}), listed in {out / 'skipped.jsonl'}" if info["skipped"] else ""),
-            file=sys.stderr,
+        _embed_images(
+            encoder,
+            records,
+            pending,
+            shard_items,
+            bad,
+            cfg.batch_size,
+            cfg.workers,
+            write,
+            bar,
+            cfg.token_grid,
+            cfg.tokens,
         )
-    return out
+    bar.close()
+    if not all(writer.shard_done(s) for s in range(num_shards)):
+        return EmbedResult(out, rank, world, None)  # the last rank to finish writes info.json
+    return EmbedResult(out, rank, world, writer.finalize(num_shards))
 
 
 def _token_shape(encoder: ImageEncoder, grid: int | None) -> tuple[int, int]:

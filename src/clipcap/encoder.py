@@ -1,91 +1,23 @@
-"""ImageEncoder: any HF CLIP-family model (CLIP, SigLIP, ...) + its image processor; and safe image loading.
-
-`load_image` is the one way every code path opens an image: EXIF orientation applied, every mode converted to RGB,
-animated images reduced to their first frame, and unusable files (missing, empty, not an image, truncated, too many
-pixels) raised as one per-item error type, `ImageLoadError`, before PIL allocates anything large.
-"""
+"""ImageEncoder: any HF CLIP-family model (CLIP, SigLIP, ...) + its image processor, frozen."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import math
-import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import Image
 
+from .devices import resolve_device
 from .errors import ClipCapError
 from .hub import offline_hint
+from .images import open_image
 
-# PIL's own bomb limit is a warning up to 2x; ours is a hard per-item error checked from the header alone.
-MAX_IMAGE_PIXELS = 64_000_000
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json", "spiece.model", "sentencepiece.bpe.model")
-
-
-class ImageLoadError(ClipCapError):
-    """One image could not be used; `source` names it and `reason` says why."""
-
-    def __init__(self, source, reason: str):
-        self.source = str(source) if not isinstance(source, Image.Image) else "<PIL image>"
-        self.reason = reason
-        super().__init__(f"{self.source}: {reason}")
-
-
-def _to_rgb(img: Image.Image) -> Image.Image:
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(img, dtype=np.float64)
-        # 16-bit modes span 0..65535 whatever the values (a dark image stays dark); I and F carry no range.
-        top = 65535.0 if img.mode.startswith("I;16") or (img.mode == "I" and arr.max() > 255) else 255.0
-        img = Image.fromarray(np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8))
-    if img.mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))  # transparency shown on white
-        img = Image.alpha_composite(background, rgba)
-    return img.convert("RGB") if img.mode != "RGB" else img
-
-
-def load_image(source: str | Path | Image.Image, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """Open `source` (path or PIL image) as an RGB image, or raise ImageLoadError with the reason."""
-    if isinstance(source, Image.Image):
-        img = source
-    else:
-        path = Path(source)
-        if not path.is_file():
-            raise ImageLoadError(source, "file not found")
-        if path.stat().st_size == 0:
-            raise ImageLoadError(source, "empty file (0 bytes)")
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                img = Image.open(path)
-        except Image.DecompressionBombError:
-            raise ImageLoadError(source, "too many pixels (decompression bomb)") from None
-        except UnidentifiedImageError:
-            raise ImageLoadError(source, "not an image (unrecognised format)") from None
-        except OSError as e:
-            raise ImageLoadError(source, f"unreadable ({e})") from None
-    width, height = img.size
-    if width * height > max_pixels:
-        raise ImageLoadError(source, f"too many pixels ({width}x{height} > {max_pixels}; decompression bomb?)")
-    if width == 0 or height == 0:
-        raise ImageLoadError(source, "image has no pixels")
-    try:
-        if getattr(img, "is_animated", False):
-            img.seek(0)
-        previous, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
-        try:
-            img.load()
-        finally:
-            ImageFile.LOAD_TRUNCATED_IMAGES = previous
-        img = ImageOps.exif_transpose(img)
-        return _to_rgb(img)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise ImageLoadError(source, f"truncated or corrupt image ({e})") from None
 
 
 def _features(output) -> torch.Tensor:
@@ -144,7 +76,7 @@ class ImageEncoder:
         except (OSError, ValueError) as e:
             if Path(name).expanduser().is_dir():
                 raise ClipCapError(f"cannot load a CLIP-family encoder from {name}: {e}") from None
-            raise ClipCapError(offline_hint(name, "CLIP encoder", "--clip-model")) from None
+            raise ClipCapError(offline_hint(name, "CLIP encoder")) from None
         if not hasattr(model, "get_image_features"):
             raise ClipCapError(f"{name} is a {type(model).__name__}, not a CLIP-family model with image features")
         tokenizer = None  # image-only use needs none
@@ -154,7 +86,7 @@ class ImageEncoder:
             with contextlib.suppress(OSError, ValueError):
                 tokenizer = AutoTokenizer.from_pretrained(name)
         if device is not None:
-            model.to(device)
+            model.to(resolve_device(device))
         return cls(model, processor, tokenizer, normalize=normalize, name=name)
 
     @property
@@ -204,7 +136,7 @@ class ImageEncoder:
 
     def encode(self, images, batch_size: int = 64) -> torch.Tensor:
         """Images (PIL or paths) -> (B, dim) float32 features on the encoder's device."""
-        images = [load_image(im) for im in images]
+        images = [open_image(im) for im in images]
         chunks = [
             self.encode_pixels(self.preprocess(images[i : i + batch_size])) for i in range(0, len(images), batch_size)
         ]
@@ -228,3 +160,35 @@ class ImageEncoder:
             out = _features(self.model.get_text_features(**batch)).float()
             chunks.append(F.normalize(out, dim=-1) if self.normalize else out)
         return torch.cat(chunks) if chunks else torch.empty(0, self.dim, device=self.device)
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+@functools.cache
+def fingerprint(name: str | Path) -> str | None:
+    """A content hash of an encoder's weight files when `name` is a local dir (None otherwise), so an encoder is
+    recognised wherever its dir was copied to."""
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        return None
+    files = sorted(p for p in path.iterdir() if p.suffix in _WEIGHT_SUFFIXES and p.is_file())
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for file in files:
+        with open(file, "rb") as f:
+            for chunk in iter(lambda f=f: f.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def same_encoder(recorded: str, name: str, recorded_fingerprint: str | None = None) -> bool:
+    """Whether the encoder recorded as `recorded` (with its fingerprint, when known) is the encoder `name`."""
+    if str(recorded) == str(name):
+        return True
+    if Path(recorded).expanduser().resolve() == Path(name).expanduser().resolve() and Path(name).exists():
+        return True
+    ours = fingerprint(str(name))
+    theirs = recorded_fingerprint or fingerprint(str(recorded))
+    return ours is not None and ours == theirs

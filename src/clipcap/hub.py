@@ -7,11 +7,11 @@ from pathlib import Path
 from .errors import ClipCapError
 
 
-def offline_hint(name: str, what: str, flag: str) -> str:
+def offline_hint(name: str, what: str) -> str:
     return (
         f"cannot load {what} {name!r}: it is not a local directory and could not be fetched from the "
         f"Hugging Face Hub (offline, or no such repo). Download it where you have network "
-        f"(huggingface-cli download {name} --local-dir DIR) and pass the directory instead ({flag} DIR)"
+        f"(`hf download {name}`) and pass its local directory instead"
     )
 
 
@@ -19,7 +19,7 @@ def looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") > 1
 
 
-def resolve_dir(name: str | Path, what: str = "model", flag: str = "--model") -> Path:
+def resolve_dir(name: str | Path, what: str = "model") -> Path:
     """Return a local directory for `name`: the directory itself, or a Hub snapshot (cached or downloaded)."""
     path = Path(name).expanduser()
     if path.is_dir():
@@ -35,7 +35,7 @@ def resolve_dir(name: str | Path, what: str = "model", flag: str = "--model") ->
     except HFValidationError:
         raise ClipCapError(f"{what} directory not found: {name}") from None
     except Exception:  # offline, DNS failure, 404, gated repo: all mean "not reachable from here"
-        raise ClipCapError(offline_hint(name, what, flag)) from None
+        raise ClipCapError(offline_hint(name, what)) from None
 
 
 def load_causal_lm(name: str, **kwargs):
@@ -47,10 +47,10 @@ def load_causal_lm(name: str, **kwargs):
     except (OSError, ValueError) as e:
         if Path(name).expanduser().is_dir():
             raise ClipCapError(f"cannot load the language model from {name}: {e}") from None
-        raise ClipCapError(offline_hint(name, "language model", "--lm")) from None
+        raise ClipCapError(offline_hint(name, "language model")) from None
 
 
-def load_tokenizer(name: str | Path, flag: str = "--lm"):
+def load_tokenizer(name: str | Path):
     """AutoTokenizer.from_pretrained with a one-line error when `name` is unreachable."""
     from transformers import AutoTokenizer
 
@@ -59,4 +59,4 @@ def load_tokenizer(name: str | Path, flag: str = "--lm"):
     except (OSError, ValueError) as e:
         if Path(name).expanduser().is_dir():
             raise ClipCapError(f"cannot load a tokenizer from {name}: {e}") from None
-        raise ClipCapError(offline_hint(str(name), "tokenizer", flag)) from None
+        raise ClipCapError(offline_hint(str(name), "tokenizer")) from None

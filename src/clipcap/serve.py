@@ -1,31 +1,32 @@
 """HTTP serving: a FastAPI app over one Captioner, with dynamic micro-batching and hard limits on every input.
 
-Requests flow: multipart upload -> size/count limits (FastAPI's body and form limits) -> image opened and checked from
-its header in a thread (pixel count before decoding) -> CLIP preprocessing in that thread -> bounded asyncio queue ->
-`MicroBatcher` gathers concurrent requests (up to `max_batch_size` images or `max_wait_ms`), groups them by decoding
-settings and runs each group as one batched encode + `generate` on a single worker thread, off the event loop.
+Requests flow: multipart upload -> size/count limits (`BodyLimit`, FastAPI's form limits) -> image opened and checked
+from its header in a thread (pixel count before decoding) -> CLIP preprocessing in that thread -> bounded asyncio
+queue -> `MicroBatcher` gathers concurrent requests (up to `max_batch_size` images or `max_wait_ms`), groups them by
+decoding settings and runs each group as one batched encode + `generate` on a single worker thread, off the event loop.
 """
 
 import asyncio
 import contextlib
-import io
 import logging
 import logging.config
 import os
-import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from importlib.resources import files
 from pathlib import Path
 from typing import Annotated
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from . import __version__
 from .captioner import Captioner
-from .encoder import MAX_IMAGE_PIXELS, ImageLoadError, load_image
+from .decoding import DecodingOptions, generate_kwargs
+from .devices import DEVICE_HELP
 from .errors import ClipCapError
+from .images import CORRUPT, FORMAT, MAX_IMAGE_PIXELS, NOT_AN_IMAGE, TOO_LARGE, ImageLoadError, open_image
+from .options import check_options, option
+from .version import __version__
 
 try:
     import anyio
@@ -39,34 +40,49 @@ except ImportError as e:  # pragma: no cover - depends on the install
 
 logger = logging.getLogger("clipcap.serve")
 
-# Formats a browser or phone produces. Everything else PIL could open (EPS runs Ghostscript, PSD, ...) is refused.
-ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 STATIC_DIR = Path(str(files("clipcap") / "static"))
 
 
-@dataclass
-class ServeConfig:
-    """Server limits and batching knobs (the `clipcap serve` flags)."""
+@dataclass(kw_only=True)
+class ServerLimits(DecodingOptions):
+    """Limits on every request, batching knobs, and the decoding defaults for requests that do not say."""
 
-    max_batch_size: int = 32  # images per batched generate run
-    max_wait_ms: float = 10.0  # how long the first request of a batch waits for company
-    max_queue: int = 256  # requests waiting for the model; more get 503 + Retry-After
-    max_images: int = 16  # images per request
-    max_upload_bytes: int = 10 * 1024 * 1024  # whole request body
-    max_pixels: int = MAX_IMAGE_PIXELS  # per image, checked from the header before decoding
-    timeout_s: float = 60.0  # per request, queueing included; 504 after
-    max_beams: int = 8
-    max_new_tokens: int = 100  # upper bound a client may ask for
-    num_beams: int = 1  # defaults for requests that do not say (greedy, as the original's predictor)
-    default_new_tokens: int = 67  # the original's caption length limit
-    decode_workers: int = os.cpu_count() or 1  # images opened/preprocessed at once (bounds decode memory)
+    max_batch_size: int = option(32, min=1, help="images per batched model run")
+    max_wait_ms: float = option(10.0, min=0.001, help="how long a request waits for others to share its batch")
+    max_queue: int = option(256, min=1, help="requests waiting for the model before 503")
+    max_images: int = option(16, min=1, help="images per request")
+    max_upload_mb: float = option(10.0, min=0.001, help="request body size limit in MB")
+    max_pixels: int = option(MAX_IMAGE_PIXELS, min=1, help="pixels per image, checked before decoding")
+    timeout: float = option(60.0, min=0.001, help="per-request time limit in seconds, queueing included")
+    max_beams: int = option(8, min=1, help="the largest beam width a request may ask for")
+    max_tokens: int = option(100, min=1, help="the longest caption (in tokens) a request may ask for")
+    decode_workers: int = option(os.cpu_count() or 1, min=1, help="images opened and preprocessed at once")
 
-    def __post_init__(self):
-        for name, value in asdict(self).items():
-            if value <= 0:
-                raise ClipCapError(f"serve setting {name} must be positive, got {value}")
-        if self.num_beams > self.max_beams or self.default_new_tokens > self.max_new_tokens:
-            raise ClipCapError("the default num_beams / max_new_tokens exceed their limits")
+    def __post_init__(self) -> None:
+        check_options(self)
+        super().__post_init__()
+        if self.num_beams is not None and self.num_beams > self.max_beams:
+            raise ClipCapError(f"the default `num_beams` {self.num_beams} exceeds `max_beams` {self.max_beams}")
+        if self.max_new_tokens is not None and self.max_new_tokens > self.max_tokens:
+            raise ClipCapError(f"the default `max_new_tokens` {self.max_new_tokens} exceeds `max_tokens`")
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+
+@dataclass(kw_only=True)
+class ServeConfig(ServerLimits):
+    """`clipcap serve`: which model to serve, where, and the server's limits."""
+
+    model: str = option(help="model dir (or HF Hub id) to serve")
+    host: str = option("127.0.0.1", help="address to bind (the API has no authentication)")
+    port: int = option(8000, min=0, help="port to bind")
+    clip_model: str | None = option(None, help="CLIP encoder dir or id", default_text="the one the model config names")
+    device: str = option("auto", help=DEVICE_HELP)
+    dtype: str | None = option(
+        None, choices=("float32", "float16", "bfloat16"), help="weights and compute dtype", default_text="as saved"
+    )
 
 
 @dataclass(frozen=True)
@@ -76,6 +92,47 @@ class DecodeSettings:
     num_beams: int = 1
     max_new_tokens: int = 67
     num_captions: int = 1
+    length_penalty: float = 1.0
+    do_sample: bool = False
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+
+    def generate_kwargs(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "num_captions"}
+        return {k: v for k, v in out.items() if v is not None}
+
+
+class BodyLimit:
+    """Refuse request bodies over `max_bytes` with 413 and the API's JSON error body: at once when the declared
+    Content-Length is over, and as soon as a streamed body goes over (as an HTTPException, which FastAPI renders)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    def _error(self) -> HTTPException:
+        return HTTPException(413, f"request body over the limit of {self.max_bytes} bytes")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        if declared is not None and declared.strip().isdigit() and int(declared) > self.max_bytes:
+            response = JSONResponse({"detail": self._error().detail}, status_code=413, headers={"Connection": "close"})
+            return await response(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise self._error()
+            return message
+
+        await self.app(scope, limited, send)
 
 
 class Overloaded(Exception):
@@ -188,37 +245,23 @@ class MicroBatcher:
     def _run(self, pixels: torch.Tensor, settings: DecodeSettings) -> list[list[str]]:
         embeds = self.captioner.model_inputs(pixels)
         out = self.captioner.caption_embeddings(
-            embeds,
-            num_beams=settings.num_beams,
-            max_new_tokens=settings.max_new_tokens,
-            num_return_sequences=settings.num_captions,
+            embeds, num_return_sequences=settings.num_captions, **settings.generate_kwargs()
         )
         return [c if isinstance(c, list) else [c] for c in out]
+
+
+# Formats a browser or phone produces. Everything else PIL could open (EPS runs Ghostscript, PSD, ...) is refused.
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+_STATUS = {FORMAT: 415, NOT_AN_IMAGE: 415, TOO_LARGE: 413, CORRUPT: 400}
 
 
 def open_upload(data: bytes, filename: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
     """Uploaded bytes -> RGB image, or HTTPException: 415 not a supported image, 413 too many pixels (read from
     the header, before anything is decoded), 400 empty / truncated / corrupt."""
-    if not data:
-        raise HTTPException(400, f"{filename}: empty file")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
-    except Image.DecompressionBombError:
-        raise HTTPException(413, f"{filename}: too many pixels (decompression bomb)") from None
-    except UnidentifiedImageError:
-        kinds = ", ".join(ALLOWED_FORMATS)
-        raise HTTPException(415, f"{filename}: not a supported image (accepted: {kinds})") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise HTTPException(400, f"{filename}: corrupt image header ({e})") from None
-    width, height = img.size
-    if width * height > max_pixels:
-        raise HTTPException(413, f"{filename}: {width}x{height} is more than the {max_pixels} pixels allowed")
-    try:
-        return load_image(img, max_pixels=max_pixels)
+        return open_image(data, name=filename, max_pixels=max_pixels, formats=ALLOWED_FORMATS)
     except ImageLoadError as e:
-        raise HTTPException(400, f"{filename}: {e.reason}") from None
+        raise HTTPException(_STATUS.get(e.kind, 400), f"{filename}: {e.reason}") from None
 
 
 class CaptionResult(BaseModel):
@@ -243,11 +286,18 @@ class ErrorBody(BaseModel):
     detail: str
 
 
-def create_app(captioner: Captioner, config: ServeConfig | None = None) -> FastAPI:
+def create_app(captioner: Captioner, limits: ServerLimits | None = None) -> FastAPI:
     """The FastAPI app over an already loaded Captioner. The batching worker starts with the app's lifespan."""
-    config = config or ServeConfig()
-    batcher = MicroBatcher(captioner, config.max_batch_size, config.max_wait_ms, config.max_queue)
-    decode_limiter = anyio.CapacityLimiter(config.decode_workers)
+    limits = limits or ServerLimits()
+    defaults = generate_kwargs(limits, captioner.decoding_defaults)
+    if defaults["num_beams"] > limits.max_beams or defaults["max_new_tokens"] > limits.max_tokens:
+        raise ClipCapError(
+            f"the model's decoding defaults (num_beams {defaults['num_beams']}, max_new_tokens "
+            f"{defaults['max_new_tokens']}) exceed the server's limits (`max_beams` {limits.max_beams}, "
+            f"`max_tokens` {limits.max_tokens})"
+        )
+    batcher = MicroBatcher(captioner, limits.max_batch_size, limits.max_wait_ms, limits.max_queue)
+    decode_limiter = anyio.CapacityLimiter(limits.decode_workers)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -262,7 +312,8 @@ def create_app(captioner: Captioner, config: ServeConfig | None = None) -> FastA
         lifespan=lifespan,
     )
     app.state.batcher = batcher
-    app.state.config = config
+    app.state.limits = limits
+    app.add_middleware(BodyLimit, max_bytes=limits.max_upload_bytes)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     @app.exception_handler(Exception)
@@ -271,7 +322,7 @@ def create_app(captioner: Captioner, config: ServeConfig | None = None) -> FastA
         return JSONResponse({"detail": "internal server error"}, status_code=500)
 
     def prepare(data: bytes, filename: str) -> torch.Tensor:
-        return captioner.encoder.preprocess([open_upload(data, filename, config.max_pixels)])
+        return captioner.encoder.preprocess([open_upload(data, filename, limits.max_pixels)])
 
     errors = {code: {"model": ErrorBody} for code in (400, 413, 415, 503, 504)}
 
@@ -289,13 +340,13 @@ def create_app(captioner: Captioner, config: ServeConfig | None = None) -> FastA
             batches=batcher.runs,
             images=batcher.images,
             limits={
-                "max_images": config.max_images,
-                "max_upload_bytes": config.max_upload_bytes,
-                "max_pixels": config.max_pixels,
-                "max_beams": config.max_beams,
-                "max_new_tokens": config.max_new_tokens,
-                "num_beams": config.num_beams,
-                "default_new_tokens": config.default_new_tokens,
+                "max_images": limits.max_images,
+                "max_upload_bytes": limits.max_upload_bytes,
+                "max_pixels": limits.max_pixels,
+                "max_beams": limits.max_beams,
+                "max_new_tokens": limits.max_tokens,
+                "num_beams": defaults["num_beams"],
+                "default_new_tokens": defaults["max_new_tokens"],
             },
         )
 
@@ -303,22 +354,38 @@ def create_app(captioner: Captioner, config: ServeConfig | None = None) -> FastA
         "/v1/captions",
         response_model=CaptionResponse,
         responses=errors,
-        max_body_size=config.max_upload_bytes,
-        form_limits={"max_files": config.max_images, "max_fields": 16},
+        form_limits={"max_files": limits.max_images, "max_fields": 16},
     )
     async def captions(
         image: Annotated[list[UploadFile], File(description="one or more images (JPEG, PNG, WebP, GIF, BMP, TIFF)")],
-        num_beams: Annotated[int, Form(ge=1, le=config.max_beams, description="beam width (1: greedy)")] = (
-            config.num_beams
+        num_beams: Annotated[int, Form(ge=1, le=limits.max_beams, description="beam width (1: greedy)")] = (
+            defaults["num_beams"]
         ),
-        max_new_tokens: Annotated[int, Form(ge=1, le=config.max_new_tokens, description="caption length limit")] = (
-            config.default_new_tokens
+        max_new_tokens: Annotated[int, Form(ge=1, le=limits.max_tokens, description="caption length limit")] = (
+            defaults["max_new_tokens"]
         ),
         num_captions: Annotated[int, Form(ge=1, description="captions per image, at most num_beams")] = 1,
+        length_penalty: Annotated[float, Form(description="beam scores are divided by length**F")] = (
+            defaults["length_penalty"]
+        ),
+        do_sample: Annotated[bool, Form(description="sample instead of searching")] = defaults["do_sample"],
+        temperature: Annotated[float | None, Form(gt=0, description="sampling temperature")] = defaults.get(
+            "temperature"
+        ),
+        top_p: Annotated[float | None, Form(gt=0, le=1, description="nucleus sampling mass")] = defaults.get("top_p"),
+        top_k: Annotated[int | None, Form(ge=1, description="sample among the k most likely tokens")] = defaults.get(
+            "top_k"
+        ),
+        repetition_penalty: Annotated[float | None, Form(gt=0, description="penalty on repeated tokens")] = (
+            defaults.get("repetition_penalty")
+        ),
     ) -> CaptionResponse:
         """Caption the uploaded images. Concurrent requests with equal settings share batched model runs."""
-        if num_captions > num_beams:
+        if num_captions > num_beams and not do_sample:
             raise HTTPException(400, f"num_captions ({num_captions}) cannot exceed num_beams ({num_beams})")
+        sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k}
+        if not do_sample and any(v is not None for v in sampling.values()):
+            raise HTTPException(400, "temperature, top_p and top_k only apply with do_sample")
         if batcher.full():  # refuse before spending time on decoding
             raise _overloaded()
         names = [f.filename or f"image {i + 1}" for i, f in enumerate(image)]
@@ -326,15 +393,23 @@ def create_app(captioner: Captioner, config: ServeConfig | None = None) -> FastA
         for name, upload in zip(names, image, strict=True):
             data = await upload.read()
             pixels.append(await anyio.to_thread.run_sync(prepare, data, name, limiter=decode_limiter))
-        settings = DecodeSettings(num_beams, max_new_tokens, num_captions)
+        settings = DecodeSettings(
+            num_beams,
+            max_new_tokens,
+            num_captions,
+            length_penalty,
+            do_sample,
+            repetition_penalty=repetition_penalty,
+            **sampling,
+        )
         try:
             future = batcher.submit(torch.cat(pixels), settings)
         except Overloaded:
             raise _overloaded() from None
         try:
-            result = await asyncio.wait_for(future, config.timeout_s)
+            result = await asyncio.wait_for(future, limits.timeout)
         except asyncio.TimeoutError:
-            raise HTTPException(504, f"captioning took longer than {config.timeout_s:g} s; try again later") from None
+            raise HTTPException(504, f"captioning took longer than {limits.timeout:g} s; try again later") from None
         except Exception:
             logger.exception("captioning failed")
             raise HTTPException(500, "internal server error: captioning failed") from None
@@ -349,21 +424,16 @@ def _overloaded() -> HTTPException:
     return HTTPException(503, "server busy: too many requests waiting", headers={"Retry-After": "1"})
 
 
-def serve(
-    model: str | Path,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    clip_model: str | None = None,
-    device: str | None = None,
-    config: ServeConfig | None = None,
-) -> None:
+def serve(cfg: ServeConfig) -> None:
     """Load the model once, then run the app with uvicorn until interrupted."""
-    config = config or ServeConfig()
-    captioner = Captioner.from_pretrained(model, clip_model=clip_model, device=device, batch_size=config.max_batch_size)
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        logger.warning("listening on %s: the API has no authentication; put it behind a proxy you control", host)
+    captioner = Captioner.from_pretrained(
+        cfg.model, clip_model=cfg.clip_model, device=cfg.device, dtype=cfg.dtype, batch_size=cfg.max_batch_size
+    )
+    app = create_app(captioner, cfg)
+    if cfg.host not in ("127.0.0.1", "localhost", "::1"):
+        logger.warning("listening on %s: the API has no authentication; put it behind a proxy you control", cfg.host)
     log_config = dict(uvicorn.config.LOGGING_CONFIG)
     log_config["loggers"] = {**log_config["loggers"], "clipcap": {"handlers": ["default"], "level": "INFO"}}
     logging.config.dictConfig(log_config)
-    logger.info("model %s loaded on %s", model, captioner.device)
-    uvicorn.run(create_app(captioner, config), host=host, port=port, log_config=log_config)
+    logger.info("model %s loaded on %s", cfg.model, captioner.device)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_config=log_config)

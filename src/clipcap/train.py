@@ -1,22 +1,18 @@
 """Training ClipCap on an embedding store: `train(TrainConfig(...))` -> RUN_DIR.
 
 Hugging Face Accelerate runs the loop, so one script works on a CPU, one GPU, or many GPUs/nodes under `torchrun` /
-`accelerate launch` (DDP), with bf16/fp16 autocast on GPU. Around it:
+`accelerate launch` (DDP), with bf16/fp16 autocast on GPU. The pieces live beside it: the tokenised pairs in
+`data/pairs.py`, checkpoints in `checkpoint.py`; `Trainer.run` is the loop, read top to bottom.
 
-- Captions are tokenised once with the LM's tokenizer, the end token appended (config.stop_token_id), and padded per
-  batch to the batch's longest caption (not a global maximum). Unusable captions are skipped, counted and listed in
-  RUN_DIR/skipped.jsonl.
 - The sample order of epoch e is a pure function of (seed, e) (torch's DistributedSampler), so a checkpoint only has
-  to record the optimizer step. Checkpoints (RUN_DIR/checkpoints/step-N/) are model dirs plus optimizer, scheduler
-  and per-process RNG state, all in safetensors/JSON, written to a temporary dir and renamed; `resume=True` continues
-  bit-for-bit where the last one left off.
-- `text_only=True` is CapDec (Nukrai et al. 2022): train from CLIP *text* embeddings of the captions with Gaussian
-  noise injected, then caption images with the same CLIP's image tower.
-- `lm_text=FILE` mixes plain language-model loss on packed blocks of a text file into a tuned LM's training, to keep
-  word combinations the caption pairs never show.
+  to record the optimizer step, and resuming continues bit-for-bit where the last intact checkpoint left off.
+- `text_only` is CapDec (Nukrai et al. 2022): train from CLIP *text* embeddings of the captions with Gaussian noise
+  injected, then caption images with the same CLIP's image tower.
+- `lm_text` mixes plain language-model loss on packed blocks of a text file into a tuned LM's training, to keep word
+  combinations the caption pairs never show.
 
-Outputs: RUN_DIR/metrics.jsonl (one JSON object per log line), RUN_DIR/loss.png, RUN_DIR/final/ and (with
-validation data) RUN_DIR/best/ model dirs that `Captioner.from_pretrained` loads.
+Outputs: RUN_DIR/metrics.jsonl (one JSON object per log line), RUN_DIR/loss.png, RUN_DIR/final/ and (with validation
+data) RUN_DIR/best/ model dirs that `Captioner.from_pretrained` loads. Messages go to the "clipcap.train" logger.
 """
 
 from __future__ import annotations
@@ -24,12 +20,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import math
-import os
 import shutil
-import sys
 import time
-from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,223 +32,108 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import checkpoint as ckpt
 from .config import MAPPINGS, ClipCapConfig
+from .data.pairs import CaptionPairs, PackedText
 from .errors import ClipCapError
 from .hub import load_tokenizer
-from .model import WEIGHTS_NAME, ClipCapModel
+from .model import ClipCapModel
+from .options import check_options, option
 
-CHECKPOINTS = "checkpoints"
+logger = logging.getLogger("clipcap.train")
+
 METRICS = "metrics.jsonl"
 SKIPPED = "skipped.jsonl"
-STATE = "trainer_state.json"
 CONFIG = "train_config.json"
-OPTIMIZER = "optimizer.safetensors"
 WARMUP_FRACTION = 0.1  # the original's 5000 warm-up steps were 3.5 % of its run; never warm up for more than 10 %
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainConfig:
-    """Everything `clipcap train` takes; defaults are the original implementation's (DESIGN §5)."""
+    """Everything a training run takes; defaults are the original implementation's (docs/design.md)."""
 
-    data: str
-    out: str
-    lm: str = "gpt2"
-    mapping: str = "mlp"
-    prefix_length: int = 10
-    clip_length: int | None = None  # transformer mapper; default: prefix_length
-    num_layers: int = 8
-    tune_lm: bool | None = None  # None: tuned for the MLP mapper, frozen for the Transformer (the paper's pairings)
-    epochs: int = 10
-    batch_size: int = 40  # per process
-    lr: float = 2e-5
-    lm_lr: float | None = None  # learning rate of the LM's parameters when tuned (default: lr)
-    warmup_steps: int = 5000
-    weight_decay: float = 0.0
-    grad_accum: int = 1
-    max_grad_norm: float | None = None
-    max_caption_tokens: int = 67  # including the end token; longer captions are skipped
-    mixed_precision: str = "auto"  # auto | no | fp16 | bf16; auto = bf16 (or fp16) on GPU, fp32 on CPU
-    seed: int = 0
-    split: str | None = None
-    val_data: str | None = None
-    val_split: str | None = None
-    val_every: int = 0  # also validate every N steps (0: once per epoch)
-    num_samples: int = 4
-    log_every: int = 50
-    save_every: int = 1000
-    keep_checkpoints: int = 2
-    resume: bool = False
-    text_only: bool = False
-    noise_variance: float = 0.016
-    lm_text: str | None = None
-    lm_text_weight: float = 0.0
-    lm_text_block: int = 64
-    tokens: bool = False  # read the store's image tokens (transformer mapping), not its pooled embeddings
+    data: str = option(help="embedding store to train on (made by `clipcap embed`)")
+    out: str = option(help="run dir to write (RUN_DIR)")
+    lm: str = option("gpt2", help="HF id or dir of the causal LM and its tokenizer")
+    mapping: str = option("mlp", choices=MAPPINGS, help="mapping network")
+    prefix_length: int = option(10, min=1, help="prefix length k")
+    clip_length: int | None = option(None, min=1, help="transformer mapper's clip_length", default_text="k")
+    num_layers: int = option(8, min=1, help="transformer mapper layers")
+    tune_lm: bool | None = option(
+        None,
+        pair=("tune-lm", "frozen-lm"),
+        pair_help=(
+            "train the LM too (default for the MLP mapper)",
+            "train only the mapping network (default for the Transformer mapper, the paper's pairing)",
+        ),
+        help="whether the LM is trained",
+        default_text="tuned for mlp, frozen for transformer",
+    )
+    epochs: int = option(10, min=1, help="passes over every (image, caption) pair")
+    batch_size: int = option(40, min=1, help="pairs per batch per process")
+    lr: float = option(2e-5, min=1e-12, help="AdamW learning rate")
+    lm_lr: float | None = option(
+        None, min=1e-12, help="separate, e.g. lower, learning rate for a tuned LM", default_text="lr"
+    )
+    warmup_steps: int = option(
+        5000, min=0, help="linear warm-up steps, then linear decay to 0 (clipped to 10% of a shorter run)"
+    )
+    weight_decay: float = option(0.0, min=0.0, help="AdamW weight decay (0, as the original)")
+    grad_accum: int = option(1, min=1, help="micro-batches accumulated per optimizer step")
+    max_grad_norm: float | None = option(None, min=0.0, help="clip the gradient norm to this", default_text="off")
+    max_caption_tokens: int = option(
+        67, min=2, help="longest caption in tokens, end token included; longer ones are skipped and counted"
+    )
+    mixed_precision: str = option(
+        "auto",
+        choices=("auto", "no", "fp16", "bf16"),
+        help="autocast precision (auto: bf16, or fp16 without bf16 support, on GPU; fp32 on CPU)",
+    )
+    seed: int = option(0, help="seed of initialisation, sample order and noise")
+    split: str | None = option(None, help="train only on images of this split of the data", default_text="all")
+    val_data: str | None = option(None, help="embedding store for validation loss and sample captions")
+    val_split: str | None = option(
+        None, help="split of the validation store (or of the training store when there is none) to validate on"
+    )
+    val_every: int = option(0, min=0, help="validate every N steps as well as after each epoch")
+    num_samples: int = option(4, min=0, help="sample captions logged per validation")
+    log_every: int = option(50, min=1, help="log the training loss every N steps")
+    save_every: int = option(1000, min=1, help="checkpoint every N steps and after each epoch")
+    keep_checkpoints: int = option(2, min=1, help="checkpoints kept, newest first")
+    resume: bool = option(
+        False,
+        help="continue RUN_DIR from its newest intact checkpoint exactly where it stopped (starts fresh if none)",
+    )
+    text_only: bool = option(
+        False, help="CapDec: train on CLIP text embeddings (a store made with text_only) with noise injected"
+    )
+    noise_variance: float = option(0.016, min=0.0, help="text-only Gaussian noise variance")
+    lm_text: str | None = option(None, help="plain-text file (one passage per line) for extra LM loss")
+    lm_text_weight: float = option(0.0, min=0.0, help="weight of the LM-text loss (0: off)")
+    lm_text_block: int = option(64, min=1, help="tokens per packed LM-text block")
+    tokens: bool = option(
+        False,
+        help="the transformer mapper reads the store's image tokens (a store embedded with `tokens`) instead of one "
+        "pooled vector",
+    )
 
-    def validate(self) -> None:
-        if self.mapping not in MAPPINGS:
-            raise ClipCapError(f"--mapping must be one of {', '.join(MAPPINGS)}, got {self.mapping!r}")
+    def __post_init__(self) -> None:
+        check_options(self)
         if self.tokens and self.mapping != "transformer":
-            raise ClipCapError("--tokens needs --mapping transformer: the MLP mapper reads one vector")
+            raise ClipCapError("`tokens` needs the transformer mapping: the MLP mapper reads one vector")
         if self.tokens and self.text_only:
-            raise ClipCapError("--tokens and --text-only exclude each other: text embeddings have no image tokens")
-        positive = ("prefix_length", "num_layers", "epochs", "batch_size", "grad_accum", "max_caption_tokens")
-        for name in positive + ("save_every", "keep_checkpoints", "log_every", "lm_text_block"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ClipCapError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
-        for name in ("lr", "lm_lr"):
-            value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ClipCapError(f"--{name.replace('_', '-')} must be positive, got {value}")
-        if self.warmup_steps < 0 or self.val_every < 0 or self.num_samples < 0:
-            raise ClipCapError("--warmup-steps, --val-every and --num-samples must not be negative")
-        if self.noise_variance < 0 or self.lm_text_weight < 0:
-            raise ClipCapError("--noise-variance and --lm-text-weight must not be negative")
-        if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):
-            raise ClipCapError(f"--mixed-precision must be auto, no, fp16 or bf16, got {self.mixed_precision!r}")
-        tuned = self.tune_lm if self.tune_lm is not None else self.mapping == "mlp"
-        if not tuned and self.lm_lr is not None:
-            raise ClipCapError("--lm-lr needs --tune-lm: a frozen LM is not trained")
-        if not tuned and self.lm_text_weight > 0:
-            raise ClipCapError("--lm-text needs --tune-lm: a frozen LM cannot forget anything")
+            raise ClipCapError("`tokens` and `text_only` exclude each other: text embeddings have no image tokens")
+        if not self.lm_tuned and self.lm_lr is not None:
+            raise ClipCapError("`lm_lr` needs `tune_lm`: a frozen LM is not trained")
+        if not self.lm_tuned and self.lm_text_weight > 0:
+            raise ClipCapError("`lm_text` needs `tune_lm`: a frozen LM cannot forget anything")
         if (self.lm_text is None) != (self.lm_text_weight == 0):
-            raise ClipCapError("--lm-text FILE and --lm-text-weight W (> 0) go together")
+            raise ClipCapError("`lm_text` FILE and `lm_text_weight` W (> 0) go together")
 
-
-# -- data --------------------------------------------------------------------------------------------------------
-def caption_problem(caption: str) -> str | None:
-    """Why a caption cannot be a training target, or None. (Stores already drop empty and null captions.)"""
-    if "\ufffd" in caption:
-        return "undecodable (replacement character: the text was decoded with the wrong encoding)"
-    return None
-
-
-def tokenize_captions(tokenizer, captions: list, max_tokens: int) -> tuple[list[list[int] | None], list[str | None]]:
-    """Token ids of each caption with the end token appended, or None with the reason it was skipped."""
-    eos = tokenizer.eos_token_id
-    problems = [caption_problem(c) for c in captions]
-    good = [c.strip() for c, p in zip(captions, problems, strict=True) if p is None]
-    encoded = iter(tokenizer(good, add_special_tokens=False)["input_ids"] if good else [])
-    ids: list[list[int] | None] = []
-    for i, problem in enumerate(problems):
-        if problem is not None:
-            ids.append(None)
-            continue
-        tokens = next(encoded)
-        if not tokens:
-            problems[i] = "empty (no tokens)"
-        elif len(tokens) + 1 > max_tokens:
-            problems[i] = f"over-long ({len(tokens) + 1} tokens > max {max_tokens})"
-        ids.append(None if problems[i] else tokens + [eos])
-    return ids, problems
-
-
-def pad_batch(sequences: list, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token sequences to the longest one in the batch: (input_ids, attention_mask)."""
-    tensors = [torch.as_tensor(s, dtype=torch.long) for s in sequences]
-    ids = nn.utils.rnn.pad_sequence(tensors, batch_first=True, padding_value=pad_id)
-    lengths = torch.tensor([len(t) for t in tensors])
-    return ids, (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()
-
-
-class CaptionPairs:
-    """The usable (embedding, caption) pairs of a store, tokenised once; `batch(rows)` builds a padded batch.
-
-    Token ids live in one flat int32 array, so memory is a few bytes per token however large the store is.
-    `image_tokens`: batches carry the store's image tokens (B, T, D) instead of its pooled embeddings."""
-
-    def __init__(
-        self, store, tokenizer, max_tokens: int, name: str = "train", progress: bool = True, image_tokens: bool = False
-    ):
-        from tqdm.auto import tqdm
-
-        self.store = store
-        self.image_tokens = image_tokens
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        tokens, offsets, pairs, image = array("i"), array("q", [0]), array("q"), array("q")
-        self.skipped: list[dict] = []
-        keys = store.keys
-        pair = 0
-        chunk = 2048  # images per tokenizer call
-        for start in tqdm(range(0, store.num_images, chunk), desc=f"tokenising {name} captions", disable=not progress):
-            images = range(start, min(start + chunk, store.num_images))
-            captions = [store.image_captions(j) for j in images]
-            flat = [c for caps in captions for c in caps]
-            ids, problems = tokenize_captions(tokenizer, flat, max_tokens)
-            owners = [j for j, caps in zip(images, captions, strict=True) for _ in caps]
-            for j, caption, seq, problem in zip(owners, flat, ids, problems, strict=True):
-                if problem is None:
-                    tokens.extend(seq)
-                    offsets.append(offsets[-1] + len(seq))
-                    pairs.append(pair)
-                    image.append(j)
-                else:
-                    self.skipped.append(
-                        {"data": name, "pair": pair, "key": keys[j], "caption": caption[:200], "reason": problem}
-                    )
-                pair += 1
-        self.tokens = np.frombuffer(tokens, dtype=np.int32)
-        self.offsets = np.frombuffer(offsets, dtype=np.int64)
-        self.pairs = np.frombuffer(pairs, dtype=np.int64)
-        self.image = np.frombuffer(image, dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def token_ids(self, row: int) -> np.ndarray:
-        return self.tokens[self.offsets[row] : self.offsets[row + 1]]
-
-    def batch(self, rows) -> dict[str, torch.Tensor]:
-        """Embeddings + dynamically padded captions of the given rows (0..len-1)."""
-        images = [int(self.image[r]) for r in rows]
-        read = self.store.image_tokens if self.image_tokens else self.store.image_embeddings
-        embeds = torch.from_numpy(read(images))
-        input_ids, attention_mask = pad_batch([self.token_ids(int(r)) for r in rows], self.pad_id)
-        return {"clip_embeds": embeds, "input_ids": input_ids, "attention_mask": attention_mask}
-
-    def skip_summary(self) -> str:
-        counts: dict[str, int] = {}
-        for s in self.skipped:
-            reason = s["reason"].split(" (", 1)[0]
-            counts[reason] = counts.get(reason, 0) + 1
-        return ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items()))
-
-
-class PackedText:
-    """A text file tokenised into one stream (end token between lines) cut into blocks that fill the LM's context;
-    batch m of process r is a pure function of (seed, m, r), so resuming needs no extra state."""
-
-    def __init__(self, path: str | Path, tokenizer, block: int, seed: int):
-        try:
-            lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
-        except (OSError, UnicodeDecodeError) as e:
-            raise ClipCapError(f"cannot read --lm-text {path}: {e}") from None
-        lines = [line for line in lines if line]
-        stream = [
-            t for ids in tokenizer(lines, add_special_tokens=False)["input_ids"] for t in [*ids, tokenizer.eos_token_id]
-        ]
-        n = len(stream) // block
-        if n == 0:
-            raise ClipCapError(f"--lm-text {path} holds {len(stream)} tokens: fewer than one block of {block}")
-        self.blocks = torch.tensor(stream[: n * block], dtype=torch.long).view(n, block)
-        self.seed = seed
-        self._perm: tuple[int, torch.Tensor] | None = None
-
-    def _order(self, cycle: int) -> torch.Tensor:
-        if self._perm is None or self._perm[0] != cycle:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + cycle)
-            self._perm = (cycle, torch.randperm(len(self.blocks), generator=g))
-        return self._perm[1]
-
-    def rows(self, micro_batch: int, rank: int, world: int, size: int) -> list[int]:
-        """Block indices of one batch: draws go round the processes, one seeded shuffle of all blocks per cycle."""
-        n = len(self.blocks)
-        start = (micro_batch * world + rank) * size
-        return [int(self._order(g // n)[g % n]) for g in range(start, start + size)]
-
-    def batch(self, micro_batch: int, rank: int, world: int, size: int) -> torch.Tensor:
-        return self.blocks[self.rows(micro_batch, rank, world, size)]
+    @property
+    def lm_tuned(self) -> bool:
+        """Whether the LM trains: `tune_lm`, or by default the paper's pairing (tuned with the MLP mapper)."""
+        return self.tune_lm if self.tune_lm is not None else self.mapping == "mlp"
 
 
 def noise_injection(clip_embeds: torch.Tensor, variance: float) -> torch.Tensor:
@@ -280,60 +159,6 @@ class Objective(nn.Module):
         return loss, lm_loss
 
 
-# -- persistence -------------------------------------------------------------------------------------------------
-def save_model_dir(model: ClipCapModel, tokenizer, path: Path) -> None:
-    """Write a model dir next to `path` and swap it in, so `path` is never half-written."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    old = path.with_name(f".{path.name}.old")
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def optimizer_to_safetensors(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split an optimizer state dict into tensors (for safetensors) and the JSON-able rest."""
-    tensors, rest = {}, {}
-    for pid, values in state["state"].items():
-        for name, value in values.items():
-            if torch.is_tensor(value):
-                tensors[f"{pid}.{name}"] = value.detach().cpu().contiguous()
-            else:
-                rest.setdefault(str(pid), {})[name] = value
-    return tensors, {"param_groups": state["param_groups"], "state": rest}
-
-
-def optimizer_from_safetensors(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state: dict[int, dict] = {int(pid): dict(values) for pid, values in meta["state"].items()}
-    for key, value in tensors.items():
-        pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = value
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
-def rng_state() -> dict[str, torch.Tensor]:
-    state = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict[str, torch.Tensor]) -> None:
-    torch.set_rng_state(state["cpu"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (a temporary dir from a killed save is never listed)."""
-    root = run_dir / CHECKPOINTS
-    found = [p for p in root.glob("step-*") if p.is_dir() and p.name[5:].isdigit()] if root.is_dir() else []
-    return sorted(found, key=lambda p: int(p.name[5:]))
-
-
 def plot_metrics(metrics_file: Path, png: Path) -> None:
     """Training and validation loss against the step, as a PNG (matplotlib, Agg)."""
     import matplotlib
@@ -356,86 +181,116 @@ def plot_metrics(metrics_file: Path, png: Path) -> None:
     plt.close(fig)
 
 
+# -- set-up -----------------------------------------------------------------------------------------------------------
+def make_accelerator(mixed_precision: str):
+    from accelerate import Accelerator
+
+    if mixed_precision == "auto":
+        mixed_precision = "no"
+        if torch.cuda.is_available():
+            mixed_precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    # Without an accelerator, accelerate only recognises a torchrun launch as CPU DDP (gloo) when told cpu=True.
+    has_accelerator = torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
+    return Accelerator(mixed_precision=mixed_precision, cpu=not has_accelerator)
+
+
+def open_store(cfg: TrainConfig):
+    """The training store, checked against the text-only setting."""
+    from .data.store import EmbeddingStore
+
+    store = EmbeddingStore(cfg.data, split=cfg.split)
+    if cfg.text_only and store.modality != "text":
+        raise ClipCapError(
+            f"`text_only` trains on CLIP text embeddings, but {cfg.data} holds image embeddings: "
+            "make the store with `clipcap embed` in text-only mode"
+        )
+    if store.modality == "text" and not cfg.text_only:
+        raise ClipCapError(f"{cfg.data} holds CLIP text embeddings: train on it with `text_only` (noise injection)")
+    if cfg.tokens and store.token_shape is None:
+        raise ClipCapError(f"{cfg.data} holds no image tokens: make the store with `clipcap embed` and `tokens`")
+    return store
+
+
+def lm_positions(model: ClipCapModel) -> int | None:
+    for name in ("n_positions", "max_position_embeddings"):
+        if isinstance(getattr(model.lm.config, name, None), int):
+            return getattr(model.lm.config, name)
+    return None
+
+
+def build_model(cfg: TrainConfig, store, tokenizer) -> ClipCapModel:
+    """A fresh ClipCap model for the store's embeddings: the LM named by `cfg.lm`, a new mapper."""
+    name = store.clip_model
+    # A relative path would later resolve against the model dir: record where it really is.
+    if name and not Path(name).is_absolute() and Path(name).is_dir():
+        name = str(Path(name).resolve())
+    transformer = cfg.mapping == "transformer"
+    config = ClipCapConfig(
+        lm=cfg.lm,
+        clip_model=name,
+        clip_dim=store.clip_dim,
+        prefix_length=cfg.prefix_length,
+        clip_length=(cfg.clip_length or cfg.prefix_length) if transformer and not cfg.tokens else None,
+        mapping=cfg.mapping,
+        num_layers=cfg.num_layers,
+        tune_lm=cfg.lm_tuned,
+        # The Captioner feeds raw encoder features: normalise them as the training embeddings were.
+        normalize_prefix=bool(store.normalized or cfg.text_only) and not cfg.tokens,
+        stop_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        token_shape=list(store.token_shape) if cfg.tokens else None,
+        token_grid=store.token_grid if cfg.tokens else None,
+    )
+    # fp32 master weights whatever dtype the LM was saved in; autocast gives bf16/fp16 compute on GPU.
+    return ClipCapModel(config).float()
+
+
+def caption_budget(cfg: TrainConfig, model: ClipCapModel) -> int:
+    """Longest caption in tokens that fits the LM's positions after the prefix."""
+    positions, k = lm_positions(model), cfg.prefix_length
+    if positions is None or k + cfg.max_caption_tokens <= positions:
+        return cfg.max_caption_tokens
+    if k >= positions:
+        raise ClipCapError(f"`prefix_length` {k} leaves no room in the LM's {positions} positions")
+    logger.info("captions capped at %d tokens: the LM has %d positions and the prefix %d", positions - k, positions, k)
+    return positions - k
+
+
 # -- the trainer ---------------------------------------------------------------------------------------------------
 class Trainer:
     """One training run; `Trainer(cfg).run()` trains and returns RUN_DIR. `train(cfg)` is the public entry."""
 
-    def __init__(self, cfg: TrainConfig):
-        from accelerate import Accelerator
+    def __init__(self, cfg: TrainConfig, progress: bool = False):
         from accelerate.utils import set_seed
+        from transformers import get_linear_schedule_with_warmup
 
-        from .data.store import EmbeddingStore
-
-        cfg.validate()
-        self.cfg = cfg
+        self.cfg, self.progress = cfg, progress
         self.run_dir = Path(cfg.out)
-        mixed = cfg.mixed_precision
-        if mixed == "auto":
-            mixed = "no"
-            if torch.cuda.is_available():
-                mixed = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        # Without an accelerator, accelerate only recognises a torchrun launch as CPU DDP (gloo) when told cpu=True.
-        has_accelerator = (
-            torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available()
-        )
-        self.accelerator = Accelerator(mixed_precision=mixed, cpu=not has_accelerator)
+        self.accelerator = make_accelerator(cfg.mixed_precision)
         self.world = self.accelerator.num_processes
         self.rank = self.accelerator.process_index
         self.main = self.accelerator.is_main_process
         self._check_run_dir()
 
-        self.store = EmbeddingStore(cfg.data, split=cfg.split)
-        text_store = self.store.modality == "text"
-        if cfg.text_only and not text_store:
-            raise ClipCapError(
-                f"--text-only trains on CLIP text embeddings, but {cfg.data} holds image embeddings: "
-                "make the store with `clipcap embed --text-only`"
-            )
-        if text_store and not cfg.text_only:
-            raise ClipCapError(
-                f"{cfg.data} holds CLIP text embeddings: pass --text-only (noise injection) to train on it"
-            )
+        self.store = open_store(cfg)
         self.tokenizer = load_tokenizer(cfg.lm)
         if self.tokenizer.eos_token_id is None:
             raise ClipCapError(f"the tokenizer of {cfg.lm} has no end token to end captions with")
-
-        if cfg.tokens and self.store.token_shape is None:
-            raise ClipCapError(f"{cfg.data} holds no image tokens: make the store with `clipcap embed --tokens`")
         set_seed(cfg.seed)
-        mapping_transformer = cfg.mapping == "transformer"
-        config = ClipCapConfig(
-            lm=cfg.lm,
-            clip_model=self._clip_model_name(),
-            clip_dim=self.store.clip_dim,
-            prefix_length=cfg.prefix_length,
-            clip_length=(cfg.clip_length or cfg.prefix_length) if mapping_transformer and not cfg.tokens else None,
-            mapping=cfg.mapping,
-            num_layers=cfg.num_layers,
-            tune_lm=cfg.tune_lm if cfg.tune_lm is not None else not mapping_transformer,
-            # The Captioner feeds raw encoder features: normalise them as the training embeddings were.
-            normalize_prefix=bool(self.store.normalized or cfg.text_only) and not cfg.tokens,
-            stop_token_id=self.tokenizer.eos_token_id,
-            pad_token_id=self.tokenizer.pad_token_id,
-            token_shape=list(self.store.token_shape) if cfg.tokens else None,
-            token_grid=self.store.token_grid if cfg.tokens else None,
-        )
-        # fp32 master weights whatever dtype the LM was saved in; autocast gives bf16/fp16 compute on GPU.
-        self.model = ClipCapModel(config).float()
-        self.max_tokens = self._caption_budget()
-
-        progress = self.main
-        self.pairs = CaptionPairs(self.store, self.tokenizer, self.max_tokens, "train", progress, cfg.tokens)
+        self.model = build_model(cfg, self.store, self.tokenizer)
+        self.max_tokens = caption_budget(cfg, self.model)
+        show = progress and self.main
+        self.pairs = CaptionPairs(self.store, self.tokenizer, self.max_tokens, "train", show, cfg.tokens)
         if len(self.pairs) == 0:
             raise ClipCapError(f"{cfg.data} has no usable (embedding, caption) pairs ({self.pairs.skip_summary()})")
-        self.val = self._val_pairs(progress)
+        self.val = self._val_pairs(show)
         self.lm_text = None
         if cfg.lm_text is not None:
-            block = min(cfg.lm_text_block, self._lm_positions() or cfg.lm_text_block)
+            block = min(cfg.lm_text_block, lm_positions(self.model) or cfg.lm_text_block)
             self.lm_text = PackedText(cfg.lm_text, self.tokenizer, block, cfg.seed)
 
-        per_rank = math.ceil(len(self.pairs) / self.world)
-        self.micro_per_epoch = math.ceil(per_rank / cfg.batch_size)
-        self.steps_per_epoch = math.ceil(self.micro_per_epoch / cfg.grad_accum)
+        micro_per_epoch = math.ceil(math.ceil(len(self.pairs) / self.world) / cfg.batch_size)
+        self.steps_per_epoch = math.ceil(micro_per_epoch / cfg.grad_accum)
         self.total_steps = self.steps_per_epoch * cfg.epochs
         self.warmup = min(cfg.warmup_steps, int(WARMUP_FRACTION * self.total_steps))
 
@@ -444,8 +299,6 @@ class Trainer:
         # The fused kernel updates all parameters in one pass instead of a Python loop over them.
         fused = self.accelerator.device.type in ("cpu", "cuda")
         optimizer = torch.optim.AdamW(self._param_groups(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
-        from transformers import get_linear_schedule_with_warmup
-
         # The scheduler is stepped by hand (not prepared): accelerate would step it once per process.
         self.scheduler = get_linear_schedule_with_warmup(optimizer, self.warmup, self.total_steps)
         self.objective, self.optimizer = self.accelerator.prepare(self.objective, optimizer)
@@ -453,35 +306,12 @@ class Trainer:
         self.best_val = math.inf
         self.last_checkpoint: Path | None = None
 
-    # -- set-up helpers ---------------------------------------------------------------------------------------
     def _check_run_dir(self) -> None:
-        started = any((self.run_dir / name).exists() for name in (CHECKPOINTS, "final", METRICS, CONFIG))
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise ClipCapError(f"{self.run_dir} is a file, not a run directory")
+        started = any((self.run_dir / name).exists() for name in (ckpt.CHECKPOINTS, "final", METRICS, CONFIG))
         if started and not self.cfg.resume:
-            raise ClipCapError(f"{self.run_dir} already holds a training run: pass --resume or choose another --out")
-
-    def _clip_model_name(self) -> str | None:
-        name = self.store.clip_model
-        # A relative path would later resolve against the model dir: record where it really is.
-        if name and not Path(name).is_absolute() and Path(name).is_dir():
-            return str(Path(name).resolve())
-        return name
-
-    def _lm_positions(self) -> int | None:
-        lm_config = self.model.lm.config
-        for name in ("n_positions", "max_position_embeddings"):
-            if isinstance(getattr(lm_config, name, None), int):
-                return getattr(lm_config, name)
-        return None
-
-    def _caption_budget(self) -> int:
-        positions = self._lm_positions()
-        k = self.cfg.prefix_length
-        if positions is None or k + self.cfg.max_caption_tokens <= positions:
-            return self.cfg.max_caption_tokens
-        if k >= positions:
-            raise ClipCapError(f"--prefix-length {k} leaves no room in the LM's {positions} positions")
-        self.log(f"captions capped at {positions - k} tokens: the LM has {positions} positions and the prefix {k}")
-        return positions - k
+            raise ClipCapError(f"{self.run_dir} already holds a training run: resume it (`resume`) or choose another")
 
     def _val_pairs(self, progress: bool) -> CaptionPairs | None:
         from .data.store import EmbeddingStore
@@ -518,11 +348,9 @@ class Trainer:
         return groups
 
     # -- logging ----------------------------------------------------------------------------------------------
-    def log(self, message: str) -> None:
+    def log(self, message: str, level: int = logging.INFO) -> None:
         if self.main:
-            from tqdm.auto import tqdm
-
-            tqdm.write(f"clipcap train: {message}", file=sys.stderr)
+            logger.log(level, message)
 
     def record(self, row: dict) -> None:
         if self.main:
@@ -570,7 +398,7 @@ class Trainer:
             raise ClipCapError(
                 f"the loss became {totals[0].item()} at step {self.step + 1} "
                 f"(epoch {self.step // self.steps_per_epoch + 1}); last good checkpoint: {last}. "
-                "Lower --lr or use --mixed-precision no, then --resume"
+                "Lower `lr` or turn `mixed_precision` to no, then resume"
             )
         if self.cfg.max_grad_norm:
             self.accelerator.clip_grad_norm_(self.objective.parameters(), self.cfg.max_grad_norm)
@@ -610,7 +438,7 @@ class Trainer:
         if val_loss < self.best_val:
             self.best_val = val_loss
             if self.main:
-                save_model_dir(model, self.tokenizer, self.run_dir / "best")
+                ckpt.save_model_dir(model, self.tokenizer, self.run_dir / "best")
         self.accelerator.wait_for_everyone()
         return val_loss
 
@@ -652,72 +480,70 @@ class Trainer:
     def save_checkpoint(self) -> None:
         from safetensors.torch import save_file
 
-        root = self.run_dir / CHECKPOINTS
-        final = root / f"step-{self.step:08d}"
-        tmp = root / f".step-{self.step:08d}.tmp"
+        root = self.run_dir / ckpt.CHECKPOINTS
+        final, tmp = root / f"step-{self.step:08d}", root / f".step-{self.step:08d}.tmp"
         if self.main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            model = self.accelerator.unwrap_model(self.objective).model
-            model.save_pretrained(tmp)
-            self.tokenizer.save_pretrained(tmp)
-            tensors, optimizer_meta = optimizer_to_safetensors(self.optimizer.state_dict())
-            save_file(tensors, str(tmp / OPTIMIZER))
             scaler = self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else None
             state = {
                 "step": self.step,
                 "best_val": self.best_val if math.isfinite(self.best_val) else None,
                 "identity": self._identity(),
-                "optimizer": optimizer_meta,
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": scaler,
                 "config": dataclasses.asdict(self.cfg),
             }
-            (tmp / STATE).write_text(json.dumps(state, indent=1))
+            model = self.accelerator.unwrap_model(self.objective).model
+            ckpt.write_checkpoint(tmp, model, self.tokenizer, self.optimizer.state_dict(), state)
         self.accelerator.wait_for_everyone()
-        save_file(rng_state(), str(tmp / f"rng_state_{self.rank}.safetensors"))
+        save_file(ckpt.rng_state(), str(ckpt.rng_file(tmp, self.rank)))
         self.accelerator.wait_for_everyone()
         if self.main:
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)  # the rename is what makes the checkpoint exist
-            for old in list_checkpoints(self.run_dir)[: -self.cfg.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
+            ckpt.commit_checkpoint(tmp, final, self.cfg.keep_checkpoints)
         self.last_checkpoint = final
         self.accelerator.wait_for_everyone()
 
     def load_checkpoint(self, path: Path) -> None:
-        from safetensors.torch import load_file, load_model
+        from safetensors.torch import load_model
 
-        state = json.loads((path / STATE).read_text())
+        state, optimizer, rng = ckpt.read_checkpoint(path, self.rank)
         if state["identity"] != self._identity():
-            changed = {k: (v, self._identity()[k]) for k, v in state["identity"].items() if self._identity()[k] != v}
+            now = self._identity()
+            changed = {k: (v, now.get(k)) for k, v in state["identity"].items() if now.get(k) != v}
             raise ClipCapError(f"cannot resume {path}: the run's sample order changed (was, now: {changed})")
         model = self.accelerator.unwrap_model(self.objective).model
-        missing, unexpected = load_model(model, str(path / WEIGHTS_NAME), strict=False)
+        missing, unexpected = load_model(model, str(path / ckpt.WEIGHTS), strict=False)
         if missing or unexpected:
             raise ClipCapError(f"{path} does not match this model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-        self.optimizer.load_state_dict(optimizer_from_safetensors(load_file(str(path / OPTIMIZER)), state["optimizer"]))
+        self.optimizer.load_state_dict(optimizer)
         self.scheduler.load_state_dict(state["scheduler"])
         if state["scaler"] is not None and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(state["scaler"])
-        set_rng_state(load_file(str(path / f"rng_state_{self.rank}.safetensors")))
+        ckpt.set_rng_state(rng)
         self.step = state["step"]
         self.best_val = state["best_val"] if state["best_val"] is not None else math.inf
         self.last_checkpoint = path
 
-    def _restore(self) -> None:
-        """Resume from the newest complete checkpoint; drop metrics logged after it and any half-written save."""
-        checkpoints = list_checkpoints(self.run_dir)
+    def restore(self) -> None:
+        """Resume from the newest intact checkpoint (saying which damaged ones it passed over); drop metrics logged
+        after it and any half-written save."""
         if self.main:
-            for tmp in (self.run_dir / CHECKPOINTS).glob(".step-*.tmp"):
+            for tmp in (self.run_dir / ckpt.CHECKPOINTS).glob(".step-*.tmp"):
                 shutil.rmtree(tmp, ignore_errors=True)
-        if not checkpoints:
-            self.log(f"--resume: no checkpoint in {self.run_dir}, starting from scratch")
+        path, damaged = ckpt.newest_intact_checkpoint(self.run_dir, self.world)
+        for bad, why in damaged:
+            self.log(f"skipped damaged checkpoint {bad}: {why}", logging.WARNING)
+        if path is None:
+            self.log(f"no intact checkpoint in {self.run_dir}: starting from scratch")
             return
-        self.load_checkpoint(checkpoints[-1])
-        self.log(f"resumed from {checkpoints[-1]} (step {self.step} of {self.total_steps})")
+        self.load_checkpoint(path)
+        self.log(f"resumed from {path} (step {self.step} of {self.total_steps})")
         metrics = self.run_dir / METRICS
         if self.main and metrics.exists():
-            kept = [line for line in metrics.read_text().splitlines() if json.loads(line).get("step", 0) <= self.step]
+            kept = []
+            for line in metrics.read_text().splitlines():
+                with contextlib.suppress(json.JSONDecodeError):  # a line cut short by the kill is dropped
+                    if json.loads(line).get("step", 0) <= self.step:
+                        kept.append(line)
             metrics.write_text("".join(line + "\n" for line in kept))
         self.accelerator.wait_for_everyone()
 
@@ -727,10 +553,10 @@ class Trainer:
 
         cfg = self.cfg
         if self.main:
-            (self.run_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+            (self.run_dir / ckpt.CHECKPOINTS).mkdir(parents=True, exist_ok=True)
         self.accelerator.wait_for_everyone()
         if cfg.resume:
-            self._restore()
+            self.restore()
         if self.main and self.step == 0:
             (self.run_dir / CONFIG).write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
             skipped = self.pairs.skipped + (self.val.skipped if self.val else [])
@@ -746,22 +572,14 @@ class Trainer:
             f"precision {self.accelerator.mixed_precision}"
         )
         if self.warmup < cfg.warmup_steps:
-            self.log(
-                f"warm-up clipped from {cfg.warmup_steps} to {self.warmup} steps "
-                f"(10% of this {self.total_steps}-step run)"
-            )
+            self.log(f"warm-up clipped from {cfg.warmup_steps} to {self.warmup} steps (10% of {self.total_steps})")
 
         window, lm_window, busy = [], [], 0.0
         while self.step < self.total_steps:
             epoch, first = divmod(self.step, self.steps_per_epoch)
             plan = self.epoch_steps(epoch)
-            bar = tqdm(
-                total=len(plan),
-                initial=first,
-                desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                disable=not self.main,
-                leave=False,
-            )
+            desc, shown = f"epoch {epoch + 1}/{cfg.epochs}", self.main and self.progress
+            bar = tqdm(total=len(plan), initial=first, desc=desc, disable=not shown, leave=False)
             for micro_batches in plan[first:]:
                 started = time.perf_counter()
                 loss, lm_loss = self.train_step(micro_batches)
@@ -771,7 +589,8 @@ class Trainer:
                     lm_window.append(lm_loss)
                 bar.update()
                 bar.set_postfix(loss=f"{loss:.3f}")
-                if self.step % cfg.log_every == 0 or self.step % self.steps_per_epoch == 0:
+                end_of_epoch = self.step % self.steps_per_epoch == 0
+                if self.step % cfg.log_every == 0 or end_of_epoch:
                     samples = len(window) * cfg.batch_size * cfg.grad_accum * self.world
                     row = {
                         "type": "train",
@@ -785,7 +604,6 @@ class Trainer:
                         row["lm_loss"] = sum(lm_window) / len(lm_window)
                     self.record(row)
                     window, lm_window, busy = [], [], 0.0
-                end_of_epoch = self.step % self.steps_per_epoch == 0
                 if end_of_epoch or (cfg.val_every and self.step % cfg.val_every == 0):
                     self.validate()
                 if end_of_epoch or self.step % cfg.save_every == 0:
@@ -795,7 +613,7 @@ class Trainer:
                 plot_metrics(self.run_dir / METRICS, self.run_dir / "loss.png")
         if self.main:
             model = self.accelerator.unwrap_model(self.objective).model
-            save_model_dir(model, self.tokenizer, self.run_dir / "final")
+            ckpt.save_model_dir(model, self.tokenizer, self.run_dir / "final")
             if (self.run_dir / METRICS).exists():
                 plot_metrics(self.run_dir / METRICS, self.run_dir / "loss.png")
             best = f", best (validation loss {self.best_val:.4f}) in {self.run_dir / 'best'}" if self.val else ""
@@ -804,6 +622,6 @@ class Trainer:
         return self.run_dir
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Train a ClipCap model as `cfg` says; returns RUN_DIR (RUN_DIR/final is a model dir)."""
-    return Trainer(cfg).run()
+def train(cfg: TrainConfig, progress: bool = False) -> Path:
+    """Train a ClipCap model as `cfg` says; returns RUN_DIR (RUN_DIR/final is a model dir). `progress` shows bars."""
+    return Trainer(cfg, progress).run()

@@ -1,46 +1,84 @@
 """Dataset readers: every captioning source becomes the same stream of `Record`s.
 
-Formats (`--format`): karpathy (COCO / Flickr8k / Flickr30k `dataset_*.json`), coco (`captions_*.json`), nocaps,
-cc (Conceptual Captions TSV + images downloaded by img2dataset), csv, jsonl, parquet, folder (images with sidecar
-`.txt` captions, e.g. img2dataset's `files` output), webdataset (`.tar` shards: KEY.jpg + KEY.txt [+ KEY.json]).
+Formats: karpathy (COCO / Flickr8k / Flickr30k `dataset_*.json`), coco (`captions_*.json`), nocaps, cc (Conceptual
+Captions TSV + images downloaded by img2dataset), csv, jsonl, parquet, folder (images with sidecar `.txt` captions,
+e.g. img2dataset's `files` output), webdataset (`.tar` shards: KEY.jpg + KEY.txt [+ KEY.json]).
+
 Readers only parse: images are opened later (`open_record_image`), so a bad image is a per-item error for the caller.
+A malformed entry (a field missing or of the wrong type, text that is not valid Unicode, an unreadable line, a damaged
+shard tail) becomes a Record with `problem` set, which callers skip and report; only an unusable whole input (missing,
+not decodable, not the format) raises ClipCapError.
 """
 
 from __future__ import annotations
 
 import csv
 import glob
-import io
 import json
 import os
 import re
 import tarfile
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
-
 from ..errors import ClipCapError
+from ..images import IMAGE_EXTENSIONS, MISSING, TOO_LARGE, ImageLoadError, open_image
 
 FORMATS = ("karpathy", "coco", "nocaps", "cc", "csv", "jsonl", "parquet", "folder", "webdataset")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 TAR_SEP = "::"
 IMAGE_COLUMNS = ("image", "image_path", "filepath", "file_name", "filename", "path", "img")
 CAPTION_COLUMNS = ("captions", "caption", "text", "sentence", "sentences")
+MAX_MEMBER_BYTES = 256 * 1024 * 1024  # a tar member is read whole into memory: refuse absurd ones
 
 
 @dataclass
 class Record:
     """One image and its captions. `image` is a path, or "SHARD.tar::MEMBER" for a tar member, or None when the
-    source names an image that is not on disk (e.g. a Conceptual Captions URL img2dataset failed to download)."""
+    source names an image that is not on disk (e.g. a Conceptual Captions URL img2dataset failed to download).
+    `problem` says why the entry cannot be used (it is then skipped and reported, never guessed at)."""
 
     key: str
     image: str | None
     captions: list[str]
     split: str | None = None
     extra: dict = field(default_factory=dict)
+    problem: str | None = None
+
+
+def is_text(value) -> bool:
+    """A str that can be written as UTF-8 (no lone surrogates from a mis-decoded file name or JSON escape)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _caption_list(value) -> tuple[list[str], str | None]:
+    """Captions from a string or a list of strings, or ([], problem)."""
+    values = [value] if isinstance(value, str) else value if isinstance(value, (list, tuple)) else None
+    if values is None:
+        return [], f"captions must be text or a list of text, got {type(value).__name__}"
+    if not all(isinstance(v, str) for v in values):
+        return [], "captions must be text"
+    if not all(is_text(v) for v in values):
+        return [], "caption is not valid Unicode (lone surrogate)"
+    return list(values), None
+
+
+def as_key(value) -> str | None:
+    """An id as a string key; None for anything that is not a scalar id."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        return None
+    key = str(value)
+    return key if key and is_text(key) else None
+
+
+def _bad(key, problem: str, image: str | None = None) -> Record:
+    return Record(key=str(key), image=image, captions=[], problem=problem)
 
 
 # -- format detection --------------------------------------------------------------------------------------------
@@ -49,6 +87,8 @@ def _tar_paths(source: str) -> list[Path]:
     brace = re.search(r"\{(\d+)\.\.(\d+)\}", source)
     if brace:
         lo, hi = brace.groups()
+        if int(hi) - int(lo) > 10_000_000:
+            raise ClipCapError(f"{source}: the brace range names more than 10 million shards")
         head, tail = source[: brace.start()], source[brace.end() :]
         return [Path(f"{head}{n:0{len(lo)}d}{tail}") for n in range(int(lo), int(hi) + 1)]
     if any(c in source for c in "*?["):
@@ -61,22 +101,43 @@ def _is_shard_pattern(source: str) -> bool:
     return source.endswith(".tar") or bool(re.search(r"\{\d+\.\.\d+\}", source))
 
 
-def _json_kind(obj) -> str:
+def json_kind(obj) -> str:
+    """ "karpathy", "coco" or "nocaps" for a parsed JSON dataset file; ClipCapError for anything else."""
     if isinstance(obj, dict) and isinstance(obj.get("images"), list):
-        first = obj["images"][0] if obj["images"] else {}
+        first = next((im for im in obj["images"] if isinstance(im, dict)), {})
         if "sentences" in first:
             return "karpathy"
-        if "domain" in first or "nocaps" in json.dumps(obj.get("info", "")).lower():
+        info = obj.get("info")
+        if "domain" in first or (isinstance(info, (dict, str)) and "nocaps" in json.dumps(info).lower()):
             return "nocaps"
         return "coco"
-    raise ClipCapError("unrecognised JSON: expected a Karpathy dataset_*.json or a COCO/nocaps captions file")
+    raise ClipCapError(
+        "unrecognised JSON: expected a Karpathy dataset_*.json or a COCO/nocaps captions file "
+        "(an object with an `images` list)"
+    )
 
 
-def _load_json(path: Path):
+def read_text(path: Path) -> str:
+    """A whole text file as UTF-8 (a BOM is dropped), or one ClipCapError saying why it cannot be read."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ClipCapError(f"{path} is not valid JSON ({e})") from None
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ClipCapError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except IsADirectoryError:
+        raise ClipCapError(f"{path} is a directory, not a file") from None
+    except OSError as e:
+        raise ClipCapError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+def load_json(path: Path):
+    """A JSON file, or one ClipCapError naming the line and column of the first problem."""
+    text = read_text(path)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ClipCapError(f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    except RecursionError:
+        raise ClipCapError(f"{path} is nested too deeply to be a dataset file") from None
 
 
 def _detect(source: str) -> tuple[str, object]:
@@ -93,15 +154,15 @@ def _detect(source: str) -> tuple[str, object]:
         raise ClipCapError(f"{source} holds neither images nor .tar shards")
     suffix = path.suffix.lower()
     if suffix == ".json":
-        obj = _load_json(path)
-        return _json_kind(obj), obj
+        obj = load_json(path)
+        return json_kind(obj), obj
     kinds = {".tsv": "cc", ".csv": "csv", ".jsonl": "jsonl", ".parquet": "parquet"}
     if suffix in kinds:
         return kinds[suffix], None
-    raise ClipCapError(f"cannot tell the format of {source}: pass --format ({'|'.join(FORMATS)})")
+    raise ClipCapError(f"cannot tell the format of {source}: name it (one of {', '.join(FORMATS)})")
 
 
-def detect_format(source: str | Path, images: str | Path | None = None) -> str:
+def detect_format(source: str | Path) -> str:
     """The format name of `source` (see FORMATS), from its extension, or its content for JSON files."""
     return _detect(str(source))[0]
 
@@ -118,40 +179,74 @@ def _split_from_name(name: str) -> str | None:
     return None
 
 
+def _images_list(obj, source: Path, kind: str) -> list:
+    if not isinstance(obj, dict) or not isinstance(obj.get("images"), list):
+        raise ClipCapError(f"{source} is not a {kind} file: it has no `images` list")
+    return obj["images"]
+
+
 def read_karpathy(source: Path, images=None, obj=None) -> Iterator[Record]:
     """Karpathy's dataset_{coco,flickr8k,flickr30k}.json: splits kept as given, except restval -> train."""
-    obj = obj if obj is not None else _load_json(source)
+    entries = _images_list(obj if obj is not None else load_json(source), source, "Karpathy")
     root = _root(source, images)
-    for im in obj["images"]:
-        filename = im["filename"]
-        rel = Path(im.get("filepath", "")) / filename
-        key = str(im["cocoid"]) if "cocoid" in im else Path(filename).stem
-        extra = {k: im[k] for k in ("cocoid", "imgid") if k in im}
+    for n, im in enumerate(entries):
+        if not isinstance(im, dict):
+            yield _bad(f"images[{n}]", f"entry is {type(im).__name__}, not an object")
+            continue
+        filename, filepath = im.get("filename"), im.get("filepath", "")
+        key = as_key(im["cocoid"]) if "cocoid" in im else as_key(Path(filename).stem) if is_text(filename) else None
+        if key is None:
+            yield _bad(f"images[{n}]", "no usable `filename` / `cocoid`")
+            continue
+        if not is_text(filename) or not filename or not is_text(filepath):
+            yield _bad(key, "`filename` / `filepath` must be non-empty text")
+            continue
+        sentences = im.get("sentences", [])
+        if not isinstance(sentences, list) or not all(isinstance(s, dict) for s in sentences):
+            yield _bad(key, "`sentences` must be a list of objects")
+            continue
+        raw = [s["raw"] if "raw" in s else " ".join(map(str, s.get("tokens", []))) for s in sentences]
+        captions, problem = _caption_list(raw)
         split = im.get("split")
         yield Record(
             key=key,
-            image=str(root / rel),
-            captions=[s.get("raw", " ".join(s.get("tokens", []))) for s in im.get("sentences", [])],
-            split="train" if split == "restval" else split,
-            extra=extra,
+            image=str(root / filepath / filename),
+            captions=captions,
+            split="train" if split == "restval" else split if is_text(split) else None,
+            extra={k: im[k] for k in ("cocoid", "imgid") if k in im and as_key(im[k]) is not None},
+            problem=problem,
         )
 
 
 def read_coco(source: Path, images=None, obj=None) -> Iterator[Record]:
-    """COCO captions_*.json and nocaps_*.json (images + annotations). nocaps keeps `domain` in `extra`."""
-    obj = obj if obj is not None else _load_json(source)
+    """COCO captions_*.json and nocaps_*.json (images + annotations). nocaps keeps `domain` in `extra`. Image entries
+    without `file_name` (as LAVIS/BLIP publish Karpathy test references) give records without an image path."""
+    obj = obj if obj is not None else load_json(source)
+    entries = _images_list(obj, source, "COCO")
+    annotations = obj.get("annotations", [])
+    if not isinstance(annotations, list):
+        raise ClipCapError(f"{source}: `annotations` must be a list")
     root = _root(source, images)
-    captions: dict[int, list[str]] = {}
-    for ann in obj.get("annotations", []):
-        captions.setdefault(ann["image_id"], []).append(ann["caption"])
+    captions: dict[str, list[str]] = {}
+    for ann in annotations:
+        if isinstance(ann, dict) and as_key(ann.get("image_id")) is not None and is_text(ann.get("caption")):
+            captions.setdefault(as_key(ann["image_id"]), []).append(ann["caption"])
     split = _split_from_name(source.name)
-    for im in obj["images"]:
+    for n, im in enumerate(entries):
+        key = as_key(im.get("id")) if isinstance(im, dict) else None
+        if key is None:
+            yield _bad(f"images[{n}]", "entry has no usable `id`")
+            continue
+        file_name = im.get("file_name")
+        if file_name is not None and not (is_text(file_name) and file_name):
+            yield _bad(key, "`file_name` must be non-empty text")
+            continue
         extra = {"image_id": im["id"]}
-        extra.update({k: im[k] for k in ("domain", "open_images_id", "coco_url") if k in im})
+        extra.update({k: im[k] for k in ("domain", "open_images_id", "coco_url") if is_text(im.get(k))})
         yield Record(
-            key=str(im["id"]),
-            image=str(root / im["file_name"]),
-            captions=captions.get(im["id"], []),
+            key=key,
+            image=str(root / file_name) if file_name else None,
+            captions=captions.get(key, []),
             split=split,
             extra=extra,
         )
@@ -168,8 +263,27 @@ def _img2dataset_index(root: Path) -> dict[str, tuple[str, str]]:
     elif _is_shard_pattern(str(root)):
         records.extend(read_webdataset(str(root)))
     return {
-        r.extra["url"]: (str(r.extra.get("key", r.key)), r.image) for r in records if r.extra.get("url") and r.image
+        r.extra["url"]: (str(r.extra.get("key", r.key)), r.image)
+        for r in records
+        if r.problem is None and is_text(r.extra.get("url")) and r.image
     }
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str | None]]:
+    """(line number, text with its line ending) of a text file read as UTF-8 line by line; text is None for a line
+    that is not UTF-8. A BOM on the first line is dropped."""
+    try:
+        f = open(path, "rb")  # noqa: SIM115 (closed below; a generator cannot use `with` across yields cleanly)
+    except OSError as e:
+        raise ClipCapError(f"cannot read {path}: {e.strerror or e}") from None
+    with f:
+        for n, raw in enumerate(f, 1):
+            if n == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")
+            try:
+                yield n, raw.decode("utf-8")
+            except UnicodeDecodeError:
+                yield n, None
 
 
 def read_cc(source: Path, images=None) -> Iterator[Record]:
@@ -188,73 +302,155 @@ def read_cc(source: Path, images=None) -> Iterator[Record]:
                 "images by URL; download with img2dataset (its default output writes KEY.json next to KEY.jpg)"
             )
     split = _split_from_name(source.name.replace("valid", "val"))
-    with open(source, encoding="utf-8", newline="") as f:
-        for n, row in enumerate(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)):
-            if not row:
-                continue
-            caption, url = row[0], (row[1] if len(row) > 1 else "")
-            key, image = (index or {}).get(url, (f"row{n}", None))
-            yield Record(key=key, image=image, captions=[caption], split=split, extra={"url": url, "row": n})
+    for n, line in _lines(source):
+        row = n - 1
+        if line is None:
+            yield _bad(f"row{row}", f"line {n} is not UTF-8 text")
+            continue
+        if not line.strip():
+            continue
+        caption, _, url = line.rstrip("\r\n").partition("\t")
+        url = url.split("\t", 1)[0]
+        if "\x00" in line:
+            yield _bad(f"row{row}", f"line {n} holds a NUL byte")
+            continue
+        key, image = (index or {}).get(url, (f"row{row}", None))
+        yield Record(key=key, image=image, captions=[caption], split=split, extra={"url": url, "row": row})
 
 
 def _pick(columns, wanted: str | None, candidates, what: str, source) -> str:
     if wanted is not None:
         if wanted not in columns:
-            raise ClipCapError(f"{source} has no {what} column {wanted!r} (columns: {', '.join(columns)})")
+            raise ClipCapError(f"{source} has no {what} column {wanted!r} (columns: {', '.join(map(str, columns))})")
         return wanted
     for c in candidates:
         if c in columns:
             return c
-    flag = "--image-column" if what == "image" else "--caption-column"
-    raise ClipCapError(f"{source}: no {what} column among {', '.join(columns)}; name it with {flag}")
+    option = "image_column" if what == "image" else "caption_column"
+    raise ClipCapError(
+        f"{source}: no {what} column among {', '.join(map(str, columns)) or 'none'}; name it with `{option}`"
+    )
+
+
+def _jsonable(value) -> bool:
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except (TypeError, ValueError, UnicodeEncodeError, RecursionError):
+        return False
+    return True
 
 
 def _table_records(rows, columns, source: Path, images, image_column, caption_column) -> Iterator[Record]:
-    """Rows of a CSV/JSONL/parquet table -> one Record per image (rows sharing an image merge their captions)."""
+    """Rows (dicts, or Records already marked bad) of a CSV/JSONL/parquet table -> one Record per image (rows sharing
+    an image merge their captions)."""
     image_col = _pick(columns, image_column, IMAGE_COLUMNS, "image", source)
     caption_col = _pick(columns, caption_column, CAPTION_COLUMNS, "caption", source)
     key_col = next((c for c in ("key", "id", "image_id") if c in columns and c != image_col), None)
     root = _root(source, images)
-    records: dict[str, Record] = {}
-    for row in rows:
-        image = row.get(image_col)
-        value = row.get(caption_col)
-        caps = [] if value is None else list(value) if isinstance(value, (list, tuple)) else [str(value)]
-        ref = str(root / str(image)) if image not in (None, "") else None
-        key = str(row[key_col]) if key_col and row.get(key_col) is not None else str(image)
-        if key in records:
-            records[key].captions.extend(caps)
+    out: list[Record] = []  # in source order; rows sharing a key merge into the first one's record
+    by_key: dict[str, Record] = {}
+    for n, row in enumerate(rows, 1):
+        if isinstance(row, Record):
+            out.append(row)
             continue
-        extra = {k: v for k, v in row.items() if k not in (image_col, caption_col, key_col, "split") and v is not None}
-        records[key] = Record(key=key, image=ref, captions=caps, split=row.get("split"), extra=extra)
-    yield from records.values()
+        image = row.get(image_col)
+        if image is not None and not (is_text(image) and image):
+            out.append(_bad(f"row{n}", f"`{image_col}` must be non-empty text"))
+            continue
+        key = as_key(row[key_col]) if key_col and row.get(key_col) is not None else image
+        if key is None:
+            out.append(_bad(f"row{n}", f"no usable key (`{key_col or image_col}`)"))
+            continue
+        value = row.get(caption_col)
+        caps, problem = ([], None) if value is None else _caption_list(value)
+        if problem is not None:
+            out.append(_bad(key, problem, str(root / image) if image else None))
+            continue
+        if key in by_key:
+            by_key[key].captions.extend(caps)
+            continue
+        extra = {
+            k: v
+            for k, v in row.items()
+            if k not in (image_col, caption_col, key_col, "split") and v is not None and is_text(k) and _jsonable(v)
+        }
+        split = row.get("split")
+        by_key[key] = Record(
+            key=key,
+            image=str(root / image) if image else None,
+            captions=caps,
+            split=split if is_text(split) else None,
+            extra=extra,
+        )
+        out.append(by_key[key])
+    yield from out
 
 
 def read_csv(source: Path, images=None, image_column=None, caption_column=None) -> Iterator[Record]:
-    with open(source, encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f)
-        yield from _table_records(reader, reader.fieldnames or [], source, images, image_column, caption_column)
+    """A CSV file with a header row; a row that is not UTF-8 or holds a NUL byte is a bad item."""
+    lines = _lines(source)
+    first = next(lines, (1, ""))
+    if first[1] is None:
+        raise ClipCapError(f"{source}: the header line is not UTF-8 text")
+    try:
+        columns = next(csv.reader([first[1]]), [])
+    except csv.Error as e:
+        raise ClipCapError(f"{source}: unreadable CSV header ({e})") from None
+    if not columns:
+        raise ClipCapError(f"{source} is empty (no header row)")
+
+    def rows():
+        # Records span lines (quoted newlines), so parse the remaining text with one reader.
+        good = []
+        for n, line in lines:
+            if line is None:
+                yield _bad(f"line{n}", f"line {n} is not UTF-8 text")
+            elif "\x00" in line:
+                yield _bad(f"line{n}", f"line {n} holds a NUL byte")
+            else:
+                good.append(line)
+        reader = csv.reader(good, strict=True)
+        while True:
+            try:
+                values = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as e:
+                yield _bad(f"line{reader.line_num + 1}", f"unreadable CSV row ({e})")
+                continue
+            if values:
+                yield dict(zip(columns, values, strict=False))
+
+    yield from _table_records(rows(), columns, source, images, image_column, caption_column)
 
 
 def read_jsonl(source: Path, images=None, image_column=None, caption_column=None) -> Iterator[Record]:
-    rows = []
-    with open(source, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise ClipCapError(f"{source}:{n} is not valid JSON ({e})") from None
-    columns = list(dict.fromkeys(k for r in rows for k in r))
+    """JSON lines, one object per line; a line that is not a JSON object is a bad item."""
+    rows: list = []
+    for n, line in _lines(source):
+        if line is None:
+            rows.append(_bad(f"line{n}", f"line {n} is not UTF-8 text"))
+        elif line.strip():
+            try:
+                row = json.loads(line)
+            except (json.JSONDecodeError, RecursionError) as e:
+                rows.append(_bad(f"line{n}", f"line {n} is not valid JSON ({getattr(e, 'msg', e)})"))
+                continue
+            rows.append(row if isinstance(row, dict) else _bad(f"line{n}", f"line {n} is not a JSON object"))
+    columns = list(dict.fromkeys(k for r in rows if isinstance(r, dict) for k in r))
     yield from _table_records(rows, columns, source, images, image_column, caption_column)
 
 
 def read_parquet(source: Path, images=None, image_column=None, caption_column=None) -> Iterator[Record]:
     try:
+        import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
         raise ClipCapError("reading parquet needs pyarrow: pip install 'clipcap[train]'") from None
-    table = pq.read_table(source)
+    try:
+        table = pq.read_table(source)
+    except (pa.ArrowException, OSError) as e:
+        raise ClipCapError(f"{source} is not a readable parquet file ({str(e).splitlines()[0]})") from None
     yield from _table_records(table.to_pylist(), table.column_names, source, images, image_column, caption_column)
 
 
@@ -262,25 +458,38 @@ def _caption_lines(text: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
+def _sidecar_text(data: bytes) -> tuple[list[str], str | None]:
+    try:
+        return _caption_lines(data.decode("utf-8-sig")), None
+    except UnicodeDecodeError:
+        return [], "caption file is not UTF-8 text"
+
+
+def _sidecar_json(data: bytes) -> dict:
+    try:
+        obj = json.loads(data.decode("utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return {}
+    return obj if isinstance(obj, dict) and _jsonable(obj) else {}
+
+
 def read_folder(source: Path) -> Iterator[Record]:
     """Images under `source` (recursively) with a sidecar STEM.txt (one caption per line) and optional STEM.json."""
     for path in sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()):
+        key = path.relative_to(source).with_suffix("").as_posix()
+        if not is_text(key):
+            yield _bad(key.encode("utf-8", "replace").decode("utf-8"), "file name is not valid Unicode")
+            continue
         txt, meta = path.with_suffix(".txt"), path.with_suffix(".json")
-        captions = _caption_lines(txt.read_text(encoding="utf-8", errors="replace")) if txt.is_file() else []
-        extra = {}
-        if meta.is_file():
-            try:
-                extra = json.loads(meta.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                extra = {}
-        yield Record(
-            key=path.relative_to(source).with_suffix("").as_posix(), image=str(path), captions=captions, extra=extra
-        )
+        captions, problem = _sidecar_text(txt.read_bytes()) if txt.is_file() else ([], None)
+        extra = _sidecar_json(meta.read_bytes()) if meta.is_file() else {}
+        yield Record(key=key, image=str(path), captions=captions, extra=extra, problem=problem)
 
 
 def read_webdataset(source: str) -> Iterator[Record]:
     """webdataset / img2dataset .tar shards. Members are grouped by key (the name up to its first dot); the image is
-    any image extension, captions come from KEY.txt (one per line), `extra` from KEY.json."""
+    any image extension, captions come from KEY.txt (one per line), `extra` from KEY.json. A damaged shard keeps the
+    records read before the damage and reports the rest as one bad item."""
     shards = _tar_paths(source)
     if not shards:
         raise ClipCapError(f"no .tar shards in {source}")
@@ -288,6 +497,7 @@ def read_webdataset(source: str) -> Iterator[Record]:
         if not shard.is_file():
             raise ClipCapError(f"shard not found: {shard}")
         groups: dict[str, dict] = {}
+        damage = None
         try:
             with tarfile.open(shard) as tar:
                 for member in tar:
@@ -300,19 +510,22 @@ def read_webdataset(source: str) -> Iterator[Record]:
                     ext = "." + ext.lower()
                     if ext in IMAGE_EXTENSIONS:
                         group["image"] = member.name
-                    elif ext in (".txt", ".json"):
-                        group[ext] = tar.extractfile(member).read().decode("utf-8", errors="replace")
-        except (tarfile.TarError, OSError) as e:
-            raise ClipCapError(f"cannot read shard {shard}: {e}") from None
+                    elif ext in (".txt", ".json") and member.size <= MAX_MEMBER_BYTES:
+                        group[ext] = tar.extractfile(member).read()
+        except (tarfile.TarError, OSError, EOFError) as e:
+            if not groups:
+                raise ClipCapError(f"cannot read shard {shard}: {e}") from None
+            damage = f"shard damaged after {len(groups)} records ({e})"
         for key, group in groups.items():
-            extra = {}
-            if ".json" in group:
-                try:
-                    extra = json.loads(group[".json"])
-                except json.JSONDecodeError:
-                    extra = {}
+            if not is_text(key):
+                yield _bad(f"{shard}{TAR_SEP}?", "member name is not valid Unicode")
+                continue
+            captions, problem = _sidecar_text(group.get(".txt", b""))
             image = f"{shard}{TAR_SEP}{group['image']}" if "image" in group else None
-            yield Record(key=key, image=image, captions=_caption_lines(group.get(".txt", "")), extra=extra)
+            extra = _sidecar_json(group[".json"]) if ".json" in group else {}
+            yield Record(key=key, image=image, captions=captions, extra=extra, problem=problem)
+        if damage:
+            yield _bad(f"{shard}{TAR_SEP}*", damage)
 
 
 def read_source(
@@ -324,7 +537,8 @@ def read_source(
     caption_column: str | None = None,
 ) -> Iterator[Record]:
     """Records of `source` in a stable order. `images` is the image root for formats whose files name images by
-    relative path (default: the source file's folder); `split` keeps only that split and fails when none match."""
+    relative path (default: the source file's folder); `split` keeps only that split and fails when none match.
+    Records with `problem` set are yielded too (whatever their split), for the caller to skip and report."""
     source = str(source)
     obj = None
     if format == "auto":
@@ -334,6 +548,10 @@ def read_source(
     elif format != "webdataset" and not Path(source).exists():
         raise ClipCapError(f"source not found: {source}")
     path = Path(source)
+    if format not in ("webdataset", "folder") and path.is_dir():
+        raise ClipCapError(f"{source} is a directory, not a {format} file")
+    if format == "folder" and not path.is_dir():
+        raise ClipCapError(f"{source} is not a directory of images")
     readers = {
         "karpathy": lambda: read_karpathy(path, images, obj),
         "coco": lambda: read_coco(path, images, obj),
@@ -348,10 +566,10 @@ def read_source(
     seen_splits: set = set()
     matched = 0
     for record in readers[format]():
-        if split is not None and record.split != split:
+        if record.problem is None and split is not None and record.split != split:
             seen_splits.add(record.split)
             continue
-        matched += 1
+        matched += record.problem is None
         yield record
     if split is not None and matched == 0:
         present = ", ".join(sorted(str(s) for s in seen_splits)) or "none"
@@ -369,42 +587,28 @@ def _tar_member_bytes(shard: str, member: str) -> bytes:
     if tar is None:
         tar = _open_tars[handle] = tarfile.open(shard)  # noqa: SIM115 (kept open: one per shard, reused)
     try:
-        data = tar.extractfile(member)
+        info = tar.getmember(member)
     except KeyError:
-        data = None
+        raise FileNotFoundError(member) from None
+    if info.size > MAX_MEMBER_BYTES:
+        raise ImageLoadError(f"{shard}{TAR_SEP}{member}", f"member of {info.size} bytes is too large", TOO_LARGE)
+    data = tar.extractfile(info)
     if data is None:
         raise FileNotFoundError(member)
     return data.read()
 
 
-def open_record_image(record: Record | str) -> Image.Image:
-    """The record's image as an RGB PIL image (clipcap.encoder.load_image rules), or ImageLoadError with a reason."""
-    from ..encoder import ImageLoadError, load_image
-
+def open_record_image(record: Record | str):
+    """The record's image (a path or a "SHARD.tar::MEMBER" reference) as an RGB PIL image, or ImageLoadError."""
     image = record.image if isinstance(record, Record) else record
     if image is None:
         url = record.extra.get("url") if isinstance(record, Record) else None
-        raise ImageLoadError(url or "<none>", "image not downloaded" if url else "no image")
+        raise ImageLoadError(url or "<none>", "image not downloaded" if url else "no image", MISSING)
     if TAR_SEP not in image:
-        return load_image(image)
+        return open_image(image)
     shard, member = image.split(TAR_SEP, 1)
     try:
         data = _tar_member_bytes(shard, member)
     except (FileNotFoundError, tarfile.TarError, OSError):
-        raise ImageLoadError(image, "file not found") from None
-    if not data:
-        raise ImageLoadError(image, "empty file (0 bytes)")
-    try:  # the same checks load_image makes on a path, for bytes in memory
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            opened = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError:
-        raise ImageLoadError(image, "too many pixels (decompression bomb)") from None
-    except UnidentifiedImageError:
-        raise ImageLoadError(image, "not an image (unrecognised format)") from None
-    except OSError as e:
-        raise ImageLoadError(image, f"unreadable ({e})") from None
-    try:
-        return load_image(opened)
-    except ImageLoadError as e:
-        raise ImageLoadError(image, e.reason) from None
+        raise ImageLoadError(image, "file not found", MISSING) from None
+    return open_image(data, name=image)

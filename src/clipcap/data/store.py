@@ -48,7 +48,7 @@ def _arrow():
     return pa, pc, pq
 
 
-def _replace_atomically(path: Path, write) -> None:
+def replace_atomically(path: Path, write) -> None:
     """Call write(tmp_path), then rename over `path`: readers and resumed jobs never see a half-written file."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
@@ -58,8 +58,15 @@ def _replace_atomically(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def utf8(text: str | None) -> str | None:
+    """`text` as a str that can be written as UTF-8: a lone surrogate (from a mis-decoded file name) becomes U+FFFD."""
+    if text is None:
+        return None
+    return str(text).encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+
+
 def write_json(path: Path, obj) -> None:
-    _replace_atomically(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
+    replace_atomically(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
 
 
 def reason_class(reason: str) -> str:
@@ -155,17 +162,17 @@ class StoreWriter:
         extras = extras if extras is not None else [{}] * n
         table = pa.table(
             {
-                "key": pa.array([str(k) for k in keys], pa.string()),
-                "image_path": pa.array(image_paths, pa.string()),
-                "split": pa.array(splits, pa.string()),
-                "captions": pa.array([list(c) for c in captions], pa.list_(pa.string())),
-                "caption": pa.array([c[0] if c else None for c in captions], pa.string()),
-                "extra": pa.array([json.dumps(e, sort_keys=True) if e else None for e in extras], pa.string()),
+                "key": pa.array([utf8(k) for k in keys], pa.string()),
+                "image_path": pa.array([utf8(p) for p in image_paths], pa.string()),
+                "split": pa.array([utf8(s) for s in splits], pa.string()),
+                "captions": pa.array([[utf8(c) for c in caps] for caps in captions], pa.list_(pa.string())),
+                "caption": pa.array([utf8(c[0]) if c else None for c in captions], pa.string()),
+                "extra": pa.array([utf8(json.dumps(e, sort_keys=True)) if e else None for e in extras], pa.string()),
             }
         )
-        lines = "".join(json.dumps({**s, "shard": i}) + "\n" for s in (skipped or []))
-        _replace_atomically(self.skip_file(i), lambda tmp: tmp.write_text(lines))
-        _replace_atomically(self.meta_file(i), lambda tmp: pq.write_table(table, tmp))
+        lines = "".join(utf8(json.dumps({**s, "shard": i}, ensure_ascii=False)) + "\n" for s in (skipped or []))
+        replace_atomically(self.skip_file(i), lambda tmp: tmp.write_text(lines, encoding="utf-8"))
+        replace_atomically(self.meta_file(i), lambda tmp: pq.write_table(table, tmp))
 
         def saver(array: np.ndarray):
             def save(tmp):
@@ -175,8 +182,8 @@ class StoreWriter:
             return save
 
         if tokens is not None:  # one row per image: its T tokens of width D, flattened
-            _replace_atomically(self.token_file(i), saver(tokens.reshape(n, -1)))
-        _replace_atomically(self.emb_file(i), saver(emb))
+            replace_atomically(self.token_file(i), saver(tokens.reshape(n, -1)))
+        replace_atomically(self.emb_file(i), saver(emb))
 
     def finalize(self, num_shards: int) -> dict:
         """Merge the per-shard skip lists into skipped.jsonl and write info.json for shards 0..num_shards-1."""
@@ -196,14 +203,13 @@ class StoreWriter:
         for i in range(num_shards):
             f = self.skip_file(i)
             if f.is_file():
-                skipped_lines.extend(line for line in f.read_text().splitlines() if line.strip())
+                skipped_lines.extend(line for line in f.read_text(encoding="utf-8").splitlines() if line.strip())
         by_reason: dict[str, int] = {}
         for line in skipped_lines:
             cls = reason_class(json.loads(line)["reason"])
             by_reason[cls] = by_reason.get(cls, 0) + 1
-        _replace_atomically(
-            self.path / SKIPPED, lambda tmp: tmp.write_text("".join(line + "\n" for line in skipped_lines))
-        )
+        text = "".join(line + "\n" for line in skipped_lines)
+        replace_atomically(self.path / SKIPPED, lambda tmp: tmp.write_text(text, encoding="utf-8"))
         info = {
             "format": "clipcap-store",
             "version": 1,
@@ -284,9 +290,33 @@ def _npy_layout(path: Path) -> tuple[int, int, np.dtype, int]:
         mm = np.load(path, mmap_mode="r")
     except (ValueError, OSError) as e:
         raise ClipCapError(f"{path} is not a readable .npy file ({e})") from None
-    if mm.ndim != 2 or not mm.flags.c_contiguous:
-        raise ClipCapError(f"{path} is not a 2-D row-major embedding array (shape {mm.shape})")
+    if mm.ndim != 2 or not mm.flags.c_contiguous or mm.dtype.kind != "f":
+        raise ClipCapError(f"{path} is not a 2-D row-major float array of embeddings ({mm.dtype}, shape {mm.shape})")
     return mm.shape[0], mm.shape[1], mm.dtype, mm.offset
+
+
+def _read_info(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ClipCapError(f"{path} is damaged (not valid JSON: {e})") from None
+    if not isinstance(info, dict):
+        raise ClipCapError(f"{path} is damaged (not a JSON object)")
+    if "num_shards" in info and (not isinstance(info["num_shards"], int) or info["num_shards"] < 0):
+        raise ClipCapError(f"{path} is damaged (num_shards {info['num_shards']!r})")
+    if info.get("modality", "image") not in _EMB_DIRS:
+        raise ClipCapError(f"{path} is damaged (modality {info.get('modality')!r})")
+    return info
+
+
+def _arrow_call(pa, path: Path, fn, *args, **kwargs):
+    """A pyarrow read, with a damaged file reported as one ClipCapError naming it."""
+    try:
+        return fn(*args, **kwargs)
+    except (pa.ArrowException, OSError) as e:
+        raise ClipCapError(f"{path} is damaged ({str(e).splitlines()[0]})") from None
 
 
 def _shard_number(path: Path) -> int:
@@ -308,8 +338,7 @@ class EmbeddingStore:
         self.split = split
         if not self.path.is_dir():
             raise ClipCapError(f"embedding store not found: {self.path}")
-        info_file = self.path / INFO
-        self._info = json.loads(info_file.read_text()) if info_file.is_file() else None
+        self._info = _read_info(self.path / INFO)
         if self._info is None and (self.path / JOB).is_file():
             raise ClipCapError(
                 f"embedding store {self.path} is unfinished: rerun the same `clipcap embed` command to complete it"
@@ -339,7 +368,7 @@ class EmbeddingStore:
         self._starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         self._token_files, self._token_layout = self._open_tokens(lengths)
 
-        schema = pq.read_schema(self._meta_files[0])
+        schema = _arrow_call(pa, self._meta_files[0], pq.read_schema, self._meta_files[0])
         if caption_column not in schema.names:
             if caption_column == "captions" and "caption" in schema.names:
                 caption_column = "caption"  # a clip-retrieval store
@@ -352,13 +381,20 @@ class EmbeddingStore:
         self._columns = [c for c in ("key", "image_path", "url", "split", "extra") if c in schema.names]
         tables = []
         for f, n in zip(self._meta_files, lengths, strict=True):
-            t = pq.read_table(f, columns=[caption_column, *(c for c in ("split",) if c in schema.names)])
+            columns = [caption_column, *(c for c in ("split",) if c in schema.names)]
+            t = _arrow_call(pa, f, pq.read_table, f, columns=columns)
+            if tables and t.schema != tables[0].schema:
+                raise ClipCapError(f"embedding store {self.path}: {f.name} has other column types than the first shard")
             if t.num_rows != n:
                 raise ClipCapError(
                     f"embedding store {self.path}: {f.name} has {t.num_rows} rows but its embedding file has {n}"
                 )
             tables.append(t)
         caps = _concat(pa, tables, caption_column).combine_chunks()
+        text = (pa.types.is_string, pa.types.is_large_string)
+        item = caps.type.value_type if pa.types.is_list(caps.type) or pa.types.is_large_list(caps.type) else caps.type
+        if not any(is_type(item) for is_type in text):
+            raise ClipCapError(f"embedding store {self.path}: column {caption_column!r} holds {caps.type}, not text")
         if pa.types.is_list(caps.type) or pa.types.is_large_list(caps.type):
             counts = np.asarray(pc.list_value_length(caps).fill_null(0), dtype=np.int64)
             values = pc.list_flatten(caps)
@@ -448,6 +484,11 @@ class EmbeddingStore:
     def _looks_normalized(self) -> bool:
         sample = np.stack([self._read_row(0, n) for n in range(min(100, self._layout[0][0]))] or [np.ones(1)])
         return bool(len(sample)) and bool(np.allclose(np.linalg.norm(sample, axis=1), 1.0, atol=1e-2))
+
+    @property
+    def clip_fingerprint(self) -> str | None:
+        """Content hash of the encoder's weights recorded at embedding time (None for older or foreign stores)."""
+        return self.info.get("clip_fingerprint")
 
     @property
     def clip_dim(self) -> int:

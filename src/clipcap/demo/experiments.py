@@ -10,11 +10,12 @@
   objects, two-object scenes named exactly and their relation, CIDEr, in-domain and novel; seconds of training and
   the size of what each setting reads from the store. Writes results.json and table.md.
 
-`--quick` runs any of them on a small shapes world with the shipped encoders, in minutes.
+`quick` runs any of them on a small shapes world with the shipped encoders, in minutes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -22,39 +23,64 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import MAPPINGS
 from ..errors import ClipCapError
+from ..options import check_options, option
+from .runner import VARIANTS
 
 METRICS = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 
 
-@dataclass
-class ExperimentSettings:
-    """What every run of an ablation shares (fields map onto TrainConfig / evaluate_model)."""
+@dataclass(kw_only=True)
+class ExperimentConfig:
+    """One ablation: which, on what data, and what every run of it shares (fields map onto TrainConfig / EvalConfig)."""
 
-    data: str
-    lm: str
-    out: str
-    train_split: str | None = "train"
-    test_split: str = "test"
-    val_split: str | None = None
-    epochs: int = 3
-    batch_size: int = 64
-    lr: float = 2e-3
-    lm_lr: float | None = 2e-4
-    num_layers: int = 4
-    num_beams: int = 1
-    max_new_tokens: int = 24
-    train_eval_images: int = 500  # the "train" score is measured on this many training images
-    seed: int = 0
+    kind: str = option(positional=True, choices=("prefix-length", "mapping", "relations"), help="which ablation")
+    out: str = option(help="output directory (runs/, results.json, plots)")
+    data: str | None = option(None, help="embedding store to train and test on (made by `clipcap embed`)")
+    lm: str | None = option(None, help="HF id or dir of the language model")
+    quick: bool = option(False, help="without data: a small shapes world and the shipped encoders")
+    lengths: list[int] | None = option(
+        None, min=1, help="prefix lengths to compare", default_text="1,5,10,20,40; 1,4,10,20 when quick"
+    )
+    mapping: str = option("mlp", choices=MAPPINGS, help="prefix-length: the mapping network")
+    prefix_length: int = option(10, min=1, help="mapping: k for every run")
+    train_split: str | None = option("train", help="split of the data to train on")
+    test_split: str = option("test", help="split of the data to score on")
+    epochs: int | None = option(None, min=1, help="epochs per run", default_text="3; 2 when quick")
+    batch_size: int = option(64, min=1, help="batch size")
+    lr: float = option(2e-3, min=1e-12, help="learning rate of the mapper")
+    lm_lr: float = option(2e-4, min=1e-12, help="learning rate of a tuned LM")
+    num_layers: int = option(4, min=1, help="transformer mapper layers")
+    num_beams: int = option(1, min=1, flag="beams", help="beam width when scoring (1: greedy)")
+    max_new_tokens: int = option(24, min=1, help="longest caption when scoring")
+    train_eval_images: int = option(500, min=1, help="training images scored for the train curve")
+    seed: int = option(0, help="seed of every run")
+    clip_models: list[str] | None = option(
+        None,
+        help="relations: CLIP encoders to compare, each DIR or NAME=DIR",
+        default_text="the shipped shapes CLIP",
+    )
+    token_grids: list[int] = option(
+        default_factory=lambda: [0],
+        min=0,
+        help="relations: grids the token variants pool the patch tokens to (0: every token)",
+    )
+    variants: list[str] | None = option(
+        None, choices=tuple(VARIANTS), help="relations: which variants", default_text="all of them"
+    )
+
+    def __post_init__(self) -> None:
+        check_options(self)
 
 
 def _say(message: str) -> None:
     print(f"clipcap experiment: {message}", file=sys.stderr, flush=True)
 
 
-def run_one(s: ExperimentSettings, name: str, mapping: str, tune_lm: bool, prefix_length: int) -> dict:
+def run_one(s: ExperimentConfig, name: str, mapping: str, tune_lm: bool, prefix_length: int) -> dict:
     """Train one configuration and score it on the train and test splits; returns {"train": .., "test": ..}."""
-    from ..evaluate import evaluate_model
+    from ..evaluate import EvalConfig, evaluate_model
     from ..train import TrainConfig, train
 
     run_dir = Path(s.out) / "runs" / name
@@ -76,7 +102,6 @@ def run_one(s: ExperimentSettings, name: str, mapping: str, tune_lm: bool, prefi
         warmup_steps=100,
         seed=s.seed,
         split=s.train_split,
-        val_split=s.val_split,
         num_samples=0,
         save_every=10**9,
     )
@@ -84,10 +109,10 @@ def run_one(s: ExperimentSettings, name: str, mapping: str, tune_lm: bool, prefi
     trained = time.perf_counter()
     scores = {}
     for which, split, limit in (("train", s.train_split, s.train_eval_images), ("test", s.test_split, None)):
-        result = evaluate_model(
-            model_dir,
-            s.data,
-            split=split,
+        eval_cfg = EvalConfig(
+            model=str(model_dir),
+            data=s.data,
+            split=split or "all",
             num_beams=s.num_beams,
             max_new_tokens=s.max_new_tokens,
             batch_size=256,
@@ -95,8 +120,9 @@ def run_one(s: ExperimentSettings, name: str, mapping: str, tune_lm: bool, prefi
             spice=False,
             limit=limit,
         )
-        scores[which] = {m: result[m] for m in METRICS if m in result}
-        scores[which]["examples"] = [r["prediction"] for r in result["per_image"][:3]]
+        result = evaluate_model(eval_cfg)
+        scores[which] = {m: result.metrics[m] for m in METRICS if m in result.metrics}
+        scores[which]["examples"] = [r["prediction"] for r in result.rows[:3]]
     scores["train_s"] = round(trained - start, 1)
     _say(
         f"{name}: train CIDEr {scores['train'].get('CIDEr', float('nan')):.3f}, "
@@ -105,13 +131,13 @@ def run_one(s: ExperimentSettings, name: str, mapping: str, tune_lm: bool, prefi
     return scores
 
 
-def prefix_length_ablation(s: ExperimentSettings, lengths: list[int], mapping: str = "mlp") -> dict:
+def prefix_length_ablation(s: ExperimentConfig, lengths: list[int], mapping: str = "mlp") -> dict:
     """Score vs prefix length for a tuned and a frozen LM (same mapping); writes results.json + prefix_length.png."""
     if not lengths or any(k < 1 for k in lengths):
-        raise ClipCapError(f"--lengths must be positive integers, got {lengths}")
+        raise ClipCapError(f"`lengths` must be positive integers, got {lengths}")
     out = Path(s.out)
     out.mkdir(parents=True, exist_ok=True)
-    results: dict = {"experiment": "prefix-length", "mapping": mapping, "settings": s.__dict__, "runs": {}}
+    results: dict = {"experiment": "prefix-length", "mapping": mapping, "settings": dataclasses.asdict(s), "runs": {}}
     for tuning, tune in (("tuned", True), ("frozen", False)):
         for k in lengths:
             _say(f"{mapping} + {tuning} LM, prefix length {k}")
@@ -151,11 +177,12 @@ def plot_prefix_length(results: dict, png: Path, metric: str = "CIDEr") -> Path:
     return png
 
 
-def mapping_ablation(s: ExperimentSettings, prefix_length: int = 10) -> dict:
+def mapping_ablation(s: ExperimentConfig, prefix_length: int = 10) -> dict:
     """MLP/Transformer x tuned/frozen LM on the test split; writes results.json and table.md."""
     out = Path(s.out)
     out.mkdir(parents=True, exist_ok=True)
-    results: dict = {"experiment": "mapping", "prefix_length": prefix_length, "settings": s.__dict__, "runs": {}}
+    settings = dataclasses.asdict(s)
+    results: dict = {"experiment": "mapping", "prefix_length": prefix_length, "settings": settings, "runs": {}}
     for mapping in ("mlp", "transformer"):
         for tuning, tune in (("tuned", True), ("frozen", False)):
             name = f"{mapping}_{tuning}"
@@ -181,7 +208,7 @@ def mapping_table(results: dict) -> str:
 
 def quick_world(out: str | Path, seed: int = 0) -> tuple[str, str]:
     """A small shapes world embedded with the shipped CLIP: returns (store, lm dir) for a quick ablation."""
-    from ..embed import embed
+    from ..embed import EmbedConfig, embed
     from . import world as shapes
     from .encoders import ASSETS
 
@@ -191,7 +218,7 @@ def quick_world(out: str | Path, seed: int = 0) -> tuple[str, str]:
     )
     store = out / "store"
     shutil.rmtree(store, ignore_errors=True)
-    embed(world, store, ASSETS / "clip", batch_size=256, workers=0)
+    embed(EmbedConfig(source=str(world), out=str(store), clip_model=str(ASSETS / "clip"), batch_size=256, workers=0))
     return str(store), str(ASSETS / "lm")
 
 
@@ -227,7 +254,7 @@ def relations_ablation(
     """Every CLIP in `clips` (name -> dir) x every variant (default: all of runner.VARIANTS; token variants once per
     grid in `token_grids`, None = every token), trained on one shapes world and scored on its test and novel splits.
     Writes OUT/results.json (after every run) and OUT/table.md."""
-    from ..embed import embed
+    from ..embed import EmbedConfig, embed
     from . import world as shapes
     from .runner import evaluate_variant, train_variant
 
@@ -250,7 +277,16 @@ def relations_ablation(
             _say(f"{clip_name}: embedding the world with image tokens (grid {grid or 'all'})")
             stores[grid] = out / "stores" / f"{clip_name}-grid{grid or 'all'}"
             shutil.rmtree(stores[grid], ignore_errors=True)
-            embed(world, stores[grid], clip_dir, batch_size=256, workers=0, tokens=True, token_grid=grid)
+            embedding = EmbedConfig(
+                source=str(world),
+                out=str(stores[grid]),
+                clip_model=str(clip_dir),
+                batch_size=256,
+                workers=0,
+                tokens=True,
+                token_grid=grid,
+            )
+            embed(embedding)
         for v in chosen:
             for grid in grids if v.tokens else grids[:1]:
                 name = f"{clip_name}/{v.name}" + (f"/grid{grid or 'all'}" if v.tokens else "")
@@ -309,39 +345,25 @@ def _named(spec: str) -> tuple[str, str]:
     return (name, path) if sep and name and path else (Path(spec).name, spec)
 
 
-def run_experiment(
-    kind: str,
-    out: str | Path,
-    data: str | None = None,
-    lm: str | None = None,
-    quick: bool = False,
-    lengths: list[int] | None = None,
-    mapping: str = "mlp",
-    prefix_length: int = 10,
-    clip_models: list[str] | None = None,
-    token_grids: list[int | None] | None = None,
-    variants: list[str] | None = None,
-    **settings,
-) -> dict:
-    """`clipcap experiment KIND`: `prefix-length` or `mapping`, on `data` (a store) with `lm`, or with `quick` on a
-    small shapes world (store and LM made here; fewer lengths and epochs unless given). `relations` always runs on
-    the shapes world (the demo's, or with `quick` a smaller one) with the shipped LM and each of `clip_models`
-    ("NAME=DIR" or "DIR"; default: the shipped CLIP)."""
-    if kind not in ("prefix-length", "mapping", "relations"):
-        raise ClipCapError(f"unknown experiment {kind!r}: choose prefix-length, mapping or relations")
-    if kind == "relations":
+def run_experiment(cfg: ExperimentConfig) -> dict:
+    """Run the ablation `cfg.kind` on `cfg.data` (a store) with `cfg.lm`, or with `cfg.quick` on a small shapes world
+    (store and LM made here; fewer lengths and epochs unless given)."""
+    if cfg.kind == "relations":
         from .encoders import ASSETS
 
-        clips = dict(_named(c) for c in clip_models) if clip_models else {"shipped": str(ASSETS / "clip")}
-        return relations_ablation(out, clips, lm or str(ASSETS / "lm"), quick, token_grids, variants)
-    if quick and data is None:
-        data, default_lm = quick_world(Path(out) / "quick")
-        lm = lm or default_lm
-        settings.setdefault("epochs", 2)
+        clips = dict(_named(c) for c in cfg.clip_models) if cfg.clip_models else {"shipped": str(ASSETS / "clip")}
+        grids = [g or None for g in cfg.token_grids]
+        return relations_ablation(cfg.out, clips, cfg.lm or str(ASSETS / "lm"), cfg.quick, grids, cfg.variants)
+    lengths = cfg.lengths
+    updates = {}
+    if cfg.quick and cfg.data is None:
+        data, default_lm = quick_world(Path(cfg.out) / "quick")
+        updates = {"data": data, "lm": cfg.lm or default_lm, "epochs": cfg.epochs or 2}
         lengths = lengths or [1, 4, 10, 20]
-    if data is None or lm is None:
-        raise ClipCapError("pass --data STORE and --lm NAME_OR_DIR (or --quick for the shapes world)")
-    s = ExperimentSettings(data=str(data), lm=str(lm), out=str(out), **settings)
-    if kind == "prefix-length":
-        return prefix_length_ablation(s, lengths or [1, 5, 10, 20, 40], mapping=mapping)
-    return mapping_ablation(s, prefix_length=prefix_length)
+    cfg = dataclasses.replace(cfg, **updates)
+    if cfg.data is None or cfg.lm is None:
+        raise ClipCapError("name the `data` store and the `lm` (or run `quick` on the shapes world)")
+    cfg = dataclasses.replace(cfg, epochs=cfg.epochs or 3)
+    if cfg.kind == "prefix-length":
+        return prefix_length_ablation(cfg, lengths or [1, 5, 10, 20, 40], mapping=cfg.mapping)
+    return mapping_ablation(cfg, prefix_length=cfg.prefix_length)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ClipCapError
+from ..options import check_options, option
 from . import world as shapes
 from .encoders import ASSETS, EncoderRecipe, build_encoders
 
@@ -89,7 +90,7 @@ def _say(message: str) -> None:
     print(f"clipcap demo: {message}", file=sys.stderr, flush=True)
 
 
-def train_variant(v: Variant, store: Path, lm_dir: Path, run_dir: Path, seed: int = 0) -> Path:
+def train_variant(v: Variant, store: Path, lm_dir: Path, run_dir: Path, seed: int = 0, progress: bool = False) -> Path:
     """Train one variant on `store` with `clipcap train` into `run_dir` (validated on its val split when it has
     one); returns the model dir to use: best by validation loss, else final."""
     from ..data.store import EmbeddingStore
@@ -118,17 +119,17 @@ def train_variant(v: Variant, store: Path, lm_dir: Path, run_dir: Path, seed: in
         save_every=10**9,
         tokens=v.tokens,
     )
-    train(cfg)
+    train(cfg, progress)
     return run_dir / ("best" if (run_dir / "best").is_dir() else "final")
 
 
 def evaluate_variant(model_dir: Path, store: Path, split: str, recipe: DemoRecipe) -> dict:
     """Caption `split` of the store with the model; pycocoevalcap metrics + colour-shape binding accuracy."""
-    from ..evaluate import evaluate_model
+    from ..evaluate import EvalConfig, evaluate_model
 
-    result = evaluate_model(
-        model_dir,
-        store,
+    cfg = EvalConfig(
+        model=str(model_dir),
+        data=str(store),
         split=split,
         num_beams=recipe.num_beams,
         max_new_tokens=recipe.max_new_tokens,
@@ -136,10 +137,11 @@ def evaluate_variant(model_dir: Path, store: Path, split: str, recipe: DemoRecip
         clipscore=False,
         spice=False,
     )
-    rows = result["per_image"]
+    result = evaluate_model(cfg)
+    rows = result.rows
     predictions, references = [r["prediction"] for r in rows], [r["references"] for r in rows]
     binding = shapes.binding_accuracy(predictions, references) | shapes.relation_accuracy(predictions, references)
-    return {"metrics": {k: v for k, v in result.items() if k != "per_image"}, "binding": binding, "rows": rows}
+    return {"metrics": result.to_dict(), "binding": binding, "rows": rows}
 
 
 def loss_plot(runs: dict[str, Path], titles: dict[str, str], png: Path) -> Path:
@@ -186,14 +188,23 @@ def _world(out: Path, counts: dict, seed: int) -> Path:
     return shapes.generate_world(world_dir, {s: 0 for s in shapes.SPLITS} | counts, seed=seed)
 
 
-def _store(out: Path, world_json: Path, clip_dir: Path, recipe: DemoRecipe) -> Path:
+def _store(out: Path, world_json: Path, clip_dir: Path, recipe: DemoRecipe, progress: bool = False) -> Path:
     """out/store: the world embedded with `clip_dir` (with image tokens when a variant reads them)."""
-    from ..embed import embed
+    from ..embed import EmbedConfig, embed
 
     store = out / "store"
     shutil.rmtree(store, ignore_errors=True)
     tokens = any(v.tokens for v in recipe.variants)
-    return embed(world_json, store, clip_dir, batch_size=256, workers=0, tokens=tokens, token_grid=recipe.token_grid)
+    cfg = EmbedConfig(
+        source=str(world_json),
+        out=str(store),
+        clip_model=str(clip_dir),
+        batch_size=256,
+        workers=0,
+        tokens=tokens,
+        token_grid=recipe.token_grid if tokens else None,
+    )
+    return embed(cfg, progress).out
 
 
 def build_model(out: str | Path, recipe: DemoRecipe | None = None, encoders: str | Path = ASSETS) -> Path:
@@ -216,15 +227,27 @@ def _samples(world: dict, split: str, n: int) -> list[dict]:
     return singles + pairs
 
 
-def run_demo(
-    out: str | Path = "demo-out",
-    quick: bool = False,
-    rebuild_encoders: bool = False,
-    recipe: DemoRecipe | None = None,
-    encoders: str | Path | None = None,
-) -> dict:
-    """Run the demo into `out`; return the metrics written to out/metrics.json. `encoders` is a dir holding clip/
-    and lm/ (default: the shipped ones; `rebuild_encoders` remakes them under out/encoders first)."""
+@dataclass(kw_only=True)
+class DemoConfig:
+    """Where the demo writes, and which encoders and world size it uses."""
+
+    out: str = option("demo-out", help="output directory")
+    quick: bool = option(False, help="a small world and 2 epochs: a smoke run of a few minutes")
+    rebuild_encoders: bool = option(
+        False,
+        help="first remake the small pretrained encoders (tiny CLIP, BPE tokenizer, tiny GPT-2) under OUT/encoders "
+        "instead of using the shipped ones (over an hour on 2 cores)",
+    )
+    encoders: str | None = option(None, help="a dir with clip/ and lm/ to use instead of the shipped encoders")
+
+    def __post_init__(self) -> None:
+        check_options(self)
+
+
+def run_demo(cfg: DemoConfig, recipe: DemoRecipe | None = None, progress: bool = False) -> dict:
+    """Run the demo into `cfg.out`; return the metrics written to OUT/metrics.json. `cfg.encoders` is a dir holding
+    clip/ and lm/ (default: the shipped ones; `rebuild_encoders` remakes them under OUT/encoders first)."""
+    out, quick, rebuild_encoders, encoders = cfg.out, cfg.quick, cfg.rebuild_encoders, cfg.encoders
     from ..captioner import Captioner
     from .report import table, write_report
 
@@ -259,13 +282,13 @@ def run_demo(
     lap("world")
 
     _say("[2/5] embedding every split with the tiny CLIP (clipcap embed)")
-    store = _store(out, world_json, clip_dir, recipe)
+    store = _store(out, world_json, clip_dir, recipe, progress)
     lap("embed")
 
     runs: dict[str, Path] = {}  # variant -> its model dir
     for v in recipe.variants:
         _say(f"[3/5] training {v.title} (clipcap train, {v.epochs} epoch{'s' * (v.epochs != 1)})")
-        runs[v.name] = train_variant(v, store, lm_dir, out / "runs" / v.name, recipe.seed)
+        runs[v.name] = train_variant(v, store, lm_dir, out / "runs" / v.name, recipe.seed, progress)
         lap(f"train {v.name}")
 
     _say("[4/5] evaluating both variants on the in-domain test split and the novel split (clipcap evaluate)")

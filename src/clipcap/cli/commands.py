@@ -1,0 +1,205 @@
+"""The `clipcap` commands: each one is an options dataclass, a help text, and a small function that calls the library
+and tells the user what happened. Flags come from the dataclass fields (`arguments.py`)."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+logger = logging.getLogger("clipcap")
+
+
+@dataclass(frozen=True)
+class Command:
+    """A subcommand: its options dataclass ("module:Class", imported only when the command is used) and
+    `run(options, progress) -> exit status`."""
+
+    name: str
+    help: str
+    description: str
+    options_path: str
+    run: Callable[..., int]
+    progress: bool = True  # has a progress bar (gets --quiet)
+
+    @property
+    def options(self) -> type:
+        module, _, name = self.options_path.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+
+def say(message: str) -> None:
+    logger.info(message)
+
+
+def run_convert(cfg, progress: bool) -> int:
+    from ..convert import convert
+
+    say(f"wrote {convert(cfg)}")
+    return 0
+
+
+def run_caption(cfg, progress: bool) -> int:
+    from .caption import run
+
+    return run(cfg, progress)
+
+
+def run_embed(cfg, progress: bool) -> int:
+    from ..embed import embed
+
+    result = embed(cfg, progress)
+    info = result.info
+    if info is None:
+        say(f"rank {result.rank} done; the last rank to finish writes {result.out / 'info.json'}")
+        return 0
+    what = "captions" if cfg.text_only else "images"
+    reasons = ", ".join(f"{k} {v}" for k, v in info["skipped_by_reason"].items())
+    skipped = f"skipped {info['skipped']}"
+    if info["skipped"]:
+        skipped += f" ({reasons}), listed in {result.out / 'skipped.jsonl'}"
+    say(
+        f"{info['num_images']} {what} ({info['num_captions']} captions) in {info['num_shards']} shards "
+        f"-> {result.out}; {skipped}"
+    )
+    return 0
+
+
+def run_train(cfg, progress: bool) -> int:
+    from ..train import train
+
+    train(cfg, progress)
+    return 0
+
+
+def run_evaluate(cfg, progress: bool) -> int:
+    from ..evaluate import evaluate, format_table, write_results
+
+    result = evaluate(cfg, progress)
+    if result.missing_predictions:
+        say(f"{result.missing_predictions} reference images have no prediction; scored the {result.num_images} that do")
+    if result.skipped:
+        counts: dict[str, int] = {}
+        for s in result.skipped:
+            reason = s["reason"].split(" (", 1)[0]
+            counts[reason] = counts.get(reason, 0) + 1
+        summary = ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items()))
+        say(f"skipped {len(result.skipped)} images: {summary} (listed under 'skipped' in {cfg.out})")
+    for path in write_results(result, cfg.out):
+        say(f"wrote {path}")
+    print(format_table(result))
+    return 0
+
+
+def run_serve(cfg, progress: bool) -> int:
+    from ..serve import serve
+
+    serve(cfg)
+    return 0
+
+
+def run_demo(cfg, progress: bool) -> int:
+    from ..demo.runner import run_demo
+
+    run_demo(cfg, progress=progress)
+    return 0
+
+
+def run_experiment(cfg, progress: bool) -> int:
+    from ..demo.experiments import run_experiment
+
+    run_experiment(cfg)
+    return 0
+
+
+COMMANDS = (
+    Command(
+        "convert",
+        "convert an original CLIP_prefix_caption .pt checkpoint to a model dir",
+        "Convert a checkpoint of rmokady/CLIP_prefix_caption (a plain state dict) into a model dir that "
+        "ClipCapModel.from_pretrained / Captioner.from_pretrained load. Sizes are read from the tensors; flags that "
+        "contradict them are errors. The file is read with weights_only=True (never executed).",
+        "clipcap.convert:ConvertConfig",
+        run_convert,
+        progress=False,
+    ),
+    Command(
+        "caption",
+        "caption image files, directories or globs",
+        "Caption images with a model dir. Directories are searched recursively and globs expanded (both pick files "
+        'with an image extension). One record per image goes to stdout as its batch finishes: JSON lines {"image": '
+        '..., "caption": ...} ({"image": ..., "captions": [...]} with --num-captions > 1) or CSV. A bad image '
+        "(missing, corrupt, not an image, too many pixels) is skipped with one line on stderr; the exit status is "
+        "non-zero only when no image could be captioned. Decoding settings not given come from the model dir.",
+        "clipcap.cli.caption:CaptionConfig",
+        run_caption,
+    ),
+    Command(
+        "embed",
+        "encode a captioning dataset into an embedding store (resumable)",
+        "Encode every image of SOURCE with a CLIP-family encoder into an embedding store (clip-retrieval layout: "
+        "img_emb/*.npy float16 + metadata/*.parquet + info.json). Bad items (missing, corrupt, oversized images, "
+        "empty or mis-encoded captions, malformed entries, duplicate keys) are skipped and listed in "
+        "STORE/skipped.jsonl. Rerun the same command after an interruption to resume. Under torchrun each rank takes "
+        "every WORLD_SIZE-th shard: torchrun --nproc-per-node 8 -m clipcap.cli embed SOURCE --out STORE ...",
+        "clipcap.embed:EmbedConfig",
+        run_embed,
+    ),
+    Command(
+        "train",
+        "train a ClipCap model on an embedding store",
+        "Train the mapping network (and optionally the LM) on (CLIP embedding, caption) pairs of an embedding store "
+        "made by `clipcap embed`. Defaults are the original implementation's. Runs on CPU, one GPU, or many GPUs / "
+        "nodes when started with `torchrun` or `accelerate launch` (DDP). Writes RUN_DIR/final/ (a model dir for "
+        "`clipcap caption --model`), RUN_DIR/best/ (lowest validation loss, with validation data), "
+        "RUN_DIR/metrics.jsonl, RUN_DIR/loss.png, RUN_DIR/skipped.jsonl and RUN_DIR/checkpoints/.",
+        "clipcap.train:TrainConfig",
+        run_train,
+    ),
+    Command(
+        "evaluate",
+        "score captions: coco-caption metrics (BLEU, METEOR, ROUGE-L, CIDEr-D, SPICE) + CLIPScore",
+        "Either caption a dataset split with a model and score the captions (--model DIR --data SOURCE), or score a "
+        "file of predictions (--predictions P --references R). Metrics are pycocoevalcap's (PTB tokenizer, "
+        "BLEU-1..4, METEOR, ROUGE-L, CIDEr-D, SPICE when its CoreNLP jars are installed) plus CLIPScore / "
+        "RefCLIPScore; nocaps data is also scored per domain. Prints a Markdown table and writes OUT (metrics with "
+        "the exact decoding settings and timings), OUT.csv (one row per image) and, when generating, "
+        "OUT.predictions.json (COCO results format). Decoding settings not given come from the model dir.",
+        "clipcap.evaluate:EvalConfig",
+        run_evaluate,
+    ),
+    Command(
+        "serve",
+        "run the captioning REST API and upload page",
+        "Serve a model dir over HTTP: GET / is an upload page, POST /v1/captions takes multipart `image` fields "
+        "(+ num_beams, max_new_tokens, num_captions, length_penalty, do_sample, temperature, top_p, top_k, "
+        "repetition_penalty) and returns {results: [{filename, captions}]}, GET /healthz, OpenAPI docs at /docs. "
+        "The model loads once; concurrent requests are batched together. Decoding settings flags are the defaults "
+        "for requests that do not say (else the model dir's).",
+        "clipcap.serve:ServeConfig",
+        run_serve,
+        progress=False,
+    ),
+    Command(
+        "demo",
+        "offline end-to-end demo on the synthetic shapes world",
+        "Run the whole method offline on the shapes world: generate it, embed it with the shipped tiny CLIP, train "
+        "MLP + tuned LM and Transformer + frozen LM on the shipped tiny GPT-2, evaluate both on the in-domain test "
+        "split and the novel split (purple triangles, yellow squares: never in the training pairs), caption sample "
+        "images. Writes OUT/report.html, OUT/metrics.json and OUT/model (the better variant). About 7 minutes on 2 "
+        "CPU cores.",
+        "clipcap.demo.runner:DemoConfig",
+        run_demo,
+    ),
+    Command(
+        "experiment",
+        "the paper's ablations: prefix length, mapping x LM tuning",
+        "prefix-length: train and test score against the prefix length k for a tuned and a frozen LM (the paper's "
+        "figure; OUT/prefix_length.png). mapping: MLP/Transformer x tuned/frozen LM (OUT/table.md). Both write "
+        "OUT/results.json and train every run with `clipcap train` on --data.",
+        "clipcap.demo.experiments:ExperimentConfig",
+        run_experiment,
+        progress=False,
+    ),
+)
