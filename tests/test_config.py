@@ -69,3 +69,4 @@ def test_token_fields_round_trip(tmp_path):
     assert (saved["token_shape"], saved["token_grid"]) == ([50, 768], 7)
     assert ClipCapConfig.from_pretrained(tmp_path) == config
     assert ClipCapConfig().token_shape is None  # a model that reads the pooled embedding
+    assert (config.prefix_tokens, ClipCapConfig(prefix_length=7).prefix_tokens) == (50 + 10, 7)

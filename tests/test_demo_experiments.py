@@ -120,7 +120,7 @@ def test_relations_ablation_scores_every_clip_variant_and_grid(tmp_path, clip_di
     assert json.loads((out / "results.json").read_text())["runs"].keys() == results["runs"].keys()
     table = (out / "table.md").read_text().strip().splitlines()
     assert len(table) == 2 + 3 and table[0].startswith("| CLIP | variant | input | single | pairs exact |")
-    with pytest.raises(ClipCapError, match="`variants` must be one of mlp_tuned, transformer_frozen"):
+    with pytest.raises(ClipCapError, match="`variants` must be among mlp_tuned, transformer_frozen"):
         ExperimentConfig(kind="relations", out=str(tmp_path / "x"), variants=["lstm"])
 
 

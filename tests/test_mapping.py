@@ -48,7 +48,7 @@ def test_token_mapper_reads_tokens_in_place():
     mapper = TokenTransformerMapper(token_dim=12, num_tokens=5, lm_hidden=8, prefix_length=4, num_layers=2, num_heads=2)
     tokens = torch.randn(3, 5, 12) * 40  # hidden states at any scale: the input LayerNorm takes it
     out = mapper(tokens)
-    assert out.shape == (3, 4, 8) and torch.isfinite(out).all()
+    assert out.shape == (3, 5 + 4, 8) and torch.isfinite(out).all()  # one vector per token, then the k slots
     torch.testing.assert_close(mapper(tokens * 3), out, atol=1e-4, rtol=1e-4)
     # Unlike the pooled Transformer mapper, where a token is matters: moving the tokens changes the prefix.
     assert not torch.allclose(mapper(tokens[:, [1, 0, 2, 3, 4]]), out, atol=1e-3)

@@ -91,7 +91,7 @@ def test_token_model_trains_saves_and_generates(tmp_path, tune_lm):
     _, ids, mask = batch()
     tokens = torch.randn(3, 5, 12)
     out = model(tokens, ids, attention_mask=mask, labels=ids)
-    assert out.logits.shape == (3, 4 + 5, 300) and out.prefix.shape == (3, 4, 32)
+    assert out.logits.shape == (3, 5 + 4 + 5, 300) and out.prefix.shape == (3, 5 + 4, 32)  # T + k, then the text
     out.loss.backward()
     assert model.mapper.positions.grad is not None and model.mapper.linear.weight.grad.abs().sum() > 0
     model.save_pretrained(tmp_path)

@@ -156,3 +156,15 @@ def test_user_mistakes_are_one_line_errors(token_run, source, clip_dir, lm_dir, 
     _one_line_error(capsys, "train", "holds no image tokens")
     assert main([*train, "--data", str(store), "--out", str(tmp_path / "r2"), "--tokens"]) == 2
     _one_line_error(capsys, "train", "--tokens needs the transformer mapping")
+
+
+def test_the_caption_budget_counts_one_prefix_vector_per_token(token_run, lm_dir, tmp_path):
+    from clipcap.train import TrainConfig, Trainer
+
+    store, _ = token_run
+    fields = dict(data=str(store), lm=str(lm_dir), mapping="transformer", tokens=True, split="train", num_samples=0)
+    # the tiny GPT-2 has 128 positions; 5 tokens + k = 100 leave 23 for the caption (67 asked)
+    trainer = Trainer(TrainConfig(out=str(tmp_path / "a"), prefix_length=100, **fields))
+    assert trainer.model.config.prefix_tokens == 105 and trainer.max_tokens == 128 - 105
+    with pytest.raises(ClipCapError, match="a prefix of 128 vectors leaves no room in the LM's 128 positions"):
+        Trainer(TrainConfig(out=str(tmp_path / "b"), prefix_length=123, **fields))

@@ -73,6 +73,11 @@ class ClipCapConfig:
         if self.normalize_prefix:
             raise ClipCapError("normalize_prefix applies to pooled embeddings, not image tokens")
 
+    @property
+    def prefix_tokens(self) -> int:
+        """How many vectors the mapper puts before the caption: k, plus one per image token when it reads tokens."""
+        return self.prefix_length + (self.token_shape[0] if self.token_shape is not None else 0)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

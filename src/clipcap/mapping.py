@@ -1,5 +1,5 @@
 """The paper's two mapping networks: CLIP embedding (B, clip_dim) -> prefix (B, k, lm_hidden); and the Transformer
-mapper reading image tokens (B, T, D) instead (beyond the paper).
+mapper reading image tokens (B, T, D) instead (beyond the paper): prefix (B, T + k, lm_hidden).
 
 Module and parameter names follow rmokady/CLIP_prefix_caption so original weights map one-to-one
 (DESIGN §5): `model.0`/`model.2` for the MLP; `linear`, `prefix_const`, `transformer.layers.{i}.*` for the
@@ -113,9 +113,11 @@ class TransformerMapper(nn.Module):
 
 
 class TokenTransformerMapper(nn.Module):
-    """The Transformer mapper reading image tokens instead of a linear expansion of one vector: LayerNorm and
-    Linear(token_dim, h) per token plus a learned position per token slot, concat the learned constant (k, h),
-    transformer, keep the last k outputs. Patch tokens keep where each thing is, which one pooled vector may lose."""
+    """The Transformer mapper reading image tokens (B, T, D) instead of a linear expansion of one vector: LayerNorm
+    and Linear(token_dim, h) per token plus a learned position per token slot, concat the learned constant (k, h),
+    transformer; the prefix is every output, T + k vectors. The paper's mapper drops the outputs at its clip_length
+    slots, linear views of one vector; here they sit on image regions, so where each thing is reaches the LM slot
+    by slot (as LLaVA feeds projected patches), and the k constant slots summarise the whole image."""
 
     def __init__(
         self,
@@ -137,4 +139,4 @@ class TokenTransformerMapper(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.linear(self.norm(tokens)) + self.positions
         const = self.prefix_const.unsqueeze(0).expand(x.shape[0], -1, -1)
-        return self.transformer(torch.cat((x, const), dim=1))[:, self.num_tokens :]
+        return self.transformer(torch.cat((x, const), dim=1))

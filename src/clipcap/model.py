@@ -95,8 +95,8 @@ class ClipCapModel(nn.Module):
         return self
 
     def prefix(self, clip_embeds: torch.Tensor) -> torch.Tensor:
-        """Map CLIP embeddings (B, clip_dim), or image tokens (B, T, D) when config.token_shape is set, to prefix
-        embeddings (B, k, lm_hidden)."""
+        """Map CLIP embeddings (B, clip_dim) to prefix embeddings (B, k, lm_hidden), or image tokens (B, T, D) when
+        config.token_shape is set to (B, T + k, lm_hidden)."""
         tokens = self.config.token_shape
         expected = tuple(tokens) if tokens is not None else (self.config.clip_dim,)
         if tuple(clip_embeds.shape[1:]) != expected:

@@ -247,11 +247,11 @@ def build_model(cfg: TrainConfig, store, tokenizer) -> ClipCapModel:
 
 def caption_budget(cfg: TrainConfig, model: ClipCapModel) -> int:
     """Longest caption in tokens that fits the LM's positions after the prefix."""
-    positions, k = lm_positions(model), cfg.prefix_length
+    positions, k = lm_positions(model), model.config.prefix_tokens
     if positions is None or k + cfg.max_caption_tokens <= positions:
         return cfg.max_caption_tokens
     if k >= positions:
-        raise ClipCapError(f"`prefix_length` {k} leaves no room in the LM's {positions} positions")
+        raise ClipCapError(f"a prefix of {k} vectors leaves no room in the LM's {positions} positions")
     logger.info("captions capped at %d tokens: the LM has %d positions and the prefix %d", positions - k, positions, k)
     return positions - k
 

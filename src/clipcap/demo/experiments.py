@@ -67,11 +67,14 @@ class ExperimentConfig:
         help="relations: grids the token variants pool the patch tokens to (0: every token)",
     )
     variants: list[str] | None = option(
-        None, choices=tuple(VARIANTS), help="relations: which variants", default_text="all of them"
+        None, help=f"relations: which variants, of {', '.join(VARIANTS)}", default_text="all of them"
     )
 
     def __post_init__(self) -> None:
         check_options(self)
+        unknown = [v for v in self.variants or () if v not in VARIANTS]
+        if unknown:
+            raise ClipCapError(f"`variants` must be among {', '.join(VARIANTS)}, got {unknown[0]!r}")
 
 
 def _say(message: str) -> None:

@@ -367,7 +367,7 @@ def run_demo(cfg: DemoConfig, recipe: DemoRecipe | None = None, progress: bool =
         out / "report.html",
         "clipcap demo — shapes world",
         intro,
-        [("Metrics (variant × split)", table(rows, columns))],
+        [("Metrics (variant × split)", table(rows, columns)), ("Wrong captions by kind", error_table(rows))],
         [("Loss curves", plot)],
         samples,
         extra={"timings_s": summary["timings_s"], "decoding": summary["decoding"]},
@@ -380,6 +380,15 @@ def run_demo(cfg: DemoConfig, recipe: DemoRecipe | None = None, progress: bool =
             f"CIDEr {row.get('CIDEr', math.nan):.3f}"
         )
     return summary
+
+
+def error_table(rows: list[dict]) -> str:
+    """What the wrong captions got wrong: one row per (variant, split), one column per kind (world.caption_error)."""
+    from .report import table
+
+    kinds = sorted({k for r in rows for k in r["errors"]}, key=lambda k: -sum(r["errors"].get(k, 0) for r in rows))
+    counts = [{"variant": r["variant"], "split": r["split"], **{k: r["errors"].get(k, 0) for k in kinds}} for r in rows]
+    return table(counts, ["variant", "split", *kinds])
 
 
 def _headline(metrics: dict) -> dict:
