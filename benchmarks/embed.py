@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from clipcap.data.store import StoreWriter
-from clipcap.embed import embed
+from clipcap.embed import EmbedConfig, embed
 from clipcap.encoder import ImageEncoder
 
 
@@ -76,7 +76,8 @@ def bench_extraction(args, tmp: Path) -> None:
         for i in range(0, len(paths), args.batch_size)
     ]
     encoder.encode_pixels(batches[0])  # warm-up, both sides
-    embed(tmp / "images", tmp / "warm", clip, batch_size=args.batch_size, workers=args.workers, progress=False)
+    common = dict(clip_model=str(clip), batch_size=args.batch_size, workers=args.workers)
+    embed(EmbedConfig(source=str(tmp / "images"), out=str(tmp / "warm"), **common))
 
     start = time.perf_counter()
     for pixels in batches:
@@ -84,7 +85,7 @@ def bench_extraction(args, tmp: Path) -> None:
     forward = len(paths) / (time.perf_counter() - start)
 
     start = time.perf_counter()
-    embed(tmp / "images", tmp / "store", clip, batch_size=args.batch_size, workers=args.workers, progress=False)
+    embed(EmbedConfig(source=str(tmp / "images"), out=str(tmp / "store"), **common))
     full = len(paths) / (time.perf_counter() - start)
     info = json.loads((tmp / "store" / "info.json").read_text())
     assert info["num_images"] == len(paths)

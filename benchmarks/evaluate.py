@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from clipcap import evaluate as ev
+from clipcap import metrics as ev
 from clipcap.demo.world import captions, sample_scene
 
 

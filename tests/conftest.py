@@ -8,8 +8,20 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 from tests import tiny  # noqa: E402
+
+# Property tests: a bounded number of examples in CI, many more locally with HYPOTHESIS_PROFILE=long.
+settings.register_profile(
+    "ci",
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    derandomize=True,
+)
+settings.register_profile("long", max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 @pytest.fixture(scope="session")
@@ -54,3 +66,11 @@ def varied_model_dir(tmp_path_factory, tokenizer, clip_dir):
     tokenizer.save_pretrained(path)
     shutil.copytree(clip_dir, path / "clip")
     return path
+
+
+@pytest.fixture(scope="session")
+def exported_dir(tmp_path_factory, varied_model_dir):
+    """varied_model_dir exported for ONNX Runtime in fp32 by the library (`clipcap export`)."""
+    from clipcap.export import export
+
+    return export(varied_model_dir, tmp_path_factory.mktemp("exported") / "fp32", progress=False)

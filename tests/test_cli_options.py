@@ -21,9 +21,12 @@ REQUIRED = {
     "embed": ["src.json", "--out", "store", "--clip-model", "clip"],
     "train": ["--data", "store", "--out", "run"],
     "evaluate": ["--predictions", "p.json", "--references", "r.json"],
+    "export": ["m", "out"],
     "serve": ["--model", "m"],
     "demo": [],
     "experiment": ["mapping", "--out", "exp"],
+    "push": ["model", "you/repo"],
+    "card": ["model"],
 }
 
 

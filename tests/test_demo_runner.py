@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 from PIL import Image
 
 from clipcap.cli import main
@@ -72,3 +73,14 @@ def test_quick_demo_learns(tmp_path):
     captioner = Captioner.from_pretrained(out / "model")
     sample = saved["samples"][0]
     assert captioner.caption(sample["image"], num_beams=demo.DemoRecipe.quick().num_beams) == [sample["generated"]]
+    # the demo's model gets a model card carrying the demo's metrics
+    assert main(["card", str(out / "model")]) == 0
+    meta = yaml.safe_load((out / "model" / "README.md").read_text().split("---\n")[1])
+    assert meta["pipeline_tag"] == "image-to-text"
+    carried = {
+        (r["dataset"]["split"], m["name"]): m["value"] for r in meta["model-index"][0]["results"] for m in r["metrics"]
+    }
+    assert carried[("test", "CIDEr")] == round(best["CIDEr"], 4)
+    assert carried[("novel", "colour-shape binding, all objects")] == round(
+        saved["variants"][saved["best"]]["novel"]["objects"], 4
+    )

@@ -1,4 +1,4 @@
-"""The shapes world: deterministic, follows DESIGN §7, keeps novel compositions out of ClipCap's splits."""
+"""The shapes world: deterministic, follows docs/design.md §7, keeps novel compositions out of ClipCap's splits."""
 
 from __future__ import annotations
 

@@ -266,3 +266,39 @@ def test_cli_help_and_errors(tmp_path, capsys, clip_dir):
         == 2
     )
     assert "clipcap embed: error: source not found" in capsys.readouterr().err
+
+
+def _claim_together(barrier, out: str, job: dict, results) -> None:
+    from clipcap.embed import _claim
+
+    barrier.wait()
+    try:
+        _claim(Path(out), job)
+        results.put("ok")
+    except ClipCapError as e:
+        results.put(str(e))
+
+
+def test_ranks_starting_together_on_a_fresh_out_agree_on_the_job(tmp_path):
+    """Several ranks released at the same instant onto a fresh --out: all start the store (one writes job.json, the
+    others find it equal); a rank with another command is refused."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")  # the children only touch files: no need to import torch again
+    job = {"source": "s.json", "shard_size": 3}
+    for attempt, jobs in enumerate(([job] * 4, [job] * 3 + [{**job, "shard_size": 4}])):
+        out = tmp_path / f"store{attempt}"
+        barrier, results = ctx.Barrier(len(jobs)), ctx.Queue()
+        procs = [ctx.Process(target=_claim_together, args=(barrier, str(out), j, results)) for j in jobs]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        outcomes = sorted(results.get(timeout=5) for _ in jobs)
+        assert json.loads((out / "job.json").read_text()) in jobs
+        assert not [p for p in out.iterdir() if p.name != "job.json"]  # no temporary left behind
+        if attempt == 0:
+            assert outcomes == ["ok"] * 4
+        else:
+            refused = [o for o in outcomes if o != "ok"]
+            assert len(refused) >= 1 and all("different `clipcap embed` command" in o for o in refused)

@@ -416,7 +416,8 @@ def trained(tmp_path_factory, lm_dir, clip_dir):
     three images, and a nocaps-style evaluation source: those images with two references each, plus a corrupt one."""
     from PIL import Image
 
-    from clipcap.train import TrainConfig, train
+    from clipcap.train import train
+    from tests.test_train import small_cfg
 
     root = tmp_path_factory.mktemp("e2e")
     # Solid colours: the random tiny CLIP tells them apart (noise images all look alike to it).
@@ -428,22 +429,8 @@ def trained(tmp_path_factory, lm_dir, clip_dir):
     said = [[s] for _, s, _ in TRAINED.values()] * 5
     train_source = nocaps_source(root / "train.json", list(TRAINED) * 5, domains * 5, said)
     store = embed_source(train_source, root / "train-store", clip_dir)
-    cfg = TrainConfig(
-        data=str(store),
-        out=str(root / "run"),
-        lm=str(lm_dir),
-        prefix_length=4,
-        num_layers=2,
-        epochs=12,
-        batch_size=3,
-        lr=1e-2,
-        warmup_steps=0,
-        num_samples=0,
-        log_every=100,
-        save_every=1000,
-        keep_checkpoints=1,
-    )
-    run = train(cfg)
+    options = dict(epochs=12, batch_size=3, lr=1e-2, num_samples=0, log_every=100, keep_checkpoints=1)
+    run = train(small_cfg(store, root / "run", lm_dir, **options))
     refs = [[s, other] for _, s, other in TRAINED.values()] + [["a dog on a beach."]]
     source = nocaps_source(root / "nocaps_tiny.json", [*TRAINED, "img4"], [*domains, "in-domain"], refs)
     return run / "final", source

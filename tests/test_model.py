@@ -1,10 +1,18 @@
+import json
+import shutil
+import time
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModel
 
-from clipcap import ClipCapError, ClipCapModel
+from clipcap import ClipCapConfig, ClipCapError, ClipCapModel
 from tests import tiny
+
+FIXTURES = Path(__file__).parent / "fixtures" / "clipcap-0.1"
 
 LMS = {"gpt2": tiny.tiny_gpt2, "opt": tiny.tiny_opt, "llama": tiny.tiny_llama}
 
@@ -129,11 +137,138 @@ def test_missing_and_corrupt_model_dirs(tmp_path):
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(ClipCapError, match="not a readable safetensors file"):
         ClipCapModel.from_pretrained(tmp_path)
+    weights.unlink()
+    with pytest.raises(ClipCapError, match="has no model.safetensors"):
+        ClipCapModel.from_pretrained(tmp_path)
+
+
+def test_saved_dir_is_a_transformers_model(tmp_path):
+    model = tiny.tiny_model("transformer", tune_lm=False)
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["model_type"] == "clipcap" and saved["text_config"]["model_type"] == "gpt2"
+    assert saved["auto_map"] == {"AutoConfig": "config.ClipCapConfig", "AutoModel": "model.ClipCapModel"}
+    assert {"config.py", "model.py", "mapping.py", "hub.py", "errors.py"} <= {p.name for p in tmp_path.iterdir()}
+    assert AutoConfig.from_pretrained(tmp_path).model_type == "clipcap"
+    loaded = AutoModel.from_pretrained(tmp_path)
+    assert type(loaded) is ClipCapModel
+    clip, ids, mask = batch()
+    assert torch.equal(model(clip, ids, mask).logits, loaded(clip, ids, mask).logits)
+
+
+def test_sharded_save_loads_back_identical(tmp_path):
+    model = tiny.tiny_model("mlp", lm=tiny.tiny_gpt2(300, hidden=128))
+    model.save_pretrained(tmp_path, max_shard_size="1MB")
+    shards = sorted(p.name for p in tmp_path.glob("model-*.safetensors"))
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(shards) >= 2 and sorted(set(index["weight_map"].values())) == shards
+    assert not (tmp_path / "model.safetensors").exists()
+    loaded = ClipCapModel.from_pretrained(tmp_path)
+    clip, ids, mask = batch()
+    assert torch.equal(model(clip, ids, mask).logits, loaded(clip, ids, mask).logits)
+
+
+@pytest.mark.parametrize("argument", ["torch_dtype", "dtype"])
+def test_load_in_another_dtype(tmp_path, argument):
+    model = tiny.tiny_model("transformer", tune_lm=False)
+    model.save_pretrained(tmp_path)
+    loaded = ClipCapModel.from_pretrained(tmp_path, **{argument: torch.bfloat16})
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    clip, ids, mask = batch()
+    expected = model(clip, ids, mask).logits
+    torch.testing.assert_close(loaded(clip, ids, mask).logits.float(), expected, atol=0.05, rtol=0.05)
+    assert loaded.generate(clip, max_new_tokens=4).shape[0] == 3
+
+
+@pytest.mark.parametrize("name", ["mlp-tuned", "transformer-frozen"])
+def test_clipcap_0_1_dirs_load_with_the_same_logits_and_resave_in_the_new_format(tmp_path, name):
+    """The shipped fixture dirs were written by clipcap 0.1, with what it computed from them."""
+    expected = load_file(FIXTURES / name / "expected.safetensors")
+    inputs = (expected["clip_embeds"], expected["input_ids"], expected["attention_mask"])
+    model = ClipCapModel.from_pretrained(FIXTURES / name)
+    assert (model(*inputs).logits - expected["logits"]).abs().max() <= 1e-6
+    assert torch.equal(model.generate(expected["clip_embeds"], max_new_tokens=6), expected["generated"])
+    model.save_pretrained(tmp_path / "new", save_lm=model.config.tune_lm)
+    saved = json.loads((tmp_path / "new" / "config.json").read_text())
+    assert saved["model_type"] == "clipcap" and "text_config" in saved and "lm_config" not in saved
+    if name == "transformer-frozen":  # still by reference: copy the LM it names beside it
+        shutil.copytree(FIXTURES / "lm", tmp_path / "lm")
+    again = ClipCapModel.from_pretrained(tmp_path / "new")
+    assert torch.equal(again(*inputs).logits, model(*inputs).logits)
+
+
+def test_frozen_lm_by_reference_resolves_against_the_model_dir(tmp_path, monkeypatch):
+    shutil.copytree(FIXTURES / "transformer-frozen", tmp_path / "model")
+    monkeypatch.chdir(tmp_path / "model")  # "../lm" must not be read relative to the working directory
+    with pytest.raises(ClipCapError, match=r"cannot load language model '\.\./lm'"):
+        ClipCapModel.from_pretrained(tmp_path / "model")
+    shutil.copytree(FIXTURES / "lm", tmp_path / "lm")
+    assert isinstance(ClipCapModel.from_pretrained(tmp_path / "model"), ClipCapModel)
+
+
+def _edit_config(path: Path, **changes) -> None:
+    config = json.loads((path / "config.json").read_text())
+    for key, value in changes.items():
+        if key.startswith("text_config."):
+            config["text_config"][key.removeprefix("text_config.")] = value
+        else:
+            config[key] = value
+    (path / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (
+            dict(prefix_length=5),
+            r"do not match config.json: shape \(file vs config\) \['mapper.model.0.bias \(64,\) vs \(80,\)",
+        ),
+        (dict(clip_dim=8), r"do not match config.json: shape .*'mapper.model.0.weight \(64, 16\) vs \(64, 8\)'"),
+        (
+            dict(mapping="transformer", clip_length=2, num_layers=1),
+            r"do not match config.json: missing .*mapper.linear",
+        ),
+        ({"text_config.n_layer": 3}, r"do not match config.json: missing \['lm.transformer.h.2"),
+        ({"text_config.n_layer": 1}, r"do not match config.json: unexpected \['lm.transformer.h.1"),
+        ({"text_config.vocab_size": 301}, r"do not match config.json: shape .*'lm.transformer.wte.weight \(300, 32\)"),
+        ({"text_config.n_embd": 48}, r"do not match config.json: shape"),
+        (dict(prefix_length=10**9), r"cannot be built: RuntimeError: Storage size calculation overflowed"),
+        ({"text_config.vocab_size": 10**10, "text_config.n_embd": 10**6}, r"do not match config.json: shape"),
+        ({"text_config.n_head": 5}, r"describes a model that cannot be built: ValueError"),
+        (dict(tune_lm=True, mapping="transformer", clip_length=3), r"do not match config.json: missing \['mapper"),
+    ],
+)
+def test_weights_that_do_not_match_config_json_are_one_error(tmp_path, changes, message):
+    tiny.tiny_model("mlp").save_pretrained(tmp_path)
+    _edit_config(tmp_path, **changes)
+    start = time.perf_counter()
+    with pytest.raises(ClipCapError, match=message):
+        ClipCapModel.from_pretrained(tmp_path)
+    assert time.perf_counter() - start < 60  # huge configs fail from the shapes, not after trying to allocate
+
+
+def test_missing_lm_weights_for_a_tuned_lm_is_an_error(tmp_path):
+    model = tiny.tiny_model("transformer", tune_lm=False)
+    model.save_pretrained(tmp_path, save_lm=False)
+    _edit_config(tmp_path, tune_lm=True)
+    with pytest.raises(ClipCapError, match="holds no language model weights, but its config says the LM was tuned"):
+        ClipCapModel.from_pretrained(tmp_path)
+
+
+def test_weights_of_another_model_type(tmp_path):
+    tiny.tiny_gpt2(300).save_pretrained(tmp_path)
+    with pytest.raises(ClipCapError, match='describes a "gpt2" model, not a ClipCap model'):
+        ClipCapModel.from_pretrained(tmp_path)
+    ClipCapConfig(text_config=tiny.tiny_gpt2(300).config.to_dict(), clip_dim=16, prefix_length=4).save_pretrained(
+        tmp_path
+    )
+    with pytest.raises(ClipCapError, match=r"do not match config.json: missing \['lm.*unexpected \['transformer.h.0"):
+        ClipCapModel.from_pretrained(tmp_path)
 
 
 def test_hub_id_offline_fails_fast_with_hint(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ClipCapError, match=r"'someone/clipcap-coco'.*pass the directory instead"):
+    with pytest.raises(ClipCapError, match=r"'someone/clipcap-coco'.*pass its local directory instead"):
         ClipCapModel.from_pretrained("someone/clipcap-coco")
 
 

@@ -58,7 +58,7 @@ def token_run(tmp_path_factory, source, clip_dir, lm_dir):
     assert main([*embed, "--tokens", "--token-grid", "2"]) == 0
     args = ["train", "--data", str(store), "--out", str(out / "run"), "--lm", str(lm_dir), "--split", "train"]
     args += ["--mapping", "transformer", "--tokens", "--tune-lm", "--num-layers", "2", "--prefix-length", "4"]
-    args += ["--epochs", "12", "--batch-size", "3", "--lr", "1e-2", "--warmup-steps", "0", "--num-samples", "0"]
+    args += ["--epochs", "20", "--batch-size", "3", "--lr", "1e-2", "--warmup-steps", "0", "--num-samples", "0"]
     assert main(args) == 0
     return store, out / "run" / "final"
 
@@ -119,6 +119,18 @@ def test_a_model_reading_tokens_refuses_an_encoder_of_another_width(token_run, t
     other = tiny.save_clip_dir(tmp_path / "other", type(clip)(type(clip.config).from_dict(config)), tokenizer)
     with pytest.raises(ClipCapError, match="24-wide image tokens but the model reads 32-wide"):
         Captioner.from_pretrained(model_dir, clip_model=str(other))
+
+
+def test_a_token_model_is_refused_where_only_pooled_embeddings_flow(token_run, tmp_path):
+    _, model_dir = token_run
+    with pytest.raises(ClipCapError, match="this model reads image tokens"):
+        Captioner.from_pretrained(model_dir).save_pretrained(tmp_path / "complete")  # the vision tower pools
+    assert not (tmp_path / "complete").exists()
+    pytest.importorskip("onnxruntime")
+    from clipcap.export import export
+
+    with pytest.raises(ClipCapError, match="reads image tokens: only models that read one pooled embedding export"):
+        export(model_dir, tmp_path / "exported", progress=False)
 
 
 def test_evaluating_a_token_model_on_a_store_of_another_grid_is_refused(token_run, source, clip_dir, tmp_path):

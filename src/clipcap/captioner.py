@@ -10,6 +10,7 @@ from PIL import Image
 from .decoding import generate_kwargs, model_defaults
 from .devices import resolve_device, resolve_dtype
 from .errors import ClipCapError
+from .exported import ExportedModel, is_exported
 from .hub import load_tokenizer, resolve_dir
 from .model import ClipCapModel
 
@@ -20,7 +21,9 @@ class Captioner:
     Decoding settings left unset (None) take the model dir's defaults (`decoding_defaults`, from its
     generation_config.json), then greedy / 67 tokens / length penalty 1.0."""
 
-    def __init__(self, model: ClipCapModel, tokenizer, encoder, batch_size: int = 32, decoding_defaults=None):
+    def __init__(
+        self, model: ClipCapModel | ExportedModel, tokenizer, encoder, batch_size: int = 32, decoding_defaults=None
+    ):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.encoder = encoder
@@ -47,15 +50,26 @@ class Captioner:
         dtype: torch.dtype | str | None = None,
         batch_size: int = 32,
     ) -> Captioner:
-        """Load the model dir, its tokenizer and the encoder its config names (`clip_model=` overrides;
-        a relative `clip_model` in the config resolves against the model dir). `device="auto"` picks cuda when
-        available; `dtype` may be a torch dtype or "float32" / "float16" / "bfloat16"."""
+        """Load a model dir (or Hub repo): a ClipCapModel dir with its tokenizer and the encoder its config names
+        (`clip_model=` overrides; a relative `clip_model` in the config resolves against the model dir), or a
+        complete captioning dir (`save_pretrained`), whose vision tower is the encoder. `device="auto"` picks cuda
+        when available; `dtype` may be a torch dtype or "float32" / "float16" / "bfloat16"."""
+        from .config import ClipCapConfig
         from .encoder import ImageEncoder
 
-        device = None if device is None else resolve_device(device)
         dtype = resolve_dtype(dtype)
         path = resolve_dir(name_or_path)
-        model = ClipCapModel.from_pretrained(path, device=device, dtype=dtype)
+        if is_exported(path):  # written by `clipcap export`: ONNX Runtime on the CPU, in the dtypes it was exported
+            device = torch.device("cpu") if device in (None, "auto") else resolve_device(device)
+            if device.type != "cpu" or dtype not in (None, torch.float32):
+                raise ClipCapError(f"{path} is an exported model: it runs on the CPU with the dtypes it was exported")
+            model = ExportedModel.from_pretrained(path)
+        else:
+            device = None if device is None else resolve_device(device)
+            config = ClipCapConfig.from_pretrained(path)
+            if config.vision_config is not None and clip_model is None:
+                return cls._from_complete_dir(path, device, dtype, batch_size)
+            model = ClipCapModel.from_pretrained(path, device=device, dtype=dtype)
         has_tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
         tokenizer = load_tokenizer(path if has_tokenizer else model.config.lm)
         name = clip_model or model.config.clip_model
@@ -66,9 +80,39 @@ class Captioner:
         encoder = ImageEncoder.from_pretrained(name, device=device, dtype=dtype)
         return cls(model, tokenizer, encoder, batch_size=batch_size, decoding_defaults=model_defaults(path))
 
+    @classmethod
+    def _from_complete_dir(cls, path: Path, device, dtype, batch_size: int) -> Captioner:
+        from .encoder import ImageEncoder
+        from .model import ClipCapForImageCaptioning
+        from .processing import ClipCapProcessor
+
+        complete = ClipCapForImageCaptioning.from_pretrained(path, device=device, dtype=dtype)
+        try:
+            processor = ClipCapProcessor.from_pretrained(str(path))
+        except (OSError, ValueError, TypeError) as e:
+            raise ClipCapError(f"cannot load the image processor and tokenizer of {path}: {e}") from None
+        encoder = ImageEncoder(complete.vision_tower, processor.image_processor, name=str(path))
+        return cls(
+            complete.model, processor.tokenizer, encoder, batch_size=batch_size, decoding_defaults=model_defaults(path)
+        )
+
+    def save_pretrained(self, save_directory: str | Path, **kwargs) -> Path:
+        """Write a complete captioning dir: vision tower + mapper + LM (`ClipCapForImageCaptioning`), processor
+        (image processor + tokenizer) and generation_config.json, loadable by `pipeline("image-text-to-text")`,
+        `AutoModelForImageTextToText` / `AutoProcessor` (with `trust_remote_code=True` where clipcap is not
+        installed) and by `Captioner.from_pretrained`. kwargs go to transformers' `save_pretrained`."""
+        from .model import ClipCapForImageCaptioning
+        from .processing import ClipCapProcessor
+
+        out = Path(save_directory)
+        ClipCapForImageCaptioning.from_parts(self.model, self.encoder.model).save_pretrained(out, **kwargs)
+        ClipCapProcessor(self.encoder.processor, self.tokenizer).save_pretrained(str(out))
+        return out
+
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        device = getattr(self.model, "device", None)  # an ExportedModel has no parameters
+        return device if device is not None else next(self.model.parameters()).device
 
     def model_inputs(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """What the model reads for preprocessed images: pooled CLIP features (B, clip_dim), or the vision tower's
@@ -77,14 +121,15 @@ class Captioner:
             return self.encoder.encode_pixels(pixel_values)
         return self.encoder.encode_pixels_and_tokens(pixel_values, self.model.config.token_grid)[1]
 
-    def decode(self, ids: torch.Tensor) -> list[str]:
-        """Token rows -> clean strings: cut after the stop token, special tokens dropped, whitespace stripped."""
+    def decode(self, ids: torch.Tensor, prompt_ids: list[int] | None = None) -> list[str]:
+        """Token rows -> clean strings: cut after the stop token, special tokens dropped, whitespace stripped.
+        With `prompt_ids`, each caption is the prompt followed by its continuation."""
         stop = self.model.config.stop_token_id
         texts = []
         for row in ids.tolist():
             if stop is not None and stop in row:
                 row = row[: row.index(stop) + 1]
-            texts.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
+            texts.append(self.tokenizer.decode((prompt_ids or []) + row, skip_special_tokens=True).strip())
         return texts
 
     def caption_embeddings(
@@ -93,11 +138,12 @@ class Captioner:
         num_beams: int | None = None,
         max_new_tokens: int | None = None,
         num_return_sequences: int = 1,
+        prompt: str | None = None,
         **generate_options,
     ) -> list[str] | list[list[str]]:
         """Captions for precomputed CLIP embeddings (B, clip_dim), or image tokens (B, T, D) for a model that reads
-        them, in batches of `batch_size`. Other keyword arguments (length_penalty, do_sample, temperature, top_p,
-        ...) go to `generate`."""
+        them, in batches of `batch_size`. With `prompt` (e.g. "a picture of"), each caption continues it and starts
+        with it. Other keyword arguments (length_penalty, do_sample, temperature, top_p, ...) go to `generate`."""
         kwargs = generate_kwargs(
             defaults=self.decoding_defaults, num_beams=num_beams, max_new_tokens=max_new_tokens, **generate_options
         )
@@ -106,11 +152,13 @@ class Captioner:
             raise ClipCapError(
                 f"{num_return_sequences} captions per image need at least {num_return_sequences} beams or sampling"
             )
+        prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
         out: list = []
         for i in range(0, len(clip_embeds), self.batch_size):
             chunk = clip_embeds[i : i + self.batch_size].to(self.device)
-            ids = self.model.generate(chunk, num_return_sequences=num_return_sequences, **kwargs)
-            texts = self.decode(ids)
+            prompts = torch.tensor([prompt_ids] * len(chunk), dtype=torch.long) if prompt_ids else None
+            ids = self.model.generate(chunk, num_return_sequences=num_return_sequences, input_ids=prompts, **kwargs)
+            texts = self.decode(ids, prompt_ids)
             if num_return_sequences == 1:
                 out.extend(texts)
             else:
@@ -123,10 +171,12 @@ class Captioner:
         num_beams: int | None = None,
         max_new_tokens: int | None = None,
         num_return_sequences: int = 1,
+        prompt: str | None = None,
         **generate_options,
     ) -> list[str] | list[list[str]]:
         """Caption PIL images or paths (one or a list). Returns one string per image, or a list of
-        `num_return_sequences` strings per image when that is > 1. A bad image raises ImageLoadError."""
+        `num_return_sequences` strings per image when that is > 1; with `prompt`, captions continue it. A bad
+        image raises ImageLoadError."""
         from .images import open_image
 
         if isinstance(images, (str, Path, Image.Image)):
@@ -136,6 +186,8 @@ class Captioner:
             chunk = [open_image(im) for im in images[i : i + self.batch_size]]
             embeds = self.model_inputs(self.encoder.preprocess(chunk))
             out.extend(
-                self.caption_embeddings(embeds, num_beams, max_new_tokens, num_return_sequences, **generate_options)
+                self.caption_embeddings(
+                    embeds, num_beams, max_new_tokens, num_return_sequences, prompt=prompt, **generate_options
+                )
             )
         return out

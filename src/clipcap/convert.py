@@ -1,16 +1,23 @@
 """Convert original rmokady/CLIP_prefix_caption checkpoints (a torch pickle of a plain state dict) to a model dir.
 
 The file is read with `torch.load(weights_only=True)`: a checkpoint that needs arbitrary unpickling is refused,
-never executed. Stale `attn.bias` / `attn.masked_bias` buffers (rejected by current transformers) are dropped,
+never executed, and the refusal names what the pickle would have imported and run (read with `pickletools`, which
+only parses). Stale `attn.bias` / `attn.masked_bias` buffers (rejected by current transformers) are dropped,
 `clip_project.*` maps to `mapper.*` and `gpt.*` to `lm.*`. Sizes are read from tensor shapes; flags that
-contradict them are errors. The originals never learned an end token, so generation stops at ".".
+contradict them are errors. The originals never learned an end token, so generation stops at ".". The model dir is
+written in the current format (transformers config with `model_type: clipcap`), next to the target and then
+renamed into place, so a failed conversion leaves nothing behind.
 """
 
 from __future__ import annotations
 
+import _compat_pickle
 import dataclasses
-import pickle
+import os
+import pickletools
 import re
+import shutil
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,39 +34,132 @@ from .options import check_options, option
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"  # ViT-B/32: the encoder of the published MLP checkpoints
 DEFAULT_CLIP_DIM = 512
 STALE_BUFFER = re.compile(r"\.attn\.(bias|masked_bias)$")
-UNSAFE_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
 LAYER_KEY = re.compile(r"^clip_project\.transformer\.layers\.(\d+)\.")
+# Opcodes that import a module attribute (then callable by REDUCE / NEWOBJ / BUILD); EXT* fetch one from copyreg.
+IMPORT_OPCODES = frozenset({"GLOBAL", "STACK_GLOBAL", "INST", "EXT1", "EXT2", "EXT4"})
+STRING_OPCODES = frozenset(
+    {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING", "STRING"}
+)
+MAX_PICKLES = 8  # a legacy (non-zip) torch file is a few pickles in a row, then raw storage bytes
+
+
+def _allowed_globals() -> set[str]:
+    """What torch's weights_only unpickler accepts by default (its list is private, hence the fallback: then every
+    import is reported)."""
+    from torch import _weights_only_unpickler as unpickler
+
+    return set(getattr(unpickler, "_get_allowed_globals", dict)())
+
+
+def _python3_name(module: str, name: str = "") -> str:
+    """What Python 3 imports for a protocol 0-2 global, which may carry Python 2 names ("commands call")."""
+    if (module, name) in _compat_pickle.NAME_MAPPING:
+        module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+    else:
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+    return f"{module}.{name}"
+
+
+def _pickle_imports(stream) -> list[str]:
+    """module.name of every global one pickle imports, in order (protocol-2 names as Python 3 spells them)."""
+    found: list[str] = []
+    recent: list = []  # values pushed lately (strings, or None); enough to read STACK_GLOBAL's operands
+    memo: dict = {}
+    for op, arg, _ in pickletools.genops(stream):
+        name = op.name
+        if name in ("GLOBAL", "INST"):
+            found.append(_python3_name(*str(arg).split(" ", 1)))
+        elif name == "STACK_GLOBAL":
+            module, attr = recent[-2:] if len(recent) >= 2 else [None, None]
+            readable = isinstance(module, str) and isinstance(attr, str)
+            found.append(f"{module}.{attr}" if readable else "a global named indirectly")
+        elif name in IMPORT_OPCODES:
+            found.append(f"copyreg extension {arg}")
+        if name in STRING_OPCODES:
+            recent.append(arg)
+        elif name in ("BINGET", "LONG_BINGET", "GET"):
+            recent.append(memo.get(arg))
+        elif name in ("BINPUT", "LONG_BINPUT", "PUT"):
+            memo[arg] = recent[-1] if recent else None
+        elif name == "MEMOIZE":
+            memo[len(memo)] = recent[-1] if recent else None
+        elif name != "STOP":
+            recent.append(None)
+        if name == "STOP":
+            break
+    return found
+
+
+def unsafe_imports(path: Path) -> list[str]:
+    """The globals a torch checkpoint's pickles import that torch's weights_only loader does not allow: what
+    loading it with plain pickle would import and run. Parsed, never executed; a damaged file gives what could be
+    read before the damage."""
+    found: list[str] = []
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                for member in archive.namelist():
+                    if member.endswith(".pkl"):
+                        with archive.open(member) as stream:
+                            found += _pickle_imports(stream)
+        else:
+            with open(path, "rb") as stream:
+                for _ in range(MAX_PICKLES):
+                    found += _pickle_imports(stream)
+    except Exception:  # noqa: BLE001, S110 - damaged data ends the scan; what was read so far still counts
+        pass
+    allowed = _allowed_globals()
+    return list(dict.fromkeys(name for name in found if name not in allowed))
 
 
 def load_original_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read an original checkpoint safely; one clear ClipCapError for anything unusable."""
     path = Path(path)
+    if path.is_dir():
+        raise ClipCapError(f"{path} is a directory, not a checkpoint file")
     if not path.is_file():
         raise ClipCapError(f"checkpoint not found: {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = UNSAFE_GLOBAL.search(str(e))
-        if not found:
-            raise ClipCapError(f"{path} is corrupt or truncated (not a readable torch checkpoint)") from None
-        raise ClipCapError(
-            f"{path} is not a plain tensor checkpoint: loading it would run arbitrary code ({found.group(1)}), "
-            "so it was refused (weights_only=True)"
-        ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, IndexError) as e:
-        raise ClipCapError(f"{path} is corrupt or truncated ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the outcome is reported below
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - a damaged file makes torch.load raise almost anything
+        refused = unsafe_imports(path)
+        if refused:
+            raise ClipCapError(
+                f"{path} is not a plain tensor checkpoint: loading it would import and run "
+                f"{', '.join(refused[:3])}{' ...' if len(refused) > 3 else ''} (a pickle can run any program when "
+                "loaded), so it was refused; nothing in it was executed"
+            ) from None
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else "no details"
+        raise ClipCapError(f"{path} is corrupt or truncated ({type(e).__name__}: {reason[:200]})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
-    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ClipCapError(f"{path} does not hold a state dict of tensors")
+    if (
+        not isinstance(state, dict)
+        or not state
+        or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items())
+    ):
+        raise ClipCapError(f"{path} does not hold a state dict of named tensors")
     return {k: v for k, v in state.items() if not STALE_BUFFER.search(k)}
+
+
+def _shape(state: dict[str, torch.Tensor], key: str, ndim: int) -> tuple[int, ...]:
+    value = state.get(key)
+    if value is None:
+        raise ClipCapError(f"the checkpoint has no {key}: not a CLIP_prefix_caption checkpoint")
+    if value.ndim != ndim or 0 in value.shape:
+        raise ClipCapError(f"{key} has shape {tuple(value.shape)}, not that of a {ndim}-d weight")
+    return tuple(value.shape)
 
 
 def infer_mapper(state: dict[str, torch.Tensor], lm_hidden: int) -> dict:
     """Mapper hyper-parameters read from the tensor shapes."""
     if "clip_project.prefix_const" in state:
-        k, hidden = state["clip_project.prefix_const"].shape
-        out, clip_dim = state["clip_project.linear.weight"].shape
+        k, hidden = _shape(state, "clip_project.prefix_const", 2)
+        out, clip_dim = _shape(state, "clip_project.linear.weight", 2)
+        if out % hidden:
+            raise ClipCapError(f"clip_project.linear outputs {out} values, not a multiple of the prefix width {hidden}")
         layers = {int(m.group(1)) for key in state if (m := LAYER_KEY.match(key))}
         return dict(
             mapping="transformer",
@@ -70,8 +170,8 @@ def infer_mapper(state: dict[str, torch.Tensor], lm_hidden: int) -> dict:
             num_layers=len(layers),
         )
     if "clip_project.model.0.weight" in state:
-        _, clip_dim = state["clip_project.model.0.weight"].shape
-        out = state["clip_project.model.2.weight"].shape[0]
+        _, clip_dim = _shape(state, "clip_project.model.0.weight", 2)
+        out = _shape(state, "clip_project.model.2.weight", 2)[0]
         if out % lm_hidden:
             raise ClipCapError(
                 f"the MLP mapper outputs {out} values, not a multiple of the LM's hidden size {lm_hidden}"
@@ -98,6 +198,9 @@ def convert_original(
     clip_model: str | None = None,
 ) -> Path:
     """Convert `checkpoint` to a model dir at `out_dir` (config.json, model.safetensors, tokenizer files)."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ClipCapError(f"{out} exists and is not a directory")
     state = load_original_state_dict(checkpoint)
     try:
         lm_config = AutoConfig.from_pretrained(lm)
@@ -154,8 +257,17 @@ def convert_original(
         raise ClipCapError(f"checkpoint does not fit the LM {lm}: missing {missing[:3]}, unexpected {unexpected[:3]}")
     model.load_state_dict(renamed, strict=False)
     out = Path(out_dir)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    tmp = out.with_name(f".{out.name}.converting")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    except OSError as e:
+        raise ClipCapError(f"cannot write {out}: {e.strerror or e}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

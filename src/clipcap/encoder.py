@@ -14,7 +14,7 @@ from PIL import Image
 
 from .devices import resolve_device
 from .errors import ClipCapError
-from .hub import offline_hint
+from .hub import offline_hint, transformers_quiet
 from .images import open_image
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json", "spiece.model", "sentencepiece.bpe.model")
@@ -67,13 +67,15 @@ class ImageEncoder:
         dtype: torch.dtype | None = None,
     ) -> ImageEncoder:
         """Load model + image processor (+ tokenizer when present, for text features) from an HF id or dir."""
+        from safetensors import SafetensorError
         from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
         name = str(name_or_path)
         try:
-            model = AutoModel.from_pretrained(name, dtype=dtype)
-            processor = AutoImageProcessor.from_pretrained(name)
-        except (OSError, ValueError) as e:
+            with transformers_quiet():
+                model = AutoModel.from_pretrained(name, dtype=dtype)
+                processor = AutoImageProcessor.from_pretrained(name)
+        except (OSError, ValueError, SafetensorError) as e:  # SafetensorError: damaged weights
             if Path(name).expanduser().is_dir():
                 raise ClipCapError(f"cannot load a CLIP-family encoder from {name}: {e}") from None
             raise ClipCapError(offline_hint(name, "CLIP encoder")) from None

@@ -2,4 +2,8 @@
 
 
 class ClipCapError(Exception):
-    """A user mistake or an unusable input (missing file, bad flag, unreachable hub id, corrupt checkpoint)."""
+    """A user mistake or an unusable input (missing file, bad option, unreachable hub id, corrupt checkpoint).
+    The message is kept on one line (a wrapped library message, e.g. tarfile's, is joined)."""
+
+    def __init__(self, message: str = "", *args):
+        super().__init__(" ".join(str(message).split()), *args)

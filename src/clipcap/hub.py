@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 from .errors import ClipCapError
@@ -13,6 +14,23 @@ def offline_hint(name: str, what: str) -> str:
         f"Hugging Face Hub (offline, or no such repo). Download it where you have network "
         f"(`hf download {name}`) and pass its local directory instead"
     )
+
+
+@contextlib.contextmanager
+def transformers_quiet(errors_only: bool = False):
+    """transformers without its progress bars (the library is silent) and, with `errors_only`, its warnings."""
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    if errors_only:
+        hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def looks_like_path(name: str) -> bool:
@@ -43,17 +61,34 @@ def load_causal_lm(name: str, **kwargs):
     from transformers import AutoModelForCausalLM
 
     try:
-        return AutoModelForCausalLM.from_pretrained(name, **kwargs)
+        with transformers_quiet():
+            return AutoModelForCausalLM.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as e:
         if Path(name).expanduser().is_dir():
             raise ClipCapError(f"cannot load the language model from {name}: {e}") from None
         raise ClipCapError(offline_hint(name, "language model")) from None
 
 
+# What a tokenizer is saved as (any one is enough for AutoTokenizer).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "vocab.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
+
+
 def load_tokenizer(name: str | Path):
-    """AutoTokenizer.from_pretrained with a one-line error when `name` is unreachable."""
+    """AutoTokenizer.from_pretrained with a one-line error when `name` is unreachable or holds no tokenizer."""
     from transformers import AutoTokenizer
 
+    local = Path(name).expanduser()
+    # transformers 5 returns an empty tokenizer for a local dir without tokenizer files instead of failing.
+    if local.is_dir() and not any((local / f).is_file() for f in TOKENIZER_FILES):
+        raise ClipCapError(f"{name} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...)")
     try:
         return AutoTokenizer.from_pretrained(str(name))
     except (OSError, ValueError) as e:

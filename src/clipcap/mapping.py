@@ -2,7 +2,7 @@
 mapper reading image tokens (B, T, D) instead (beyond the paper): prefix (B, T + k, lm_hidden).
 
 Module and parameter names follow rmokady/CLIP_prefix_caption so original weights map one-to-one
-(DESIGN §5): `model.0`/`model.2` for the MLP; `linear`, `prefix_const`, `transformer.layers.{i}.*` for the
+(docs/design.md §5): `model.0`/`model.2` for the MLP; `linear`, `prefix_const`, `transformer.layers.{i}.*` for the
 Transformer.
 """
 

@@ -98,6 +98,7 @@ class DecodeSettings:
     top_p: float | None = None
     top_k: int | None = None
     repetition_penalty: float | None = None
+    prompt: str | None = None
 
     def generate_kwargs(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "num_captions"}
@@ -379,6 +380,9 @@ def create_app(captioner: Captioner, limits: ServerLimits | None = None) -> Fast
         repetition_penalty: Annotated[float | None, Form(gt=0, description="penalty on repeated tokens")] = (
             defaults.get("repetition_penalty")
         ),
+        prompt: Annotated[str | None, Form(max_length=200, description="text each caption continues")] = (
+            defaults.get("prompt")
+        ),
     ) -> CaptionResponse:
         """Caption the uploaded images. Concurrent requests with equal settings share batched model runs."""
         if num_captions > num_beams and not do_sample:
@@ -400,6 +404,7 @@ def create_app(captioner: Captioner, limits: ServerLimits | None = None) -> Fast
             length_penalty,
             do_sample,
             repetition_penalty=repetition_penalty,
+            prompt=prompt or None,
             **sampling,
         )
         try:

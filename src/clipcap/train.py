@@ -159,26 +159,35 @@ class Objective(nn.Module):
         return loss, lm_loss
 
 
-def plot_metrics(metrics_file: Path, png: Path) -> None:
-    """Training and validation loss against the step, as a PNG (matplotlib, Agg)."""
+def plot_losses(runs: dict[str, Path], png: Path, log_scale: bool = False) -> Path:
+    """Training (line) and validation (dashed, dots) loss against the step, for the metrics.jsonl of each run
+    (title -> file; an empty title for a single run), as a PNG (matplotlib, Agg)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for kind, key, label in (("train", "loss", "train"), ("val", "val_loss", "validation")):
-        points = [(r["step"], r[key]) for r in rows if r.get("type") == kind]
-        if points:
-            ax.plot(*zip(*points, strict=True), marker="o" if kind == "val" else None, label=label)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for title, metrics_file in runs.items():
+        rows = [json.loads(line) for line in Path(metrics_file).read_text().splitlines() if line.strip()]
+        train = [(r["step"], r["loss"]) for r in rows if r.get("type") == "train"]
+        val = [(r["step"], r["val_loss"]) for r in rows if r.get("type") == "val"]
+        if not train:
+            continue
+        (line,) = ax.plot(*zip(*train, strict=True), label=f"{title} (train)" if title else "train")
+        if val:
+            label = f"{title} (validation)" if title else "validation"
+            ax.plot(*zip(*val, strict=True), "o--", color=line.get_color(), label=label)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("caption cross-entropy")
+    if log_scale:
+        ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)
+    return png
 
 
 # -- set-up -----------------------------------------------------------------------------------------------------------
@@ -610,12 +619,12 @@ class Trainer:
                     self.save_checkpoint()
             bar.close()
             if self.main and (self.run_dir / METRICS).exists():
-                plot_metrics(self.run_dir / METRICS, self.run_dir / "loss.png")
+                plot_losses({"": self.run_dir / METRICS}, self.run_dir / "loss.png")
         if self.main:
             model = self.accelerator.unwrap_model(self.objective).model
             ckpt.save_model_dir(model, self.tokenizer, self.run_dir / "final")
             if (self.run_dir / METRICS).exists():
-                plot_metrics(self.run_dir / METRICS, self.run_dir / "loss.png")
+                plot_losses({"": self.run_dir / METRICS}, self.run_dir / "loss.png")
             best = f", best (validation loss {self.best_val:.4f}) in {self.run_dir / 'best'}" if self.val else ""
             self.log(f"done: final model in {self.run_dir / 'final'}{best}")
         self.accelerator.wait_for_everyone()

@@ -48,7 +48,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     runs or shows its help."""
     parser = _Parser(
         prog="clipcap",
-        description="ClipCap: CLIP prefix captioning — convert, caption, embed, train, evaluate, serve.",
+        description="ClipCap: CLIP prefix captioning — convert, caption, embed, train, evaluate, export, serve, push.",
     )
     parser.add_argument("--version", action="version", version=f"clipcap {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
@@ -116,6 +116,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return _closed_pipe()
+    except OSError as e:  # the machine said no (disk full, permission denied, ...): not a bug in clipcap
+        if debug:
+            raise
+        where = f": {e.filename}" if e.filename else ""
+        print(f"clipcap {chosen}: error: {e.strerror or _one_line(e, None)}{where}", file=sys.stderr)
+        return 2
     except Exception as e:
         if debug:
             raise

@@ -99,6 +99,11 @@ def run(cfg: CaptionConfig, progress: bool = True, out: TextIO | None = None, er
         cfg.model, clip_model=cfg.clip_model, device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size
     )
     decoding = generate_kwargs(cfg, captioner.decoding_defaults)
+    if cfg.num_captions > decoding["num_beams"] and not decoding["do_sample"]:
+        raise ClipCapError(
+            f"{cfg.num_captions} captions per image need at least {cfg.num_captions} beams (`num_beams`) or "
+            "sampling (`do_sample`)"
+        )
     writer = RecordWriter(out, cfg.format, cfg.num_captions)
     captioned = skipped = 0
     bar = tqdm(total=len(paths), unit="img", desc="captioning", file=errors, disable=not progress or len(paths) < 2)

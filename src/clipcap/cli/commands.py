@@ -92,6 +92,13 @@ def run_evaluate(cfg, progress: bool) -> int:
     return 0
 
 
+def run_export(cfg, progress: bool) -> int:
+    from ..export import export
+
+    say(f"wrote {export(cfg.model_dir, cfg.out_dir, int8=cfg.int8, progress=progress)}")
+    return 0
+
+
 def run_serve(cfg, progress: bool) -> int:
     from ..serve import serve
 
@@ -103,6 +110,20 @@ def run_demo(cfg, progress: bool) -> int:
     from ..demo.runner import run_demo
 
     run_demo(cfg, progress=progress)
+    return 0
+
+
+def run_push(cfg, progress: bool) -> int:
+    from ..push import push
+
+    say(f"pushed {cfg.model_dir} to {push(cfg)}")
+    return 0
+
+
+def run_card(cfg, progress: bool) -> int:
+    from ..card import write_card
+
+    say(f"wrote {write_card(cfg)}")
     return 0
 
 
@@ -170,11 +191,23 @@ COMMANDS = (
         run_evaluate,
     ),
     Command(
+        "export",
+        "export a model dir for fast CPU captioning (ONNX Runtime, optionally int8)",
+        "Export MODEL_DIR for ONNX Runtime on the CPU: the mapping network and the language model (with its KV cache) "
+        "as ONNX graphs, each checked against PyTorch, plus the tokenizer, decoding defaults and encoder dir. --int8 "
+        "stores the language model's weights as int8 (dynamic quantization): about 4x smaller and faster on the CPU, "
+        "captions close to but not always identical to fp32. `clipcap caption --model OUT_DIR` and `clipcap serve "
+        "--model OUT_DIR` run the exported model as they run any model dir.",
+        "clipcap.export:ExportConfig",
+        run_export,
+    ),
+    Command(
         "serve",
         "run the captioning REST API and upload page",
         "Serve a model dir over HTTP: GET / is an upload page, POST /v1/captions takes multipart `image` fields "
         "(+ num_beams, max_new_tokens, num_captions, length_penalty, do_sample, temperature, top_p, top_k, "
-        "repetition_penalty) and returns {results: [{filename, captions}]}, GET /healthz, OpenAPI docs at /docs. "
+        "repetition_penalty, prompt) and returns {results: [{filename, captions}]}, GET /healthz, OpenAPI docs at "
+        "/docs. "
         "The model loads once; concurrent requests are batched together. Decoding settings flags are the defaults "
         "for requests that do not say (else the model dir's).",
         "clipcap.serve:ServeConfig",
@@ -204,6 +237,29 @@ COMMANDS = (
         "store size (OUT/table.md).",
         "clipcap.demo.experiments:ExperimentConfig",
         run_experiment,
+        progress=False,
+    ),
+    Command(
+        "push",
+        "upload a model dir to the Hugging Face Hub with a model card",
+        "Upload a model dir to the Hugging Face Hub as a complete captioning model (vision tower, mapper, LM, "
+        "processor, generation config and model code; a dir whose encoder is only named is made complete first) with "
+        "a model card (README.md, as `clipcap card` writes it, unless the dir has one), so that "
+        'pipeline("image-text-to-text", model=REPO_ID, trust_remote_code=True) loads it. Needs a token '
+        "(`hf auth login` or HF_TOKEN) and the network; offline it fails at once.",
+        "clipcap.push:PushConfig",
+        run_push,
+        progress=False,
+    ),
+    Command(
+        "card",
+        "write a model card (README.md) for a model dir",
+        "Write the Hugging Face model card of a model dir without uploading anything: YAML front matter "
+        "(pipeline_tag image-to-text, library, tags, base models, datasets and metrics from a metrics.json in the "
+        "model dir or beside it, licence), usage with transformers' pipeline and with clipcap, and the training "
+        "settings when a train_config.json or a demo metrics.json is found.",
+        "clipcap.card:CardConfig",
+        run_card,
         progress=False,
     ),
 )

@@ -1,4 +1,5 @@
-"""Datasets: readers for captioning sources (sources.py), the embedding store (store.py), the shapes world (shapes.py).
+"""Datasets: readers for captioning sources (sources.py), predictions and references to score (references.py), the
+embedding store (store.py) and the tokenised training pairs (pairs.py).
 
 Submodules are imported explicitly (`from clipcap.data.store import EmbeddingStore`) so that using one never pulls
 the optional dependencies of another.

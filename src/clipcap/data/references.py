@@ -50,8 +50,10 @@ def load_predictions(path: str | Path) -> tuple[dict[str, str], dict[str, str]]:
         caption = row.get("caption", row.get("captions"))
         if isinstance(caption, list) and len(caption) == 1:
             caption = caption[0]
-        if key is None or not is_text(caption):
-            raise ClipCapError(f"{path}: entry {n} needs an image id ('image_id' or 'image') and one caption string")
+        if key is None:
+            raise ClipCapError(f"{path}: entry {n} needs an image id ('image_id' or 'image': text or a number)")
+        if not is_text(caption):
+            raise ClipCapError(f"{path}: entry {n} needs one caption string (valid Unicode text)")
         if key in captions:
             raise ClipCapError(f"{path}: image {key} has more than one prediction (entry {n})")
         captions[key] = caption
@@ -80,9 +82,12 @@ def load_references(
         if _is_id_to_captions(data):
             records = []
             for k, captions in data.items():
-                bad = not (is_text(k) and all(is_text(c) for c in captions))
-                problem = "reference is not valid Unicode (lone surrogate)" if bad else None
-                records.append(Record(k if is_text(k) else repr(k), None, list(captions), problem=problem))
+                problem = None
+                if not k.strip():
+                    problem = "empty image id"
+                elif not (is_text(k) and all(is_text(c) for c in captions)):
+                    problem = "reference is not valid Unicode (lone surrogate)"
+                records.append(Record(k if is_text(k) else ascii(k), None, list(captions), problem=problem))
             return records
     return list(read_source(path, format=format, images=images, split=split))
 

@@ -74,7 +74,7 @@ def as_key(value) -> str | None:
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         return None
     key = str(value)
-    return key if key and is_text(key) else None
+    return key if key.strip() and is_text(key) else None
 
 
 def _bad(key, problem: str, image: str | None = None) -> Record:
@@ -354,7 +354,7 @@ def _table_records(rows, columns, source: Path, images, image_column, caption_co
             out.append(row)
             continue
         image = row.get(image_col)
-        if image is not None and not (is_text(image) and image):
+        if image is not None and not (is_text(image) and image.strip()):
             out.append(_bad(f"row{n}", f"`{image_col}` must be non-empty text"))
             continue
         key = as_key(row[key_col]) if key_col and row.get(key_col) is not None else image
@@ -392,6 +392,8 @@ def read_csv(source: Path, images=None, image_column=None, caption_column=None) 
     first = next(lines, (1, ""))
     if first[1] is None:
         raise ClipCapError(f"{source}: the header line is not UTF-8 text")
+    if "\x00" in first[1]:
+        raise ClipCapError(f"{source}: the header line holds a NUL byte (not a CSV text file?)")
     try:
         columns = next(csv.reader([first[1]]), [])
     except csv.Error as e:
@@ -577,19 +579,26 @@ def read_source(
 
 
 # -- opening images ------------------------------------------------------------------------------------------------
-_open_tars: dict[tuple[int, str], tarfile.TarFile] = {}
+_open_tars: dict[tuple[int, str], tuple[tarfile.TarFile, dict[str, tarfile.TarInfo]]] = {}
 
 
 def _tar_member_bytes(shard: str, member: str) -> bytes:
-    # One open TarFile per shard and process: DataLoader workers must not share a file offset with their parent.
+    # One open TarFile and member index per shard and process (DataLoader workers must not share a file offset with
+    # their parent). The index is built by walking the members, keeping those before any damage to the shard.
     handle = (os.getpid(), shard)
-    tar = _open_tars.get(handle)
-    if tar is None:
-        tar = _open_tars[handle] = tarfile.open(shard)  # noqa: SIM115 (kept open: one per shard, reused)
-    try:
-        info = tar.getmember(member)
-    except KeyError:
-        raise FileNotFoundError(member) from None
+    if handle not in _open_tars:
+        tar = tarfile.open(shard)  # noqa: SIM115 (kept open: one per shard, reused)
+        index: dict[str, tarfile.TarInfo] = {}
+        try:
+            for info in tar:
+                index[info.name] = info
+        except (tarfile.TarError, OSError, EOFError):
+            pass  # a damaged tail: the members before it stay readable
+        _open_tars[handle] = (tar, index)
+    tar, index = _open_tars[handle]
+    info = index.get(member)
+    if info is None:
+        raise FileNotFoundError(member)
     if info.size > MAX_MEMBER_BYTES:
         raise ImageLoadError(f"{shard}{TAR_SEP}{member}", f"member of {info.size} bytes is too large", TOO_LARGE)
     data = tar.extractfile(info)

@@ -288,8 +288,8 @@ def _npy_layout(path: Path) -> tuple[int, int, np.dtype, int]:
     """(rows, dim, dtype, byte offset of the data) of a 2-D C-order .npy file, from its header alone."""
     try:
         mm = np.load(path, mmap_mode="r")
-    except (ValueError, OSError) as e:
-        raise ClipCapError(f"{path} is not a readable .npy file ({e})") from None
+    except Exception as e:  # numpy parses the header with ast/tokenize: a damaged one raises many kinds of error
+        raise ClipCapError(f"{path} is not a readable .npy file ({type(e).__name__}: {e})") from None
     if mm.ndim != 2 or not mm.flags.c_contiguous or mm.dtype.kind != "f":
         raise ClipCapError(f"{path} is not a 2-D row-major float array of embeddings ({mm.dtype}, shape {mm.shape})")
     return mm.shape[0], mm.shape[1], mm.dtype, mm.offset
@@ -317,6 +317,14 @@ def _arrow_call(pa, path: Path, fn, *args, **kwargs):
         return fn(*args, **kwargs)
     except (pa.ArrowException, OSError) as e:
         raise ClipCapError(f"{path} is damaged ({str(e).splitlines()[0]})") from None
+
+
+def _read_table(pa, pq, path: Path, columns: list[str]):
+    """Columns of a metadata shard, checked whole (parquet pages carry no checksum: damaged bytes can decode into
+    invalid UTF-8 that would only fail later, row by row)."""
+    table = _arrow_call(pa, path, pq.read_table, path, columns=columns)
+    _arrow_call(pa, path, table.validate, full=True)
+    return table
 
 
 def _shard_number(path: Path) -> int:
@@ -382,7 +390,7 @@ class EmbeddingStore:
         tables = []
         for f, n in zip(self._meta_files, lengths, strict=True):
             columns = [caption_column, *(c for c in ("split",) if c in schema.names)]
-            t = _arrow_call(pa, f, pq.read_table, f, columns=columns)
+            t = _read_table(pa, pq, f, columns)
             if tables and t.schema != tables[0].schema:
                 raise ClipCapError(f"embedding store {self.path}: {f.name} has other column types than the first shard")
             if t.num_rows != n:
@@ -569,10 +577,13 @@ class EmbeddingStore:
     def _column(self, name: str) -> list | None:
         if name not in self._columns:
             return None
-        _, _, pq = _arrow()
+        pa, _, pq = _arrow()
         values = []
         for f in self._meta_files:
-            values.extend(pq.read_table(f, columns=[name]).column(name).to_pylist())
+            values.extend(_read_table(pa, pq, f, [name]).column(name).to_pylist())
+        if len(values) != int(self._starts[-1]):
+            expected = int(self._starts[-1])
+            raise ClipCapError(f"embedding store {self.path}: column {name!r} has {len(values)} rows, not {expected}")
         return [values[r] for r in self._rows]
 
     @cached_property

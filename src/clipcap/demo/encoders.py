@@ -1,7 +1,7 @@
 """The shapes world's small "pretrained" encoders, made by the project: they stand in for CLIP and GPT-2 offline.
 
 Like the web-scale pretraining of the real CLIP and GPT-2, they learn from the *whole* world (a seeded stream of
-scenes drawn exactly as the `pretrain` split is, novel compositions included, DESIGN §7); ClipCap's own training
+scenes drawn exactly as the `pretrain` split is, novel compositions included, docs/design.md §7); ClipCap's own training
 pairs are what keep novel compositions out. Three ordinary HF directories come out, so `--clip-model DIR` and
 `--lm DIR` use the real loading code:
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from ..config import MAPPINGS
 from ..errors import ClipCapError
+from ..files import output_dir
 from ..options import check_options, option
 from .runner import VARIANTS
 
@@ -138,8 +139,7 @@ def prefix_length_ablation(s: ExperimentConfig, lengths: list[int], mapping: str
     """Score vs prefix length for a tuned and a frozen LM (same mapping); writes results.json + prefix_length.png."""
     if not lengths or any(k < 1 for k in lengths):
         raise ClipCapError(f"`lengths` must be positive integers, got {lengths}")
-    out = Path(s.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(s.out)
     results: dict = {"experiment": "prefix-length", "mapping": mapping, "settings": dataclasses.asdict(s), "runs": {}}
     for tuning, tune in (("tuned", True), ("frozen", False)):
         for k in lengths:
@@ -182,8 +182,7 @@ def plot_prefix_length(results: dict, png: Path, metric: str = "CIDEr") -> Path:
 
 def mapping_ablation(s: ExperimentConfig, prefix_length: int = 10) -> dict:
     """MLP/Transformer x tuned/frozen LM on the test split; writes results.json and table.md."""
-    out = Path(s.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(s.out)
     settings = dataclasses.asdict(s)
     results: dict = {"experiment": "mapping", "prefix_length": prefix_length, "settings": settings, "runs": {}}
     for mapping in ("mlp", "transformer"):
@@ -360,13 +359,16 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     lengths = cfg.lengths
     updates = {}
     if cfg.quick and cfg.data is None:
-        data, default_lm = quick_world(Path(cfg.out) / "quick")
+        data, default_lm = quick_world(output_dir(cfg.out) / "quick")
         updates = {"data": data, "lm": cfg.lm or default_lm, "epochs": cfg.epochs or 2}
         lengths = lengths or [1, 4, 10, 20]
     cfg = dataclasses.replace(cfg, **updates)
     if cfg.data is None or cfg.lm is None:
         raise ClipCapError("name the `data` store and the `lm` (or run `quick` on the shapes world)")
     cfg = dataclasses.replace(cfg, epochs=cfg.epochs or 3)
+    from ..data.store import EmbeddingStore
+
+    EmbeddingStore(cfg.data)  # a store that cannot be read fails here, before any run
     if cfg.kind == "prefix-length":
         return prefix_length_ablation(cfg, lengths or [1, 5, 10, 20, 40], mapping=cfg.mapping)
     return mapping_ablation(cfg, prefix_length=cfg.prefix_length)

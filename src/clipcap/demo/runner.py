@@ -1,4 +1,4 @@
-"""`clipcap demo`: the whole method, offline, on the shapes world (DESIGN §7), in minutes on a laptop CPU.
+"""`clipcap demo`: the whole method, offline, on the shapes world (docs/design.md §7), in minutes on a laptop CPU.
 
 The real pipeline, through the library's own entry points: generate the world (demo/world.py) -> `embed` it with
 the shipped tiny CLIP -> `train` the paper's two variants (MLP + tuned LM; Transformer + frozen LM) on the shipped
@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ClipCapError
+from ..files import output_dir
 from ..options import check_options, option
 from . import world as shapes
 from .encoders import ASSETS, EncoderRecipe, build_encoders
@@ -144,32 +145,6 @@ def evaluate_variant(model_dir: Path, store: Path, split: str, recipe: DemoRecip
     return {"metrics": result.to_dict(), "binding": binding, "rows": rows}
 
 
-def loss_plot(runs: dict[str, Path], titles: dict[str, str], png: Path) -> Path:
-    """Both variants' training and validation loss on one figure (from each run's metrics.jsonl)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4))
-    for name, run in runs.items():
-        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-        train = [(r["step"], r["loss"]) for r in rows if r.get("type") == "train"]
-        val = [(r["step"], r["val_loss"]) for r in rows if r.get("type") == "val"]
-        (line,) = ax.plot(*zip(*train, strict=True), label=f"{titles[name]} (train)")
-        if val:
-            ax.plot(*zip(*val, strict=True), "o--", color=line.get_color(), label=f"{titles[name]} (validation)")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("caption cross-entropy")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
-    return png
-
-
 def _portable_model(src: Path, dst: Path, clip_dir: Path) -> Path:
     """Copy a model dir and its encoder (as dst/clip, named relatively in config.json) so dst works anywhere."""
     shutil.rmtree(dst, ignore_errors=True)
@@ -249,11 +224,11 @@ def run_demo(cfg: DemoConfig, recipe: DemoRecipe | None = None, progress: bool =
     clip/ and lm/ (default: the shipped ones; `rebuild_encoders` remakes them under OUT/encoders first)."""
     out, quick, rebuild_encoders, encoders = cfg.out, cfg.quick, cfg.rebuild_encoders, cfg.encoders
     from ..captioner import Captioner
+    from ..train import plot_losses
     from .report import table, write_report
 
     recipe = recipe or (DemoRecipe.quick() if quick else DemoRecipe())
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(out)
     timings: dict[str, float] = {}
     start = last = time.perf_counter()
 
@@ -319,8 +294,8 @@ def run_demo(cfg: DemoConfig, recipe: DemoRecipe | None = None, progress: bool =
                 "tag": f"{split} split" + (" · novel object" if split == "novel" else ""),
             }
         )
-    plot = loss_plot(
-        {n: d.parent for n, d in runs.items()}, {v.name: v.title for v in recipe.variants}, out / "loss.png"
+    plot = plot_losses(
+        {v.title: runs[v.name].parent / "metrics.jsonl" for v in recipe.variants}, out / "loss.png", True
     )
     lap("report")
 

@@ -1,4 +1,4 @@
-"""The shapes world (DESIGN §7): an offline, deterministic stand-in for COCO.
+"""The shapes world (docs/design.md §7): an offline, deterministic stand-in for COCO.
 
 Images are small RGB pictures on a light background with one or two solid shapes; every caption names each object
 as "[size] <colour> <shape>" (colour directly before its shape). `generate_world` writes a Karpathy-style
