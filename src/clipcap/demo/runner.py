@@ -156,11 +156,11 @@ def _portable_model(src: Path, dst: Path, clip_dir: Path) -> Path:
     return dst
 
 
-def _world(out: Path, counts: dict, seed: int) -> Path:
+def _world(out: Path, counts: dict, seed: int, progress: bool = False) -> Path:
     """A fresh shapes world under out/world with these split counts (other splits empty); its dataset json."""
     world_dir = out / "world"
     shutil.rmtree(world_dir, ignore_errors=True)
-    return shapes.generate_world(world_dir, {s: 0 for s in shapes.SPLITS} | counts, seed=seed)
+    return shapes.generate_world(world_dir, {s: 0 for s in shapes.SPLITS} | counts, seed=seed, progress=progress)
 
 
 def _store(out: Path, world_json: Path, clip_dir: Path, recipe: DemoRecipe, progress: bool = False) -> Path:
@@ -251,7 +251,7 @@ def run_demo(cfg: DemoConfig, recipe: DemoRecipe | None = None, progress: bool =
         )
 
     _say(f"[1/5] generating the shapes world ({', '.join(f'{k} {v}' for k, v in recipe.counts.items())} images)")
-    world_json = _world(out, recipe.counts, recipe.seed)
+    world_json = _world(out, recipe.counts, recipe.seed, progress)
     world = json.loads(world_json.read_text())
     world_dir = world_json.parent
     lap("world")
@@ -301,7 +301,7 @@ def run_demo(cfg: DemoConfig, recipe: DemoRecipe | None = None, progress: bool =
 
     summary = {
         "best": best.name,
-        "chosen_by": "the recipe's first variant, the best the relations experiment measured within the time budget",
+        "chosen_by": "the recipe's first variant, the best of the relations experiment's variants that fits the budget",
         "variants": {
             v.name: {
                 "title": v.title,
