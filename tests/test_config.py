@@ -107,6 +107,16 @@ TEXT = {"model_type": "gpt2", "n_embd": 32, "n_head": 2, "vocab_size": 300}
             dict(clip_dim=16, vision_config={"model_type": "clip_vision_model", "projection_dim": 8}),
             "vision_config.projection_dim 8 differs from clip_dim 16",
         ),
+        # image tokens
+        (dict(token_shape=[50, 768]), "image tokens need the transformer mapping"),
+        (dict(mapping="transformer", token_shape=[50]), r"token_shape must be \[tokens, width\]"),
+        (dict(mapping="transformer", token_shape="50x768"), r"token_shape must be \[tokens, width\]"),
+        (dict(mapping="transformer", token_shape=[0, 768]), "two positive integers"),
+        (dict(mapping="transformer", token_shape=[50, 7.5]), "two positive integers"),
+        (dict(mapping="transformer", token_shape=[50, True]), "two positive integers"),
+        (dict(mapping="transformer", token_shape=[50, 768], token_grid=0), "token_grid must be a positive integer"),
+        (dict(mapping="transformer", clip_length=10, token_grid=7), r"token_grid is set \(7\) but token_shape is not"),
+        (dict(mapping="transformer", token_shape=[50, 768], normalize_prefix=True), "not image tokens"),
     ],
 )
 def test_every_field_is_checked(fields, message):
@@ -139,6 +149,17 @@ def test_bad_files(tmp_path):
         ClipCapConfig.from_pretrained(tmp_path)
 
 
+def test_token_fields_round_trip(tmp_path):
+    config = ClipCapConfig(mapping="transformer", token_shape=(50, 768), token_grid=7, tune_lm=False)
+    assert config.token_shape == [50, 768] and config.clip_length is None  # the tokens replace clip_length
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert (saved["token_shape"], saved["token_grid"]) == ([50, 768], 7)
+    assert ClipCapConfig.from_pretrained(tmp_path) == config
+    assert ClipCapConfig().token_shape is None  # a model that reads the pooled embedding
+    assert (config.prefix_tokens, ClipCapConfig(prefix_length=7).prefix_tokens) == (50 + 10, 7)
+
+
 def test_hub_id_offline_is_one_clear_error():
     with pytest.raises(ClipCapError, match=r"'someone/clipcap-coco'.*pass its local directory instead"):
         ClipCapConfig.from_pretrained("someone/clipcap-coco")
@@ -163,6 +184,8 @@ FIELDS = [
     "normalize_prefix",
     "stop_token_id",
     "pad_token_id",
+    "token_shape",
+    "token_grid",
     "text_config",
     "vision_config",
     "lm_config",

@@ -123,6 +123,69 @@ def test_attribute_negatives_change_one_attribute_of_one_object():
     assert 100 < changed < 170  # colour or shape in about 2 of 3 draws
 
 
+def test_swap_places_swaps_the_objects_and_inverts_the_relation():
+    rng = np.random.default_rng(0)
+    swapped_any = 0
+    for _ in range(200):
+        scene = shapes.sample_scene(rng)
+        swapped = se.swap_places(scene, 40)
+        if len(scene.objects) == 1:
+            assert swapped is None
+            continue
+        if swapped is None:  # the objects, each at the other's place, would overlap
+            continue
+        swapped_any += 1
+        a, b = scene.objects
+        moved_a, moved_b = swapped.objects
+        assert swapped.layout == shapes.RELATIONS[scene.layout][2]
+        for before, after, other in ((a, moved_a, b), (b, moved_b, a)):
+            assert (after.colour, after.shape, after.size, after.rgb) == (before.colour, before.shape, before.size,
+                                                                          before.rgb)  # fmt: skip
+            side = after.box[2] - after.box[0]
+            assert side == pytest.approx(before.box[2] - before.box[0])  # its own size
+            assert after.box[0] >= 0 and after.box[2] <= 40 and after.box[1] >= 0 and after.box[3] <= 40
+            centre = np.add(after.box[:2], after.box[2:]) / 2
+            target = np.add(other.box[:2], other.box[2:]) / 2
+            assert np.abs(centre - target).max() <= side / 2  # at the other's place (clamped inside the image)
+        assert not shapes._overlap(moved_a.box, moved_b.box)
+        caption = shapes.captions(swapped, rng, 1)[0]  # a caption of the swapped scene is wrong for the original
+        assert shapes.caption_error(caption, shapes.captions(scene, rng, 1)) in ("relation reversed", None)
+    assert swapped_any > 60
+
+
+def test_relation_negatives_keep_the_words_and_move_the_objects():
+    rng = np.random.default_rng(1)
+    for _ in range(100):
+        scene = shapes.sample_scene(rng)
+        negative = se._relation_negative(scene, rng)
+        truth = shapes.captions(scene, rng, 1)
+        assert shapes.read_caption(negative).pairs == shapes.read_caption(truth[0]).pairs  # the same objects
+        a, b = (shapes.read_caption(t) for t in (negative, truth[0]))
+        if len(scene.objects) == 1:
+            assert a.position != b.position
+        elif len({(o.colour, o.shape) for o in scene.objects}) == 2:  # two objects told apart by their words
+            assert shapes.caption_error(negative, truth) == "relation reversed"
+
+
+def test_relation_batches_add_swapped_images_with_their_captions(tokenizer):
+    from transformers import CLIPImageProcessor
+
+    processor = CLIPImageProcessor(size={"shortest_edge": 40}, crop_size={"height": 40, "width": 40})
+    clip_tok = se._clip_tokenizer(tokenizer)
+
+    def batch(relations):
+        stream = se.scene_stream(0, 40)
+        return se._clip_batch(stream, TINY, processor, clip_tok, np.random.default_rng(5), relations)
+
+    pixels, _, texts = batch(False)
+    assert pixels.shape[0] == TINY.clip_batch
+    more, _, more_texts = batch(True)
+    extra = more.shape[0] - TINY.clip_batch
+    assert extra > 0  # swapped two-object scenes, each an image with its own caption
+    torch.testing.assert_close(more[0], pixels[0])  # the same stream of scenes, then the extra images
+    assert len(more_texts) >= len(texts) + extra
+
+
 def test_partial_captions_name_some_attributes():
     rng = np.random.default_rng(0)
     for _ in range(50):
@@ -151,7 +214,9 @@ def test_build_encoders_writes_loadable_hf_dirs(tmp_path):
         assert getattr(lm.config, key) == shipped[key] == 0.0
     report = json.loads((out / "recipe.json").read_text())
     assert report["recipe"]["clip_steps"] == 3
-    assert set(report["clip_probe"]) == {"shape_in_domain", "shape_novel", "colour_in_domain", "colour_novel"}
+    probe = report["clip_probe"]
+    assert set(probe) == {f"{k}_{s}" for k in ("shape", "colour", "relation") for s in ("in_domain", "novel")}
+    assert all(0 <= v <= 1 for v in probe.values())
 
 
 @pytest.mark.skipif(not (se.ASSETS / "recipe.json").is_file(), reason="shipped encoders not built")

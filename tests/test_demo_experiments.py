@@ -111,3 +111,64 @@ def test_cli_leaves_epochs_to_quick_unless_given(tmp_path, monkeypatch):
     assert main(["experiment", "mapping", "--quick", "--out", str(tmp_path)]) == 0
     assert main(["experiment", "mapping", "--quick", "--out", str(tmp_path), "--epochs", "5"]) == 0
     assert calls[0].epochs is None and calls[1].epochs == 5 and calls[0].quick
+
+
+def test_relations_ablation_scores_every_clip_variant_and_grid(tmp_path, clip_dir, lm_dir, monkeypatch):
+    from dataclasses import replace
+
+    from clipcap.demo import experiments
+    from clipcap.demo.runner import VARIANTS, DemoRecipe
+
+    def tiny_recipe(quick):
+        variants = tuple(replace(v, epochs=1, batch_size=8) for v in VARIANTS.values())
+        return DemoRecipe(counts={"train": 10, "test": 6, "novel": 6}, variants=variants, num_beams=1, max_new_tokens=6)
+
+    monkeypatch.setattr(experiments, "relations_recipe", tiny_recipe)
+    out = tmp_path / "rel"
+    cfg = ExperimentConfig(
+        kind="relations",
+        out=str(out),
+        lm=str(lm_dir),
+        clip_models=[f"a={clip_dir}"],
+        token_grids=[0, 2],
+        variants=["mlp_tuned", "tokens_frozen"],
+    )
+    results = run_experiment(cfg)
+    assert sorted(results["runs"]) == ["a/mlp_tuned", "a/tokens_frozen/grid2", "a/tokens_frozen/gridall"]
+    names = ("mlp_tuned", "tokens_frozen/gridall", "tokens_frozen/grid2")
+    pooled, every, grid = (results["runs"][f"a/{n}"] for n in names)
+    assert (pooled["input"], every["input"], grid["input"]) == ("pooled", "tokens (grid all)", "tokens (grid 2)")
+    # 16-d pooled rows; 17 tokens (class + 4 x 4 patches) of 32, or 5 with the grid: the stores grow accordingly
+    assert pooled["store_mb"] < grid["store_mb"] < every["store_mb"]
+    for row in results["runs"].values():
+        assert row["train_s"] > 0
+        for split in ("test", "novel"):
+            assert set(row[split]) == {"single", "objects", "pairs_exact", "relation_right", "position_right", "CIDEr",
+                                       "errors"}  # fmt: skip
+    assert json.loads((out / "results.json").read_text())["runs"].keys() == results["runs"].keys()
+    table = (out / "table.md").read_text().strip().splitlines()
+    assert len(table) == 2 + 3 and table[0].startswith("| CLIP | variant | input | single | pairs exact |")
+    with pytest.raises(ClipCapError, match="`variants` must be among mlp_tuned, transformer_frozen"):
+        ExperimentConfig(kind="relations", out=str(tmp_path / "x"), variants=["lstm"])
+
+
+def test_clip_models_are_named_or_named_after_their_folder():
+    from clipcap.demo.experiments import _named
+
+    assert _named("old=/x/clip") == ("old", "/x/clip")
+    assert _named("/x/clip-negclip") == ("clip-negclip", "/x/clip-negclip")
+    assert _named("=/x/y") == ("y", "=/x/y")  # no name: the whole text is the folder
+
+
+def test_cli_passes_the_relations_options(tmp_path, monkeypatch):
+    from clipcap.cli import main
+    from clipcap.demo import experiments as experiment
+
+    calls = []
+    monkeypatch.setattr(experiment, "run_experiment", lambda cfg: calls.append(cfg))
+    argv = ["experiment", "relations", "--quick", "--out", str(tmp_path), "--clip-models", "old=/a,/b"]
+    assert main([*argv, "--token-grids", "0,3", "--variants", "mlp_tuned,tokens_tuned"]) == 0
+    cfg = calls[0]
+    assert cfg.kind == "relations" and cfg.clip_models == ["old=/a", "/b"] and cfg.token_grids == [0, 3]
+    assert cfg.variants == ["mlp_tuned", "tokens_tuned"] and cfg.quick
+    assert main([*argv, "--variants", "mlp_tuned,lstm"]) == 2

@@ -6,6 +6,8 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from PIL import Image
 
 from clipcap.demo import world as shapes
@@ -147,3 +149,87 @@ def test_bad_arguments_raise(tmp_path):
         shapes.generate_world(tmp_path, image_size=4)
     with pytest.raises(ClipCapError, match="predictions"):
         shapes.binding_accuracy(["a."], [])
+
+
+def test_read_caption_reads_objects_relation_and_position():
+    said = shapes.read_caption("There is a large Red circle to the left of a green square.")
+    assert said.objects == (("large", "red", "circle"), (None, "green", "square"))
+    assert said.relation == "left of" and said.position is None
+    assert shapes.read_caption("a small blue triangle at the bottom.").position == "bottom"
+    assert shapes.read_caption("a red circle and a green square.").relation is None  # no relation phrase
+    assert shapes.read_caption("a red circle above below a green square.").relation is None  # two: ambiguous
+    assert shapes.read_caption("a red circle on the left on the right.").position is None
+    assert shapes.read_caption("").objects == ()
+
+
+REFS = ["a large red circle to the left of a small green square.", "a green square to the right of a red circle."]
+SAME = ["a small red circle above a large red circle."]  # two objects of one colour and shape: sizes tell them apart
+
+
+@pytest.mark.parametrize(
+    ("prediction", "references", "error"),
+    [
+        ("a red circle to the left of a green square.", REFS, None),
+        ("a green square to the right of a red circle.", REFS, None),  # the other order of mention
+        ("a small green square to the right of a large red circle.", REFS, None),
+        ("a green square to the left of a red circle.", REFS, "relation reversed"),
+        ("a red circle to the right of a green square.", REFS, "relation reversed"),
+        ("a red circle above a green square.", REFS, "relation on the wrong axis"),
+        ("a red circle and a green square.", REFS, "no relation stated"),
+        ("a red circle to the left of a red circle.", REFS, "one object named twice"),
+        ("a green circle to the left of a red square.", REFS, "colours and shapes bound the other way"),
+        ("a red circle to the left of a blue square.", REFS, "one object: wrong colour"),
+        ("a red circle to the left of a green circle.", REFS, "one object: wrong shape"),
+        ("a red circle to the left of a blue triangle.", REFS, "one object: wrong object"),
+        ("a blue triangle to the left of a yellow circle.", REFS, "both objects wrong"),
+        ("a red circle on the left.", REFS, "wrong number of objects"),
+        ("a large red circle below a small red circle.", SAME, None),
+        ("a small red circle below a large red circle.", SAME, "relation reversed"),
+        ("a red circle below a red circle.", SAME, None),  # no sizes: either object may be meant
+        ("a red circle on the left.", ["a small red circle on the left."], None),
+        ("a red circle on the right.", ["a small red circle on the left."], "wrong position"),
+        ("a red square on the left.", ["a red circle on the left."], "wrong shape"),
+        ("a blue circle on the left.", ["a red circle on the left."], "wrong colour"),
+        ("a blue square on the left.", ["a red circle on the left."], "wrong object"),
+    ],
+)
+def test_caption_error_names_what_is_wrong(prediction, references, error):
+    assert shapes.caption_error(prediction, references) == error
+
+
+def test_relation_accuracy_counts_exactly():
+    refs = [REFS, REFS, REFS, SAME, ["a red circle on the left."], ["a red circle on the left."]]
+    preds = [
+        "a green square to the right of a red circle.",  # exact, relation right
+        "a red circle to the right of a green square.",  # exact, relation reversed
+        "a red circle to the left of a blue square.",  # one object wrong
+        "a red circle.",  # one object of two
+        "a red circle on the left.",  # right position
+        "a red circle at the top.",  # wrong position
+    ]
+    acc = shapes.relation_accuracy(preds, refs)
+    assert (acc["pairs_exact"], acc["relation_right"], acc["num_pairs"]) == (0.5, 0.25, 4)
+    assert acc["position_right"] == 0.5
+    assert acc["errors"] == {
+        "one object: wrong colour": 1,
+        "relation reversed": 1,
+        "wrong number of objects": 1,
+        "wrong position": 1,
+    }
+    with pytest.raises(ClipCapError, match="predictions"):
+        shapes.relation_accuracy(["a."], [])
+
+
+def test_world_captions_state_a_relation_that_holds(world):
+    data, _ = world
+    for entry in data["images"]:
+        refs = [s["raw"] for s in entry["sentences"]]
+        for raw in refs:  # every reference is a right caption of its own scene
+            assert shapes.caption_error(raw, refs) is None, raw
+
+
+@given(st.text(max_size=200))
+def test_read_caption_never_fails(text):
+    said = shapes.read_caption(text)
+    assert len(said.objects) == len(shapes.object_pairs(text))
+    shapes.caption_error(text, REFS)  # any text gets a category or None, never an exception

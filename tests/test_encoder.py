@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from clipcap import ClipCapError
-from clipcap.encoder import ImageEncoder, fingerprint, same_encoder
+from clipcap.encoder import ImageEncoder, fingerprint, pool_tokens, same_encoder
 from clipcap.images import ImageLoadError, open_image
 from tests import tiny
 from tests.test_images import noise_image
@@ -86,6 +86,40 @@ def test_encoder_siglip(tmp_path, images):
     out = enc.encode(images, batch_size=3)
     assert out.shape == (5, 24)
     torch.testing.assert_close(out.norm(dim=-1), torch.ones(5))
+    pixels = enc.preprocess([open_image(p) for p in images])
+    pooled, tokens = enc.encode_pixels_and_tokens(pixels)
+    torch.testing.assert_close(pooled, out)
+    assert enc.token_dim == 24 and tokens.shape == (5, 16, 24)  # 4 x 4 patches, no class token
+    _, grid = enc.encode_pixels_and_tokens(pixels, grid=2)
+    torch.testing.assert_close(grid[:, 0], tokens.view(5, 4, 4, 24)[:, :2, :2].mean(dim=(1, 2)))
+
+
+def test_encoder_tokens_are_the_vision_towers_last_hidden_states(clip_dir, images):
+    enc = ImageEncoder.from_pretrained(clip_dir)
+    pixels = enc.preprocess([open_image(p) for p in images])
+    pooled, tokens = enc.encode_pixels_and_tokens(pixels)
+    torch.testing.assert_close(pooled, enc.encode_pixels(pixels))
+    reference = enc.model.vision_model(pixel_values=pixels).last_hidden_state
+    assert enc.token_dim == 32 and tokens.shape == (5, 17, 32)  # class token + 4 x 4 patches of 8 px on 32 px
+    torch.testing.assert_close(tokens, reference)
+    _, pooled_grid = enc.encode_pixels_and_tokens(pixels, grid=2)
+    assert pooled_grid.shape == (5, 5, 32)
+    torch.testing.assert_close(pooled_grid[:, 0], reference[:, 0])  # the class token is kept as it is
+    torch.testing.assert_close(pooled_grid[:, 4], reference[:, 1:].view(5, 4, 4, 32)[:, 2:, 2:].mean(dim=(1, 2)))
+
+
+def test_pool_tokens_grids_and_errors():
+    hidden = torch.arange(2 * 10 * 3, dtype=torch.float32).view(2, 10, 3)  # class token + 3 x 3 patches
+    assert pool_tokens(hidden, None) is hidden
+    assert pool_tokens(hidden, 3) is hidden and pool_tokens(hidden, 7) is hidden  # the grid already fits
+    one = pool_tokens(hidden, 1)
+    torch.testing.assert_close(one, torch.stack((hidden[:, 0], hidden[:, 1:].mean(1)), dim=1))
+    assert pool_tokens(hidden[:, 1:], 1).shape == (2, 1, 3)  # patches only (SigLIP)
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ClipCapError, match="positive integer"):
+            pool_tokens(hidden, bad)
+    with pytest.raises(ClipCapError, match="not a square grid"):
+        pool_tokens(hidden[:, :7], 2)  # 7 tokens: neither 7 nor 6 patches form a square
 
 
 def test_encoder_load_errors(lm_dir, tmp_path):

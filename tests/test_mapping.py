@@ -1,6 +1,6 @@
 import torch
 
-from clipcap.mapping import MLPMapper, TransformerMapper
+from clipcap.mapping import MLPMapper, TokenTransformerMapper, TransformerMapper
 from tests import original_clipcap as original
 
 
@@ -41,3 +41,22 @@ def test_transformer_has_no_positional_embedding_and_no_qkv_bias():
     a = mapper.transformer(torch.cat((x, const), 1))[:, 3:]
     b = mapper.transformer(torch.cat((x[:, [2, 0, 1]], const), 1))[:, 3:]
     torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_token_mapper_reads_tokens_in_place():
+    torch.manual_seed(0)
+    mapper = TokenTransformerMapper(token_dim=12, num_tokens=5, lm_hidden=8, prefix_length=4, num_layers=2, num_heads=2)
+    tokens = torch.randn(3, 5, 12) * 40  # hidden states at any scale: the input LayerNorm takes it
+    out = mapper(tokens)
+    assert out.shape == (3, 5 + 4, 8) and torch.isfinite(out).all()  # one vector per token, then the k slots
+    torch.testing.assert_close(mapper(tokens * 3), out, atol=1e-4, rtol=1e-4)
+    # Unlike the pooled Transformer mapper, where a token is matters: moving the tokens changes the prefix.
+    assert not torch.allclose(mapper(tokens[:, [1, 0, 2, 3, 4]]), out, atol=1e-3)
+    assert {k for k in mapper.state_dict() if not k.startswith("transformer.")} == {
+        "norm.weight",
+        "norm.bias",
+        "linear.weight",
+        "linear.bias",
+        "positions",
+        "prefix_const",
+    }

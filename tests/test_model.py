@@ -93,6 +93,29 @@ def test_save_load_round_trip_is_bit_exact(tmp_path, mapping, lm_name):
     assert torch.equal(model(clip, ids, mask).logits, loaded(clip, ids, mask).logits)
 
 
+@pytest.mark.parametrize("tune_lm", [True, False])
+def test_token_model_trains_saves_and_generates(tmp_path, tune_lm):
+    model = tiny.tiny_model("transformer", token_shape=[5, 12], tune_lm=tune_lm, clip_length=None).train()
+    _, ids, mask = batch()
+    tokens = torch.randn(3, 5, 12)
+    out = model(tokens, ids, attention_mask=mask, labels=ids)
+    assert out.logits.shape == (3, 5 + 4 + 5, 300) and out.prefix.shape == (3, 5 + 4, 32)  # T + k, then the text
+    out.loss.backward()
+    assert model.mapper.positions.grad is not None and model.mapper.linear.weight.grad.abs().sum() > 0
+    model.save_pretrained(tmp_path)
+    loaded = ClipCapModel.from_pretrained(tmp_path)
+    assert loaded.config.token_shape == [5, 12]
+    assert torch.equal(model.eval()(tokens, ids, mask).logits, loaded(tokens, ids, mask).logits)
+    assert loaded.generate(tokens, max_new_tokens=3).shape[0] == 3
+
+
+def test_inputs_of_the_wrong_shape_are_clear_errors():
+    with pytest.raises(ClipCapError, match=r"reads image tokens of shape \(B, 5, 12\), got \(3, 16\)"):
+        tiny.tiny_model("transformer", token_shape=[5, 12], clip_length=None).prefix(torch.randn(3, 16))
+    with pytest.raises(ClipCapError, match=r"reads CLIP embeddings of shape \(B, 16\), got \(3, 5, 12\)"):
+        tiny.tiny_model("mlp").generate(torch.randn(3, 5, 12))
+
+
 def test_frozen_lm_saved_by_reference(tmp_path, lm_dir):
     model = tiny.tiny_model("transformer", tune_lm=False, lm=tiny.load_lm(lm_dir), lm_name=str(lm_dir))
     model.save_pretrained(tmp_path, save_lm=False)

@@ -210,3 +210,75 @@ def test_opened_without_captions_it_reads_embeddings_and_every_metadata_row(tmp_
         EmbeddingStore(tmp_path / "cr", caption_column=None)
     assert is_store(tmp_path / "cr") and is_store(store_dir)
     assert not is_store(tmp_path / "cr" / "img_emb") and not is_store(tmp_path / "missing")
+
+
+# -- image tokens ------------------------------------------------------------------------------------------------
+TOKENS = (3, 5)  # T tokens of width D per image
+
+
+@pytest.fixture()
+def token_store(tmp_path, rows):
+    rng = np.random.default_rng(7)
+    tokens = [rng.normal(size=TOKENS) * 50 for _ in rows]  # hidden states are not unit-scale
+    path = tmp_path / "tokens"
+    w = StoreWriter(path, "tiny-clip", DIM, normalized=False, shard_size=2, token_shape=TOKENS, token_grid=4)
+    with w:
+        for r, t in zip(rows, tokens, strict=True):
+            w.add(r["emb"], r["key"], r["captions"], split=r["split"], tokens=t)
+    return path, tokens
+
+
+def test_token_store_round_trip(token_store, rows):
+    path, tokens = token_store
+    assert sorted(p.name for p in (path / "tok_emb").iterdir()) == [f"tok_emb_{i}.npy" for i in range(3)]
+    first = np.load(path / "tok_emb" / "tok_emb_0.npy")
+    assert first.dtype == np.float16 and first.shape == (2, 15)  # 2-D, one row per image: flat reads stay possible
+    assert json.loads((path / "info.json").read_text())["tokens"] == {"count": 3, "dim": 5, "grid": 4}
+    store = EmbeddingStore(path, split="train")
+    assert store.token_shape == TOKENS and store.token_grid == 4
+    got = store.image_tokens([2, 0])
+    assert got.dtype == np.float32 and got.shape == (2, *TOKENS)
+    np.testing.assert_array_equal(got, f16([tokens[4], tokens[0]]))
+    np.testing.assert_array_equal(store.image_embeddings([2]), f16([rows[4]["emb"]]))  # pooled rows unchanged
+    clone = pickle.loads(pickle.dumps(store))  # what a DataLoader worker gets: it opens its own files
+    np.testing.assert_array_equal(clone.image_tokens([1]), f16([tokens[2]]))
+
+
+def test_token_rows_are_read_without_mapping_the_file(token_store, monkeypatch):
+    path, tokens = token_store
+    store = EmbeddingStore(path)
+    monkeypatch.setattr(np, "load", lambda *a, **k: pytest.fail("rows must be read with pread, not np.load"))
+    np.testing.assert_array_equal(store.image_tokens([4])[0], f16(tokens[4]))
+
+
+def test_store_without_tokens_says_so(store_dir):
+    store = EmbeddingStore(store_dir)
+    assert store.token_shape is None and store.token_grid is None
+    with pytest.raises(ClipCapError, match="holds no image tokens"):
+        store.image_tokens([0])
+
+
+def test_token_writer_checks_shapes(tmp_path):
+    w = StoreWriter(tmp_path / "s", "m", 4, normalized=False, token_shape=(2, 3))
+    with pytest.raises(ValueError, match="tokens of shape"):
+        w.write_shard(0, np.zeros((1, 4)), ["k"], [["c."]], tokens=np.zeros((1, 3, 2)))
+    with pytest.raises(ValueError, match="store with tokens"):
+        w.write_shard(0, np.zeros((1, 4)), ["k"], [["c."]])
+    plain = StoreWriter(tmp_path / "p", "m", 4, normalized=False)
+    with pytest.raises(ValueError, match="store without tokens"):
+        plain.write_shard(0, np.zeros((1, 4)), ["k"], [["c."]], tokens=np.zeros((1, 2, 3)))
+    with pytest.raises(ClipCapError, match="image tokens go with image embeddings"):
+        StoreWriter(tmp_path / "t", "m", 4, normalized=False, modality="text", token_shape=(2, 3))
+
+
+def test_damaged_token_shards_are_user_errors(token_store):
+    path, _ = token_store
+    np.save(path / "tok_emb" / "tok_emb_1.npy", np.zeros((2, 14), np.float16))  # one value short per row
+    with pytest.raises(ClipCapError, match=r"tok_emb_1.npy holds 2 x 14 values, expected 2 x 15"):
+        EmbeddingStore(path)
+    (path / "tok_emb" / "tok_emb_1.npy").write_bytes(b"not an npy file")
+    with pytest.raises(ClipCapError, match="not a readable .npy"):
+        EmbeddingStore(path)
+    (path / "tok_emb" / "tok_emb_1.npy").unlink()
+    with pytest.raises(ClipCapError, match="incomplete.*tok_emb_1.npy"):
+        EmbeddingStore(path)

@@ -41,6 +41,12 @@ class Captioner:
                 f"the encoder {encoder.name} gives {encoder.dim}-d features but the model expects "
                 f"clip_dim={model.config.clip_dim}"
             )
+        tokens = model.config.token_shape
+        if encoder is not None and tokens is not None and encoder.token_dim != tokens[1]:
+            raise ClipCapError(
+                f"the encoder {encoder.name} gives {encoder.token_dim}-wide image tokens but the model reads "
+                f"{tokens[1]}-wide ones"
+            )
 
     @classmethod
     def from_pretrained(
@@ -118,6 +124,13 @@ class Captioner:
         device = getattr(self.model, "device", None)  # an ExportedModel has no parameters
         return device if device is not None else next(self.model.parameters()).device
 
+    def model_inputs(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """What the model reads for preprocessed images: pooled CLIP features (B, clip_dim), or the vision tower's
+        last hidden states (B, T, D), pooled to the model's token grid, when the model reads image tokens."""
+        if self.model.config.token_shape is None:
+            return self.encoder.encode_pixels(pixel_values)
+        return self.encoder.encode_pixels_and_tokens(pixel_values, self.model.config.token_grid)[1]
+
     def decode(self, ids: torch.Tensor, prompt_ids: list[int] | None = None) -> list[str]:
         """Token rows -> clean strings: cut after the stop token, special tokens dropped, whitespace stripped.
         With `prompt_ids`, each caption is the prompt followed by its continuation."""
@@ -138,9 +151,9 @@ class Captioner:
         prompt: str | None = None,
         **generate_options,
     ) -> list[str] | list[list[str]]:
-        """Captions for precomputed CLIP embeddings (B, clip_dim), in batches of `batch_size`. With `prompt`
-        (e.g. "a picture of"), each caption continues it and starts with it. Other keyword arguments
-        (length_penalty, do_sample, temperature, top_p, ...) go to `generate`."""
+        """Captions for precomputed CLIP embeddings (B, clip_dim), or image tokens (B, T, D) for a model that reads
+        them, in batches of `batch_size`. With `prompt` (e.g. "a picture of"), each caption continues it and starts
+        with it. Other keyword arguments (length_penalty, do_sample, temperature, top_p, ...) go to `generate`."""
         kwargs = generate_kwargs(
             defaults=self.decoding_defaults, num_beams=num_beams, max_new_tokens=max_new_tokens, **generate_options
         )
@@ -174,11 +187,14 @@ class Captioner:
         """Caption PIL images or paths (one or a list). Returns one string per image, or a list of
         `num_return_sequences` strings per image when that is > 1; with `prompt`, captions continue it. A bad
         image raises ImageLoadError."""
+        from .images import open_image
+
         if isinstance(images, (str, Path, Image.Image)):
             images = [images]
         out: list = []
         for i in range(0, len(images), self.batch_size):
-            embeds = self.encoder.encode(images[i : i + self.batch_size], batch_size=self.batch_size)
+            chunk = [open_image(im) for im in images[i : i + self.batch_size]]
+            embeds = self.model_inputs(self.encoder.preprocess(chunk))
             out.extend(
                 self.caption_embeddings(
                     embeds, num_beams, max_new_tokens, num_return_sequences, prompt=prompt, **generate_options

@@ -109,8 +109,11 @@ class ClipCapConfig(PretrainedConfig):
     embeddings (HF id, or a dir relative to the model dir). clip_dim: its embedding size. prefix_length: k.
     clip_length: the Transformer mapper's input length. mapping: "mlp" or "transformer". tune_lm: whether the LM is
     trained. normalize_prefix: L2-normalise embeddings before the mapper. stop_token_id: token that ends a caption
-    (None: never stop). pad_token_id: id written after it. vision_config: the encoder's vision tower, in a complete
-    captioning model only. adapter: the model dir's subfolder holding a PEFT LoRA adapter of the LM (None: none)."""
+    (None: never stop). pad_token_id: id written after it. token_shape: [T, D] of the vision tower's last hidden
+    states the mapper reads instead of one pooled embedding (transformer mapping only; None: pooled embeddings).
+    token_grid: the side of the grid their patches were pooled to (None: every token). vision_config: the encoder's
+    vision tower, in a complete captioning model only. adapter: the model dir's subfolder holding a PEFT LoRA adapter
+    of the LM (None: none)."""
 
     model_type = MODEL_TYPE
     sub_configs = {"text_config": AutoConfig, "vision_config": AutoConfig}
@@ -130,6 +133,8 @@ class ClipCapConfig(PretrainedConfig):
         stop_token_id: int | None = None,
         pad_token_id: int | None = None,
         adapter: str | None = None,
+        token_shape: list[int] | None = None,
+        token_grid: int | None = None,
         text_config: dict | PretrainedConfig | None = None,
         vision_config: dict | PretrainedConfig | None = None,
         **kwargs,
@@ -153,6 +158,8 @@ class ClipCapConfig(PretrainedConfig):
         self.normalize_prefix = normalize_prefix
         self.stop_token_id = stop_token_id
         self.adapter = adapter
+        self.token_shape = token_shape
+        self.token_grid = token_grid
         self.text_config = _sub_config("text_config", text_config)
         self.vision_config = _sub_config("vision_config", vision_config)
         _check_generic(kwargs)
@@ -200,8 +207,9 @@ class ClipCapConfig(PretrainedConfig):
                 raise ClipCapError(f"{name} must be true or false (a JSON boolean), got {_describe(value)}")
         for name in ("stop_token_id", "pad_token_id"):
             _check_int(name, getattr(self, name), 0, optional=True)
-        if self.mapping == "transformer" and self.clip_length is None:
+        if self.mapping == "transformer" and self.clip_length is None and self.token_shape is None:
             raise ClipCapError("the transformer mapping needs clip_length (the original used 10, or 40 with k=40)")
+        self._check_tokens()
         if self.text_config is not None:
             vocab = getattr(self.text_config, "vocab_size", None)
             for name in ("stop_token_id", "pad_token_id"):
@@ -220,6 +228,30 @@ class ClipCapConfig(PretrainedConfig):
                     f"vision_config.projection_dim {_describe(out)} differs from clip_dim {self.clip_dim}: "
                     "the vision tower must produce the embeddings the mapper takes"
                 )
+
+    def _check_tokens(self) -> None:
+        shape, grid = self.token_shape, self.token_grid
+        if shape is None:
+            if grid is not None:
+                raise ClipCapError(
+                    f"token_grid is set ({_describe(grid)}) but token_shape is not: a grid needs image tokens"
+                )
+            return
+        if not isinstance(shape, (list, tuple)) or len(shape) != 2:
+            raise ClipCapError(f"token_shape must be [tokens, width] or null, got {_describe(shape)}")
+        if any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in shape):
+            raise ClipCapError(f"token_shape must hold two positive integers, got {_describe(list(shape))}")
+        self.token_shape = [int(v) for v in shape]
+        _check_int("token_grid", grid, 1, optional=True)
+        if self.mapping != "transformer":
+            raise ClipCapError("image tokens need the transformer mapping (the MLP mapper reads one vector)")
+        if self.normalize_prefix:
+            raise ClipCapError("normalize_prefix applies to pooled embeddings, not image tokens")
+
+    @property
+    def prefix_tokens(self) -> int:
+        """How many vectors the mapper puts before the caption: k, plus one per image token when it reads tokens."""
+        return self.prefix_length + (self.token_shape[0] if self.token_shape is not None else 0)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, ClipCapConfig) and _comparable(self.to_dict()) == _comparable(other.to_dict())

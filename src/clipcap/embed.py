@@ -14,12 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .data.loading import image_loader
 from .data.sources import FORMATS, Record, detect_format, read_source
 from .data.store import StoreWriter
 from .devices import DEVICE_HELP, resolve_device
 from .encoder import ImageEncoder, fingerprint
+from .errors import ClipCapError
 from .jobs import claim_job, rank_and_world, shards_of
 from .options import check_options, option
 
@@ -82,12 +84,26 @@ class EmbedConfig:
     shard_size: int = option(10_000, min=1, help="records per shard file")
     device: str = option("auto", help=DEVICE_HELP)
     image_column: str | None = option(None, help="CSV/JSONL/parquet column holding the image path (default: guessed)")
-    caption_column: str | None = option(
-        None, help="CSV/JSONL/parquet column holding the caption(s) (default: guessed)"
+    caption_column: str | None = option(None, help="CSV/JSONL/parquet column holding the caption(s) (default: guessed)")
+    tokens: bool = option(
+        False,
+        help="also store the vision tower's last hidden states of each image (tok_emb/*.npy), for a mapper that reads "
+        "image tokens",
+    )
+    token_grid: int | None = option(
+        None,
+        min=1,
+        metavar="N",
+        help="with `tokens`: average-pool the patch tokens to an N x N grid (a class token is kept as it is)",
+        default_text="every token",
     )
 
     def __post_init__(self) -> None:
         check_options(self)
+        if self.tokens and self.text_only:
+            raise ClipCapError("image tokens come from images: `tokens` cannot go with `text_only`")
+        if self.token_grid is not None and not self.tokens:
+            raise ClipCapError("`token_grid` pools image tokens: it needs `tokens`")
 
 
 @dataclass
@@ -106,7 +122,9 @@ def embed(cfg: EmbedConfig, progress: bool = False) -> EmbedResult:
     Image mode: one row per image with all its captions (training visits each (image, caption) pair). `text_only`:
     one row per caption holding the CLIP *text* embedding of that caption ("modality": "text"), for text-only
     (CapDec-style) training. `normalize` L2-normalises the vectors (what clip-retrieval stores hold); the default
-    keeps the raw features the paper trained on. Rerunning after an interruption resumes."""
+    keeps the raw features the paper trained on. `tokens` also stores the vision tower's last hidden states per
+    image (every token, or the patch grid average-pooled to `token_grid` x `token_grid`), for a mapper that reads
+    them. Rerunning after an interruption resumes."""
     from tqdm.auto import tqdm
 
     out = Path(cfg.out)
@@ -136,6 +154,8 @@ def embed(cfg: EmbedConfig, progress: bool = False) -> EmbedResult:
         "num_records": len(records),
         "image_column": cfg.image_column,
         "caption_column": cfg.caption_column,
+        "tokens": cfg.tokens,
+        "token_grid": cfg.token_grid,
     }
     claim_job(out, job, "clipcap embed", "store")
     if world == 1:  # temporaries left by a killed run; with several ranks another rank may be writing one
@@ -144,6 +164,7 @@ def embed(cfg: EmbedConfig, progress: bool = False) -> EmbedResult:
     shard_size = cfg.shard_size
     num_shards = max(1, math.ceil(len(records) / shard_size))
     encoder = ImageEncoder.from_pretrained(cfg.clip_model, normalize=cfg.normalize, device=resolve_device(cfg.device))
+    token_shape = _token_shape(encoder, cfg.token_grid) if cfg.tokens else None
     writer = StoreWriter(
         out,
         clip_model=str(cfg.clip_model),
@@ -157,6 +178,8 @@ def embed(cfg: EmbedConfig, progress: bool = False) -> EmbedResult:
             "split": cfg.split,
             "clip_fingerprint": fingerprint(str(cfg.clip_model)),
         },
+        token_shape=token_shape,
+        token_grid=cfg.token_grid,
     )
     pending = [s for s in shards_of(rank, world, num_shards) if not writer.shard_done(s)]
     shard_items = {s: range(s * shard_size, min((s + 1) * shard_size, len(records))) for s in pending}
@@ -166,7 +189,7 @@ def embed(cfg: EmbedConfig, progress: bool = False) -> EmbedResult:
     desc = "embed" + (f" [rank {rank}/{world}]" if world > 1 else "")
     bar = tqdm(total=todo, unit=unit, desc=desc, disable=not progress, dynamic_ncols=True)
 
-    def write(shard: int, vectors: dict[int, np.ndarray], failed: dict[int, str]) -> None:
+    def write(shard: int, vectors: dict[int, np.ndarray], failed: dict[int, str], grids=None) -> None:
         rows = [n for n in shard_items[shard] if n in vectors]
         skipped = []
         for n in shard_items[shard]:
@@ -197,22 +220,48 @@ def embed(cfg: EmbedConfig, progress: bool = False) -> EmbedResult:
             splits=[records[n].split for n in rows],
             extras=[records[n].extra for n in rows],
             skipped=skipped,
+            tokens=None if grids is None else np.array([grids[n] for n in rows]).reshape(len(rows), *token_shape),
         )
 
     if text_only:
         for shard in pending:
             _embed_texts(encoder, records, shard, shard_items[shard], bad, cfg.batch_size, write, bar)
     else:
-        _embed_images(encoder, records, pending, shard_items, bad, cfg.batch_size, cfg.workers, write, bar)
+        _embed_images(
+            encoder,
+            records,
+            pending,
+            shard_items,
+            bad,
+            cfg.batch_size,
+            cfg.workers,
+            write,
+            bar,
+            cfg.token_grid,
+            cfg.tokens,
+        )
     bar.close()
     if not all(writer.shard_done(s) for s in range(num_shards)):
         return EmbedResult(out, rank, world, None)  # the last rank to finish writes info.json
     return EmbedResult(out, rank, world, writer.finalize(num_shards))
 
 
-def _embed_images(encoder, records, pending, shard_items, bad, batch_size, workers, write, bar) -> None:
+def _token_shape(encoder: ImageEncoder, grid: int | None) -> tuple[int, int]:
+    """(T, D) of the tokens `encoder` gives per image with the patch grid pooled to `grid`: one probe forward pass."""
+    size = encoder.processor.crop_size if getattr(encoder.processor, "do_center_crop", False) else None
+    size = size or encoder.processor.size
+    height = size.get("height") or size.get("shortest_edge")
+    width = size.get("width") or size.get("shortest_edge")
+    probe = torch.zeros(1, 3, height, width)
+    return tuple(encoder.encode_pixels_and_tokens(probe, grid)[1].shape[1:])
+
+
+def _embed_images(
+    encoder, records, pending, shard_items, bad, batch_size, workers, write, bar, grid=None, tokens=False
+) -> None:
     """Decode in DataLoader workers, encode batch by batch, write each shard as soon as its last batch is in.
-    Batches never cross a shard boundary, so a redone shard sees exactly the batches it saw the first time."""
+    Batches never cross a shard boundary, so a redone shard sees exactly the batches it saw the first time.
+    With `tokens`, the vision tower's last hidden states (patch grid pooled to `grid`) go with each vector."""
     batches, owners = [], []
     for shard in pending:
         good = [n for n in shard_items[shard] if n not in bad]
@@ -220,7 +269,7 @@ def _embed_images(encoder, records, pending, shard_items, bad, batch_size, worke
             batches.append(good[i : i + batch_size])
             owners.append(shard)
     remaining = {s: owners.count(s) for s in pending}
-    state = {s: ({}, {}) for s in pending}
+    state = {s: ({}, {}, {} if tokens else None) for s in pending}
     for shard in pending:
         if remaining[shard] == 0:  # nothing loadable in this shard: write its skip list now
             write(shard, *state.pop(shard))
@@ -228,8 +277,12 @@ def _embed_images(encoder, records, pending, shard_items, bad, batch_size, worke
         return
     loader = image_loader(records, encoder.processor, batches, workers, pin_memory=encoder.device.type == "cuda")
     for shard, (indices, pixels, failed) in zip(owners, loader, strict=True):
-        vectors, reasons = state[shard]
-        if pixels is not None:
+        vectors, reasons, grids = state[shard]
+        if pixels is not None and tokens:
+            pooled, hidden = encoder.encode_pixels_and_tokens(pixels, grid)
+            for n, vec, tok in zip(indices, pooled.cpu().numpy(), hidden.cpu().numpy(), strict=True):
+                vectors[n], grids[n] = vec, tok
+        elif pixels is not None:
             for n, vec in zip(indices, encoder.encode_pixels(pixels).cpu().numpy(), strict=True):
                 vectors[n] = vec
         reasons.update(failed)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import math
 from pathlib import Path
 
 import torch
@@ -22,6 +23,28 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json", "spi
 def _features(output) -> torch.Tensor:
     # transformers 5 returns a model output whose pooler_output holds the projected features; 4.x a tensor.
     return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+def pool_tokens(hidden: torch.Tensor, grid: int | None) -> torch.Tensor:
+    """A ViT's last hidden states (B, T, D) with the patch grid average-pooled to `grid` x `grid` cells (None, or a
+    grid at least the patch grid's side: every token kept). Tokens before the patches (CLIP's class token) are
+    kept as they are; the patches must form a square grid after 0 or 1 of them."""
+    if grid is None:
+        return hidden
+    if not isinstance(grid, int) or isinstance(grid, bool) or grid < 1:
+        raise ClipCapError(f"the token grid must be a positive integer, got {grid!r}")
+    b, t, d = hidden.shape
+    for lead in (1, 0):  # a class token is the common case; a square count alone is ambiguous only for t = 1
+        side = math.isqrt(t - lead)
+        if t - lead > 0 and side * side == t - lead:
+            break
+    else:
+        raise ClipCapError(f"cannot pool {t} image tokens into a grid: they are not a square grid of patches")
+    if grid >= side:
+        return hidden
+    patches = hidden[:, lead:].transpose(1, 2).reshape(b, d, side, side)
+    pooled = F.adaptive_avg_pool2d(patches.float(), grid).to(hidden.dtype).flatten(2).transpose(1, 2)
+    return torch.cat((hidden[:, :lead], pooled), dim=1)
 
 
 class ImageEncoder:
@@ -85,11 +108,33 @@ class ImageEncoder:
         """RGB PIL images -> pixel_values (B, 3, H, W); safe to run in DataLoader workers."""
         return self.processor(images=images, return_tensors="pt")["pixel_values"]
 
+    @property
+    def token_dim(self) -> int:
+        """Width of the vision tower's hidden states (what `encode_pixels_and_tokens` returns per token)."""
+        config = self.model.config
+        return int(getattr(config, "vision_config", config).hidden_size)
+
     @torch.no_grad()
     def encode_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
         out = _features(self.model.get_image_features(pixel_values=pixel_values.to(self.device, self.dtype)))
         out = out.float()
         return F.normalize(out, dim=-1) if self.normalize else out
+
+    @torch.no_grad()
+    def encode_pixels_and_tokens(
+        self, pixel_values: torch.Tensor, grid: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward pass -> (pooled features (B, dim) as `encode_pixels` gives them, the vision tower's last
+        hidden states (B, T, token_dim) as float32, the patch grid pooled to `grid` x `grid` when given)."""
+        out = self.model.get_image_features(pixel_values=pixel_values.to(self.device, self.dtype))
+        hidden = getattr(out, "last_hidden_state", None)
+        if hidden is None:
+            raise ClipCapError(
+                f"{self.name}'s get_image_features returns no hidden states (transformers 5 or newer needed for tokens)"
+            )
+        pooled = _features(out).float()
+        tokens = pool_tokens(hidden, grid).float()
+        return (F.normalize(pooled, dim=-1) if self.normalize else pooled), tokens
 
     def encode(self, images, batch_size: int = 64) -> torch.Tensor:
         """Images (PIL or paths) -> (B, dim) float32 features on the encoder's device."""

@@ -165,12 +165,14 @@ def _require_pycocoevalcap() -> None:
         raise ClipCapError("evaluation needs pycocoevalcap: pip install 'clipcap[eval]'") from None
 
 
-def _encode_images(encoder, sources: list, open_image, batch_size: int, desc: str, progress: bool):
+def _encode_images(encoder, sources: list, open_image, batch_size: int, desc: str, progress: bool, token_grid=False):
     """CLIP features of the images that open; bad ones are skipped and reported. Streams, so memory holds one
-    batch of pixels. Returns (features (n_ok, dim) on CPU, indices of the images kept, skipped [{image, reason}])."""
+    batch of pixels. Returns (features (n_ok, dim) on CPU, indices of the images kept, skipped [{image, reason}]).
+    `token_grid` other than False: the features are (pooled (n_ok, dim), image tokens (n_ok, T, D)) instead, the
+    patch grid pooled to that grid (None: every token)."""
     from tqdm.auto import tqdm
 
-    feats, kept, skipped = [], [], []
+    feats, tokens, kept, skipped = [], [], [], []
     with tqdm(total=len(sources), desc=desc, unit="img", disable=not progress) as bar:
         for start in range(0, len(sources), batch_size):
             batch = []
@@ -180,10 +182,17 @@ def _encode_images(encoder, sources: list, open_image, batch_size: int, desc: st
                     kept.append(i)
                 except ImageLoadError as e:
                     skipped.append({"image": e.source, "reason": e.reason})
-            if batch:
+            if batch and token_grid is not False:
+                pooled, hidden = encoder.encode_pixels_and_tokens(encoder.preprocess(batch), token_grid)
+                feats.append(pooled.cpu())
+                tokens.append(hidden.cpu())
+            elif batch:
                 feats.append(encoder.encode_pixels(encoder.preprocess(batch)).cpu())
             bar.update(min(batch_size, len(sources) - start))
-    return (torch.cat(feats) if feats else torch.empty(0, encoder.dim)), kept, skipped
+    pooled = torch.cat(feats) if feats else torch.empty(0, encoder.dim)
+    if token_grid is not False:
+        return (pooled, torch.cat(tokens) if tokens else torch.empty(0, 0, encoder.token_dim)), kept, skipped
+    return pooled, kept, skipped
 
 
 def _clip_rows(encoder, keys, captions, features, references, batch_size, progress) -> dict[str, dict[str, float]]:
@@ -244,6 +253,7 @@ def evaluate_model(cfg: EvalConfig, progress: bool = False) -> EvalResult:
         cfg.model, clip_model=cfg.clip_model, device=cfg.device, batch_size=cfg.batch_size
     )
     encoder = captioner.encoder
+    tokens = captioner.model.config.token_shape  # a model that reads image tokens is given them
     skipped: list[dict] = []
     if is_store(cfg.data):
         from .data.store import EmbeddingStore
@@ -265,7 +275,14 @@ def evaluate_model(cfg: EvalConfig, progress: bool = False) -> EvalResult:
             for j in range(count)
         ]
         _unique(records, cfg.data)
-        features = torch.from_numpy(store.image_embeddings(range(count)))
+        features = inputs = torch.from_numpy(store.image_embeddings(range(count)))
+        if tokens is not None:
+            if [*(store.token_shape or ())] != tokens or store.token_grid != captioner.model.config.token_grid:
+                raise ClipCapError(
+                    f"{cfg.data} holds image tokens {store.token_shape} (grid {store.token_grid}) but the model reads "
+                    f"{tuple(tokens)} (grid {captioner.model.config.token_grid})"
+                )
+            inputs = torch.from_numpy(store.image_tokens(range(count)))
     else:
         records = []
         for record in read_source(cfg.data, format=cfg.format, images=cfg.images, split=split):
@@ -278,9 +295,11 @@ def evaluate_model(cfg: EvalConfig, progress: bool = False) -> EvalResult:
             else:
                 skipped.append({"image": record.image or record.key, "reason": "no reference captions"})
         _unique(records, cfg.data)
+        grid = False if tokens is None else captioner.model.config.token_grid
         features, kept, bad = _encode_images(
-            encoder, records, open_record_image, cfg.batch_size, "encoding images", progress
+            encoder, records, open_record_image, cfg.batch_size, "encoding images", progress, grid
         )
+        features, inputs = features if tokens is not None else (features, features)
         skipped += bad
         records = [records[i] for i in kept]
     if not records:
@@ -291,7 +310,7 @@ def evaluate_model(cfg: EvalConfig, progress: bool = False) -> EvalResult:
     captions: list[str] = []
     with tqdm(total=len(records), desc="captioning", unit="img", disable=not progress) as bar:
         for i in range(0, len(records), cfg.batch_size):
-            chunk = features[i : i + cfg.batch_size]
+            chunk = inputs[i : i + cfg.batch_size]
             captions += captioner.caption_embeddings(chunk, **decoding)
             bar.update(len(chunk))
     generated = time.perf_counter()

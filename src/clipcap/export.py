@@ -307,6 +307,8 @@ def export(model_dir: str | Path, out_dir: str | Path, int8: bool = False, progr
 
         bar.set_postfix_str(steps[0])
         model = ClipCapModel.from_pretrained(source).float().eval()
+        if model.config.token_shape is not None:
+            raise ClipCapError(f"{source} reads image tokens: only models that read one pooled embedding export")
         tokenizer = _tokenizer(source, model.config.lm)
         hidden = model.lm.get_input_embeddings().embedding_dim
         layout = _cache_layout(model.lm, hidden)  # before any export: an LM that cannot be exported fails fast

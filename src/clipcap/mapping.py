@@ -1,4 +1,5 @@
-"""The paper's two mapping networks: CLIP embedding (B, clip_dim) -> prefix (B, k, lm_hidden).
+"""The paper's two mapping networks: CLIP embedding (B, clip_dim) -> prefix (B, k, lm_hidden); and the Transformer
+mapper reading image tokens (B, T, D) instead (beyond the paper): prefix (B, T + k, lm_hidden).
 
 Module and parameter names follow rmokady/CLIP_prefix_caption so original weights map one-to-one
 (docs/design.md §5): `model.0`/`model.2` for the MLP; `linear`, `prefix_const`, `transformer.layers.{i}.*` for the
@@ -109,3 +110,33 @@ class TransformerMapper(nn.Module):
         x = self.linear(clip_embeds).view(-1, self.clip_length, self.lm_hidden)
         const = self.prefix_const.unsqueeze(0).expand(x.shape[0], -1, -1)
         return self.transformer(torch.cat((x, const), dim=1))[:, self.clip_length :]
+
+
+class TokenTransformerMapper(nn.Module):
+    """The Transformer mapper reading image tokens (B, T, D) instead of a linear expansion of one vector: LayerNorm
+    and Linear(token_dim, h) per token plus a learned position per token slot, concat the learned constant (k, h),
+    transformer; the prefix is every output, T + k vectors. The paper's mapper drops the outputs at its clip_length
+    slots, linear views of one vector; here they sit on image regions, so where each thing is reaches the LM slot
+    by slot (as LLaVA feeds projected patches), and the k constant slots summarise the whole image."""
+
+    def __init__(
+        self,
+        token_dim: int,
+        num_tokens: int,
+        lm_hidden: int,
+        prefix_length: int,
+        num_layers: int = 8,
+        num_heads: int = 8,
+    ):
+        super().__init__()
+        self.num_tokens = num_tokens
+        self.norm = nn.LayerNorm(token_dim)  # hidden states of different encoders differ widely in scale
+        self.linear = nn.Linear(token_dim, lm_hidden)
+        self.positions = nn.Parameter(torch.randn(num_tokens, lm_hidden) * 0.02)
+        self.prefix_const = nn.Parameter(torch.randn(prefix_length, lm_hidden))
+        self.transformer = Transformer(lm_hidden, num_heads, num_layers)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.linear(self.norm(tokens)) + self.positions
+        const = self.prefix_const.unsqueeze(0).expand(x.shape[0], -1, -1)
+        return self.transformer(torch.cat((x, const), dim=1))

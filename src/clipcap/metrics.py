@@ -292,4 +292,3 @@ def clip_score(
         out["RefCLIPScore"] = float(harmonic.mean())
         out["per_image"]["RefCLIPScore"] = harmonic.tolist()
     return out
-

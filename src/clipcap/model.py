@@ -39,7 +39,7 @@ from .config import CONFIG_NAME, ClipCapConfig
 from .errors import ClipCapError
 from .generation import FROM_CONFIG, generate_from_prefix, pad_token_id
 from .hub import load_causal_lm, looks_like_path, offline_hint, transformers_quiet
-from .mapping import MLPMapper, TransformerMapper
+from .mapping import MLPMapper, TokenTransformerMapper, TransformerMapper
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -59,6 +59,16 @@ class ClipCapOutput(ModelOutput):
 def build_mapper(config: ClipCapConfig, lm_hidden: int) -> nn.Module:
     if config.mapping == "mlp":
         return MLPMapper(config.clip_dim, lm_hidden, config.prefix_length)
+    if config.token_shape is not None:
+        num_tokens, token_dim = config.token_shape
+        return TokenTransformerMapper(
+            token_dim,
+            num_tokens,
+            lm_hidden,
+            config.prefix_length,
+            num_layers=config.num_layers,
+            num_heads=config.num_heads,
+        )
     return TransformerMapper(
         config.clip_dim,
         lm_hidden,
@@ -215,7 +225,15 @@ class ClipCapModel(ClipCapPreTrainedModel):
         return self
 
     def prefix(self, clip_embeds: torch.Tensor) -> torch.Tensor:
-        """Map CLIP embeddings (B, clip_dim) to prefix embeddings (B, k, lm_hidden)."""
+        """Map CLIP embeddings (B, clip_dim) to prefix embeddings (B, k, lm_hidden), or image tokens (B, T, D) when
+        config.token_shape is set to (B, T + k, lm_hidden)."""
+        tokens = self.config.token_shape
+        expected = tuple(tokens) if tokens is not None else (self.config.clip_dim,)
+        if tuple(clip_embeds.shape[1:]) != expected:
+            what = "image tokens" if tokens is not None else "CLIP embeddings"
+            raise ClipCapError(
+                f"this model reads {what} of shape (B, {', '.join(map(str, expected))}), got {tuple(clip_embeds.shape)}"
+            )
         param = next(self.mapper.parameters())
         x = clip_embeds.to(device=param.device, dtype=param.dtype)
         if self.config.normalize_prefix:
@@ -346,6 +364,11 @@ class ClipCapForImageCaptioning(ClipCapPreTrainedModel, GenerationMixin):
             raise ClipCapError(
                 "a complete captioning model needs vision_config (the image encoder's vision tower); this config "
                 "has none: load it as a ClipCapModel (or with Captioner)"
+            )
+        if config.token_shape is not None:
+            raise ClipCapError(
+                "a complete captioning model feeds the mapper pooled embeddings; this model reads image tokens: "
+                "keep it as a ClipCapModel dir (Captioner loads it with its encoder)"
             )
         super().__init__(config)
         self.vision_tower = vision_tower if vision_tower is not None else ClipCapVisionTower(config.vision_config)

@@ -244,7 +244,7 @@ class MicroBatcher:
                     start += len(job.pixels)
 
     def _run(self, pixels: torch.Tensor, settings: DecodeSettings) -> list[list[str]]:
-        embeds = self.captioner.encoder.encode_pixels(pixels)
+        embeds = self.captioner.model_inputs(pixels)
         out = self.captioner.caption_embeddings(
             embeds, num_return_sequences=settings.num_captions, **settings.generate_kwargs()
         )

@@ -137,6 +137,11 @@ class TrainConfig:
         help="experiment tracker for losses and learning rate (as well as metrics.jsonl and loss.png); "
         "tensorboard writes under RUN_DIR/tensorboard",
     )
+    tokens: bool = option(
+        False,
+        help="the transformer mapper reads the store's image tokens (a store embedded with `tokens`) instead of one "
+        "pooled vector",
+    )
 
     def __post_init__(self) -> None:
         check_options(self)
@@ -147,6 +152,10 @@ class TrainConfig:
         targets = self.lora_target_modules
         if targets is not None and (not targets or not all(m.strip() for m in targets)):
             raise ClipCapError(f"`lora_target_modules` must name modules, got {self.lora_target_modules!r}")
+        if self.tokens and self.mapping != "transformer":
+            raise ClipCapError("`tokens` needs the transformer mapping: the MLP mapper reads one vector")
+        if self.tokens and self.text_only:
+            raise ClipCapError("`tokens` and `text_only` exclude each other: text embeddings have no image tokens")
         if not self.lm_tuned and not self.lora_r and self.lm_lr is not None:
             raise ClipCapError("`lm_lr` needs `tune_lm` or `lora_r`: a frozen LM is not trained")
         if not self.lm_tuned and self.lm_text_weight > 0:
@@ -260,6 +269,8 @@ def open_store(cfg: TrainConfig):
         )
     if store.modality == "text" and not cfg.text_only:
         raise ClipCapError(f"{cfg.data} holds CLIP text embeddings: train on it with `text_only` (noise injection)")
+    if cfg.tokens and store.token_shape is None:
+        raise ClipCapError(f"{cfg.data} holds no image tokens: make the store with `clipcap embed` and `tokens`")
     return store
 
 
@@ -349,14 +360,16 @@ def build_model(cfg: TrainConfig, store, tokenizer) -> ClipCapModel:
         clip_model=name,
         clip_dim=store.clip_dim,
         prefix_length=cfg.prefix_length,
-        clip_length=(cfg.clip_length or cfg.prefix_length) if transformer else None,
+        clip_length=(cfg.clip_length or cfg.prefix_length) if transformer and not cfg.tokens else None,
         mapping=cfg.mapping,
         num_layers=cfg.num_layers,
         tune_lm=cfg.lm_tuned,
         # The Captioner feeds raw encoder features: normalise them as the training embeddings were.
-        normalize_prefix=bool(store.normalized or cfg.text_only),
+        normalize_prefix=bool(store.normalized or cfg.text_only) and not cfg.tokens,
         stop_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        token_shape=list(store.token_shape) if cfg.tokens else None,
+        token_grid=store.token_grid if cfg.tokens else None,
     )
     # fp32 master weights whatever dtype the LM was saved in; autocast gives bf16/fp16 compute on GPU.
     return ClipCapModel(config).float()
@@ -364,11 +377,11 @@ def build_model(cfg: TrainConfig, store, tokenizer) -> ClipCapModel:
 
 def caption_budget(cfg: TrainConfig, model: ClipCapModel) -> int:
     """Longest caption in tokens that fits the LM's positions after the prefix."""
-    positions, k = lm_positions(model), cfg.prefix_length
+    positions, k = lm_positions(model), model.config.prefix_tokens
     if positions is None or k + cfg.max_caption_tokens <= positions:
         return cfg.max_caption_tokens
     if k >= positions:
-        raise ClipCapError(f"`prefix_length` {k} leaves no room in the LM's {positions} positions")
+        raise ClipCapError(f"a prefix of {k} vectors leaves no room in the LM's {positions} positions")
     logger.info("captions capped at %d tokens: the LM has %d positions and the prefix %d", positions - k, positions, k)
     return positions - k
 
@@ -406,7 +419,7 @@ class Trainer:
             )
         self.max_tokens = caption_budget(cfg, self.model)
         show = progress and self.main
-        self.pairs = CaptionPairs(self.store, self.tokenizer, self.max_tokens, "train", show)
+        self.pairs = CaptionPairs(self.store, self.tokenizer, self.max_tokens, "train", show, cfg.tokens)
         if len(self.pairs) == 0:
             raise ClipCapError(f"{cfg.data} has no usable (embedding, caption) pairs ({self.pairs.skip_summary()})")
         self.val = self._val_pairs(show)
@@ -455,7 +468,12 @@ class Trainer:
                 f"validation store was embedded with {store.clip_model} but the training store with "
                 f"{self.store.clip_model}"
             )
-        pairs = CaptionPairs(store, self.tokenizer, self.max_tokens, "val", progress)
+        if cfg.tokens and (store.token_shape, store.token_grid) != (self.store.token_shape, self.store.token_grid):
+            raise ClipCapError(
+                f"validation store has image tokens {store.token_shape} (grid {store.token_grid}) but the training "
+                f"store {self.store.token_shape} (grid {self.store.token_grid})"
+            )
+        pairs = CaptionPairs(store, self.tokenizer, self.max_tokens, "val", progress, cfg.tokens)
         if len(pairs) == 0:
             raise ClipCapError(f"validation data has no usable pairs ({pairs.skip_summary()})")
         return pairs

@@ -241,21 +241,26 @@ COMMANDS = (
         "demo",
         "offline end-to-end demo on the synthetic shapes world",
         "Run the whole method offline on the shapes world: generate it, embed it with the shipped tiny CLIP, train "
-        "MLP + tuned LM and Transformer + frozen LM on the shipped tiny GPT-2, evaluate both on the in-domain test "
-        "split and the novel split (purple triangles, yellow squares: never in the training pairs), caption sample "
-        "images. Writes OUT/report.html, OUT/metrics.json and OUT/model (the better variant). About 7 minutes on 2 "
-        "CPU cores.",
+        "the demo's variants on the shipped tiny GPT-2, evaluate them on the in-domain test split and the novel "
+        "split (purple triangles, yellow squares: never in the training pairs), objects, two-object relations and "
+        "coco-caption metrics, caption sample images. Writes OUT/report.html, OUT/metrics.json and OUT/model (the "
+        "first variant). Under 10 minutes on 2 CPU cores.",
         "clipcap.demo.runner:DemoConfig",
         run_demo,
     ),
     Command(
         "experiment",
-        "the paper's ablations: prefix length, mapping x LM tuning; frozen vs LoRA vs full LM tuning",
+        "the paper's ablations (prefix length, mapping x LM tuning; frozen vs LoRA vs full LM tuning) and where "
+        "things are (relations)",
         "prefix-length: train and test score against the prefix length k for a tuned and a frozen LM (the paper's "
         "figure; OUT/prefix_length.png). mapping: MLP/Transformer x tuned/frozen LM (OUT/table.md). tuning: frozen LM "
         "vs LoRA (--lora-ranks) vs full tuning with each mapper, with trainable parameters, model-dir size and "
-        "seconds per step (OUT/table.md). All write "
-        "OUT/results.json and train every run with `clipcap train` on --data.",
+        "seconds per step (OUT/table.md). These write OUT/results.json and train every run with `clipcap train` on "
+        "--data. relations: each CLIP of --clip-models "
+        "x the pooled embedding (MLP + tuned LM, Transformer + frozen LM) or image tokens (Transformer, tuned or "
+        "frozen LM, per --token-grids) on the demo's shapes world (--quick: a smaller one): single objects, "
+        "two-object scenes named exactly and their relation, CIDEr, in-domain and novel, seconds of training and "
+        "store size (OUT/table.md).",
         "clipcap.demo.experiments:ExperimentConfig",
         run_experiment,
         progress=False,

@@ -54,12 +54,22 @@ def pad_batch(sequences: list, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]
 class CaptionPairs:
     """The usable (embedding, caption) pairs of a store, tokenised once; `batch(rows)` builds a padded batch.
 
-    Token ids live in one flat int32 array, so memory is a few bytes per token however large the store is."""
+    Token ids live in one flat int32 array, so memory is a few bytes per token however large the store is.
+    `image_tokens`: batches carry the store's image tokens (B, T, D) instead of its pooled embeddings."""
 
-    def __init__(self, store, tokenizer, max_tokens: int, name: str = "train", progress: bool = False):
+    def __init__(
+        self,
+        store,
+        tokenizer,
+        max_tokens: int,
+        name: str = "train",
+        progress: bool = False,
+        image_tokens: bool = False,
+    ):
         from tqdm.auto import tqdm
 
         self.store = store
+        self.image_tokens = image_tokens
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         tokens, offsets, pairs, image = array("i"), array("q", [0]), array("q"), array("q")
         self.skipped: list[dict] = []
@@ -96,7 +106,9 @@ class CaptionPairs:
 
     def batch(self, rows) -> dict[str, torch.Tensor]:
         """Embeddings + dynamically padded captions of the given rows (0..len-1)."""
-        embeds = torch.from_numpy(self.store.image_embeddings([int(self.image[r]) for r in rows]))
+        images = [int(self.image[r]) for r in rows]
+        read = self.store.image_tokens if self.image_tokens else self.store.image_embeddings
+        embeds = torch.from_numpy(read(images))
         input_ids, attention_mask = pad_batch([self.token_ids(int(r)) for r in rows], self.pad_id)
         return {"clip_embeds": embeds, "input_ids": input_ids, "attention_mask": attention_mask}
 

@@ -142,7 +142,7 @@ def is_shard_pattern(source: str) -> bool:
 
 
 def json_kind(obj) -> str:
-    """"karpathy", "coco" or "nocaps" for a parsed JSON dataset file; ClipCapError for anything else."""
+    """ "karpathy", "coco" or "nocaps" for a parsed JSON dataset file; ClipCapError for anything else."""
     if isinstance(obj, dict) and isinstance(obj.get("images"), list):
         first = next((im for im in obj["images"] if isinstance(im, dict)), {})
         if "sentences" in first:

@@ -2,14 +2,19 @@
 
 ```
 STORE/img_emb/img_emb_{i}.npy        float16 [n_i, clip_dim]   (text_emb/text_emb_{i}.npy for text-only stores)
+STORE/tok_emb/tok_emb_{i}.npy        float16 [n_i, T * D]      only with image tokens: the vision tower's last hidden
+                                                               states (T tokens of width D), row-major per image
 STORE/metadata/metadata_{i}.parquet  same row order: key, image_path, split, captions list<string>, caption, extra
-STORE/info.json                      clip_model, clip_dim, normalized, modality, counts, skipped
+STORE/info.json                      clip_model, clip_dim, normalized, modality, counts, skipped,
+                                     tokens ({"count": T, "dim": D, "grid": G or null} when stored)
 STORE/skipped.jsonl                  one line per bad item: {"key", "image", "reason", "shard"}
 STORE/job.json                       the `clipcap embed` parameters, checked when it resumes
 ```
 Rows are read on demand at offsets taken from the .npy headers (numpy's memmap parses them), so memory stays flat
 whatever the store size. Every file is written to a temporary name and renamed, so a killed job leaves whole shards
 or none; the embedding file is renamed last and marks its shard complete (what `clipcap embed` resumes from).
+Token rows are read the same way as embedding rows (one positioned read each), so a token store is as flat in
+memory as a pooled one; it is larger on disk by T * D / clip_dim.
 Stores made by clip-retrieval (no info.json, a string `caption` column) read the same way.
 """
 
@@ -31,6 +36,7 @@ from ..jobs import JOB
 INFO = "info.json"
 SKIPPED = "skipped.jsonl"
 _EMB_DIRS = {"image": "img_emb", "text": "text_emb"}
+TOKENS_DIR = "tok_emb"
 
 
 def arrow(needed_for: str = "the embedding store"):
@@ -85,9 +91,13 @@ class StoreWriter:
         modality: str = "image",
         shard_size: int = 10_000,
         extra_info: dict | None = None,
+        token_shape: tuple[int, int] | None = None,
+        token_grid: int | None = None,
     ):
         if modality not in _EMB_DIRS:
             raise ClipCapError(f"modality must be one of {sorted(_EMB_DIRS)}, got {modality!r}")
+        if token_shape is not None and modality != "image":
+            raise ClipCapError("image tokens go with image embeddings, not text ones")
         self.path = Path(path)
         self.clip_model = clip_model
         self.clip_dim = int(clip_dim)
@@ -95,11 +105,15 @@ class StoreWriter:
         self.modality = modality
         self.shard_size = int(shard_size)
         self.extra_info = dict(extra_info or {})
+        self.token_shape = tuple(int(v) for v in token_shape) if token_shape is not None else None
+        self.token_grid = token_grid
         self.emb_dir = self.path / _EMB_DIRS[modality]
         self.meta_dir = self.path / "metadata"
         self.skip_dir = self.path / "skipped"
-        for d in (self.emb_dir, self.meta_dir, self.skip_dir):
-            d.mkdir(parents=True, exist_ok=True)
+        self.tok_dir = self.path / TOKENS_DIR if self.token_shape else None
+        for d in (self.emb_dir, self.meta_dir, self.skip_dir, self.tok_dir):
+            if d is not None:
+                d.mkdir(parents=True, exist_ok=True)
         self._rows: list[tuple] = []
         self._skipped: list[dict] = []
         self._next_shard = 0
@@ -113,6 +127,9 @@ class StoreWriter:
 
     def skip_file(self, i: int) -> Path:
         return self.skip_dir / f"skipped_{i}.jsonl"
+
+    def token_file(self, i: int) -> Path:
+        return self.tok_dir / f"{TOKENS_DIR}_{i}.npy"
 
     def shard_done(self, i: int) -> bool:
         return self.emb_file(i).is_file()
@@ -128,13 +145,21 @@ class StoreWriter:
         splits: list[str | None] | None = None,
         extras: list[dict] | None = None,
         skipped: list[dict] | None = None,
+        tokens=None,
     ) -> None:
-        """Write shard `i` atomically: skipped list, metadata, then the embeddings (whose presence marks it done)."""
+        """Write shard `i` atomically: skipped list, metadata, the tokens (a token store: (n, T, D)), then the
+        embeddings (whose presence marks it done)."""
         pa, _, pq = arrow()
         emb = np.asarray(embeddings, dtype=np.float32).reshape(-1, self.clip_dim)
         n = len(keys)
         if len(emb) != n or len(captions) != n:
             raise ValueError(f"shard {i}: {len(emb)} embeddings, {n} keys, {len(captions)} caption lists")
+        if (tokens is None) != (self.token_shape is None):
+            raise ValueError(f"shard {i}: tokens given to a store {'with' if tokens is None else 'without'} tokens")
+        if tokens is not None:
+            tokens = np.asarray(tokens, dtype=np.float32)
+            if tokens.shape != (n, *self.token_shape):
+                raise ValueError(f"shard {i}: tokens of shape {tokens.shape}, expected {(n, *self.token_shape)}")
         image_paths = image_paths if image_paths is not None else [None] * n
         splits = splits if splits is not None else [None] * n
         extras = extras if extras is not None else [{}] * n
@@ -152,11 +177,16 @@ class StoreWriter:
         replace_atomically(self.skip_file(i), lambda tmp: tmp.write_text(lines, encoding="utf-8"))
         replace_atomically(self.meta_file(i), lambda tmp: pq.write_table(table, tmp))
 
-        def save(tmp):
-            with open(tmp, "wb") as f:
-                np.save(f, emb.astype(np.float16))
+        def saver(array: np.ndarray):
+            def save(tmp):
+                with open(tmp, "wb") as f:
+                    np.save(f, array.astype(np.float16))
 
-        replace_atomically(self.emb_file(i), save)
+            return save
+
+        if tokens is not None:  # one row per image: its T tokens of width D, flattened
+            replace_atomically(self.token_file(i), saver(tokens.reshape(n, -1)))
+        replace_atomically(self.emb_file(i), saver(emb))
 
     def finalize(self, num_shards: int) -> dict:
         """Merge the per-shard skip lists into skipped.jsonl and write info.json for shards 0..num_shards-1."""
@@ -199,13 +229,19 @@ class StoreWriter:
             "skipped_by_reason": dict(sorted(by_reason.items())),
             **self.extra_info,
         }
+        if self.token_shape is not None:
+            info["tokens"] = {"count": self.token_shape[0], "dim": self.token_shape[1], "grid": self.token_grid}
         write_json(self.path / INFO, info)
         return info
 
     # -- streaming API -----------------------------------------------------------------------------------------
-    def add(self, embedding, key: str, captions: list[str], image_path=None, split=None, extra=None) -> None:
-        """Buffer one row; a shard is written every `shard_size` rows."""
-        self._rows.append((np.asarray(embedding, dtype=np.float32), key, list(captions), image_path, split, extra))
+    def add(
+        self, embedding, key: str, captions: list[str], image_path=None, split=None, extra=None, tokens=None
+    ) -> None:
+        """Buffer one row (with its (T, D) tokens in a token store); a shard is written every `shard_size` rows."""
+        self._rows.append(
+            (np.asarray(embedding, dtype=np.float32), key, list(captions), image_path, split, extra, tokens)
+        )
         if len(self._rows) >= self.shard_size:
             self._flush()
 
@@ -214,8 +250,8 @@ class StoreWriter:
         self._skipped.append({"key": key, "image": image, "reason": reason})
 
     def _flush(self) -> None:
-        emb, keys, caps, paths, splits, extras = (
-            zip(*self._rows, strict=True) if self._rows else ([], [], [], [], [], [])
+        emb, keys, caps, paths, splits, extras, tokens = (
+            zip(*self._rows, strict=True) if self._rows else ([], [], [], [], [], [], [])
         )
         self.write_shard(
             self._next_shard,
@@ -226,6 +262,7 @@ class StoreWriter:
             list(splits),
             [e or {} for e in extras],
             self._skipped,
+            tokens=None if self.token_shape is None else np.asarray(tokens, np.float32).reshape(-1, *self.token_shape),
         )
         self._next_shard += 1
         self._rows, self._skipped = [], []
@@ -339,7 +376,7 @@ class EmbeddingStore:
             if not f.is_file():
                 raise ClipCapError(f"embedding store {self.path} is incomplete: {f} is missing")
 
-        self._files: dict[int, io.FileIO] = {}
+        self._files: dict[tuple[int, bool], io.FileIO] = {}  # (shard, tokens?) -> handle
         self._shard_table = None  # (shard, its whole metadata table): the last one `metadata` read
         self._layout = [_npy_layout(f) for f in self._emb_files]  # (rows, dim, dtype, data offset)
         lengths = [rows for rows, *_ in self._layout]
@@ -348,6 +385,7 @@ class EmbeddingStore:
             raise ClipCapError(f"embedding store {self.path}: shards disagree on the embedding size {sorted(dims)}")
         self._dim = dims.pop()
         self._starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        self._token_files, self._token_layout = self._open_tokens(lengths)
 
         schema = _arrow_call(pa, self._meta_files[0], pq.read_schema, self._meta_files[0])
         if caption_column is not None and caption_column not in schema.names:
@@ -421,15 +459,36 @@ class EmbeddingStore:
         self._image_caption_start = offsets[self._rows]
         self._image_caption_count = kept
 
+    def _open_tokens(self, lengths: list[int]) -> tuple[list[Path], list[tuple]]:
+        """The token shards' paths and layouts (none for a store without tokens), checked against info.json."""
+        tokens = (self._info or {}).get("tokens")
+        if not tokens:
+            return [], []
+        files = [self.path / TOKENS_DIR / f"{TOKENS_DIR}_{_shard_number(f)}.npy" for f in self._emb_files]
+        missing = [f for f in files if not f.is_file()]
+        if missing:
+            raise ClipCapError(f"embedding store {self.path} is incomplete: {missing[0]} is missing")
+        layout = [_npy_layout(f) for f in files]
+        width = tokens["count"] * tokens["dim"]
+        for f, n, (rows, dim, *_) in zip(files, lengths, layout, strict=True):
+            if rows != n or dim != width:
+                raise ClipCapError(
+                    f"embedding store {self.path}: {f.name} holds {rows} x {dim} values, expected {n} x {width} "
+                    f"({tokens['count']} tokens of {tokens['dim']})"
+                )
+        return files, layout
+
     # -- reading rows --------------------------------------------------------------------------------------------
-    def _read_row(self, shard: int, local: int) -> np.ndarray:
+    def _read_row(self, shard: int, local: int, tokens: bool = False) -> np.ndarray:
         # A positioned read per row, not a slice of a mapping: random reads through a mapping pull whole page-cache
         # folios (~1-2 MiB each, measured) into RSS until unmapped, so an epoch over a mapped store grows RSS to the
         # store's size. pread leaves the caching to the kernel and keeps the process flat.
-        fh = self._files.get(shard)
+        key = (shard, tokens)
+        fh = self._files.get(key)
         if fh is None:
-            fh = self._files[shard] = open(self._emb_files[shard], "rb", buffering=0)  # noqa: SIM115 (kept open)
-        _, dim, dtype, offset = self._layout[shard]
+            path = (self._token_files if tokens else self._emb_files)[shard]
+            fh = self._files[key] = open(path, "rb", buffering=0)  # noqa: SIM115 (kept open)
+        _, dim, dtype, offset = (self._token_layout if tokens else self._layout)[shard]
         size = dim * dtype.itemsize
         return np.frombuffer(os.pread(fh.fileno(), size, offset + local * size), dtype=dtype).astype(np.float32)
 
@@ -466,6 +525,17 @@ class EmbeddingStore:
     @property
     def clip_dim(self) -> int:
         return int(self._dim)
+
+    @property
+    def token_shape(self) -> tuple[int, int] | None:
+        """(T, D) of the stored image tokens, or None when the store holds pooled embeddings only."""
+        tokens = (self._info or {}).get("tokens")
+        return (int(tokens["count"]), int(tokens["dim"])) if tokens else None
+
+    @property
+    def token_grid(self) -> int | None:
+        """The grid the patch tokens were pooled to when embedded (None: every token kept)."""
+        return ((self._info or {}).get("tokens") or {}).get("grid")
 
     @property
     def clip_model(self) -> str | None:
@@ -511,6 +581,17 @@ class EmbeddingStore:
         out = np.empty((len(indices), self._dim), dtype=np.float32)
         for n, j in enumerate(indices):
             out[n] = self.image_embedding(j)
+        return out
+
+    def image_tokens(self, indices=None) -> np.ndarray:
+        """Image tokens of the given images (default: all kept images) as one float32 array (n, T, D)."""
+        shape = self.token_shape
+        if shape is None:
+            raise ClipCapError(f"embedding store {self.path} holds no image tokens (embed it with tokens)")
+        indices = range(self.num_images) if indices is None else indices
+        out = np.empty((len(indices), *shape), dtype=np.float32)
+        for n, j in enumerate(indices):
+            out[n] = self._read_row(*self._locate(j), tokens=True).reshape(shape)
         return out
 
     def image_captions(self, j: int) -> list[str]:

@@ -54,6 +54,12 @@ class EncoderRecipe:
     clip_partial: float = 0.5  # share of captions that name only some attributes (so each is readable alone)
     clip_hard_negatives: bool = True  # a swapped-binding caption per two-object scene
     clip_attribute_negatives: bool = True  # a caption with one attribute of one object changed, per scene
+    # NegCLIP (Yuksekgonul et al. 2023) for where things are: after `clip_steps`, fine-tune for this many steps
+    # with, per two-object scene, the scene with its objects' places swapped as another image of the batch (with its
+    # own caption: a hard negative image for the text side, a hard negative caption for the image side), and per
+    # single object a caption placing it elsewhere. 0: no such stage.
+    clip_relation_steps: int = 0
+    clip_relation_lr: float = 3e-4
     # LM
     lm_hidden: int = 160
     lm_layers: int = 4
@@ -161,8 +167,37 @@ def _attribute_negative(scene: shapes.Scene, rng: np.random.Generator) -> str:
     return shapes.captions(replace(scene, objects=tuple(objects)), rng, 1)[0]
 
 
-def _clip_batch(stream, recipe: EncoderRecipe, processor, tokenizer, rng: np.random.Generator):
-    """One batch: images, their captions, then hard-negative captions (texts with no image of their own)."""
+def swap_places(scene: shapes.Scene, image_size: int) -> shapes.Scene | None:
+    """The scene with its two objects' places swapped (each keeps its size, centred where the other was; the
+    relation becomes its inverse), or None for one object or when the swapped objects would overlap."""
+    if len(scene.objects) != 2:
+        return None
+    a, b = scene.objects
+
+    def moved(obj: shapes.Shape, to: shapes.Shape) -> shapes.Shape:
+        centre = ((to.box[0] + to.box[2]) / 2, (to.box[1] + to.box[3]) / 2)
+        return replace(obj, box=shapes._box(centre, obj.box[2] - obj.box[0], image_size))
+
+    objects = (moved(a, b), moved(b, a))
+    if shapes._overlap(objects[0].box, objects[1].box):
+        return None
+    return replace(scene, objects=objects, layout=shapes.RELATIONS[scene.layout][2])
+
+
+def _relation_negative(scene: shapes.Scene, rng: np.random.Generator) -> str:
+    """A caption of the scene with its objects' places swapped: the relation flipped for two objects, another
+    position for one. The same words but one (or the relation phrase), so the embedding must say where things are."""
+    if len(scene.objects) == 2:
+        moved = replace(scene, layout=shapes.RELATIONS[scene.layout][2])
+    else:
+        others = [p for p in shapes.POSITIONS if p != scene.layout]
+        moved = replace(scene, layout=others[int(rng.integers(len(others)))])
+    return shapes.captions(moved, rng, 1)[0]
+
+
+def _clip_batch(stream, recipe: EncoderRecipe, processor, tokenizer, rng: np.random.Generator, relations: bool):
+    """One batch: images and their captions (with `relations`, swapped-place images and their captions), then
+    hard-negative captions (texts with no image of their own)."""
     images, texts, negatives = [], [], []
     for _ in range(recipe.clip_batch):
         scene, scene_rng = next(stream)
@@ -175,6 +210,14 @@ def _clip_batch(stream, recipe: EncoderRecipe, processor, tokenizer, rng: np.ran
             negatives.append(_hard_negative(scene, rng))
         if recipe.clip_attribute_negatives:
             negatives.append(_attribute_negative(scene, rng))
+        swapped = swap_places(scene, recipe.image_size) if relations else None
+        if swapped is not None:
+            # Its caption is the relation negative of this scene, with an image of its own: as a negative text only
+            # it would be wrongly scored against the swapped image.
+            images.append(shapes.render(swapped, recipe.image_size, rng))
+            texts.append(shapes.captions(swapped, rng, 1)[0])
+        elif relations:
+            negatives.append(_relation_negative(scene, rng))
     texts += [t for t in negatives if t is not None]
     pixels = processor(images=images, return_tensors="pt")["pixel_values"]
     tokens = tokenizer(texts, padding=True, return_tensors="pt")
@@ -224,23 +267,22 @@ def build_clip(recipe: EncoderRecipe, vocab_size: int, eos_id: int):
     return CLIPModel(config)
 
 
-def train_clip(recipe: EncoderRecipe, tokenizer, out: Path, log: Callable[[str], None] = print) -> Path:
-    """Train the tiny CLIP contrastively on a stream of whole-world scenes; save model + processor + tokenizer."""
-    from transformers import CLIPImageProcessor
-
-    size = recipe.image_size
-    processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-    clip_tok = _clip_tokenizer(tokenizer)
-    model = build_clip(recipe, len(tokenizer), tokenizer.eos_token_id)
-    opt = torch.optim.AdamW(model.parameters(), lr=recipe.clip_lr, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(recipe.clip_steps, recipe.warmup))
-    stream = scene_stream(recipe.seed, size)
-    rng = np.random.default_rng([recipe.seed, 31])
+def _clip_stage(model, recipe: EncoderRecipe, processor, clip_tok, stage: str, log: Callable[[str], None]) -> None:
+    """One contrastive training stage of the tiny CLIP: `base` (clip_steps) or `relations` (NegCLIP fine-tuning,
+    clip_relation_steps), each with its own seeded scene stream, optimizer and warm-up + cosine schedule."""
+    relations = stage == "relations"
+    steps, lr = (
+        (recipe.clip_relation_steps, recipe.clip_relation_lr) if relations else (recipe.clip_steps, recipe.clip_lr)
+    )
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(steps, recipe.warmup))
+    stream = scene_stream(recipe.seed + 3 if relations else recipe.seed, recipe.image_size)
+    rng = np.random.default_rng([recipe.seed, 37 if relations else 31])
     model.train()
     start = time.time()
-    bar = tqdm(range(recipe.clip_steps), desc="pretrain CLIP", unit="step")
+    bar = tqdm(range(steps), desc=f"pretrain CLIP ({stage})", unit="step")
     for step in bar:
-        pixels, tokens, texts = _clip_batch(stream, recipe, processor, clip_tok, rng)
+        pixels, tokens, texts = _clip_batch(stream, recipe, processor, clip_tok, rng, relations)
         out_ = model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"], pixel_values=pixels)
         loss = _soft_clip_loss(out_.logits_per_image, texts)
         loss.backward()
@@ -251,9 +293,23 @@ def train_clip(recipe: EncoderRecipe, tokenizer, out: Path, log: Callable[[str],
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
         bar.set_postfix(loss=f"{loss.item():.3f}")
-        if step % 200 == 0 or step == recipe.clip_steps - 1:
-            log(f"clip step {step} loss {loss.item():.4f} ({time.time() - start:.0f}s)")
+        if step % 200 == 0 or step == steps - 1:
+            log(f"clip {stage} step {step} loss {loss.item():.4f} ({time.time() - start:.0f}s)")
     model.eval()
+
+
+def train_clip(recipe: EncoderRecipe, tokenizer, out: Path, log: Callable[[str], None] = print) -> Path:
+    """Train the tiny CLIP contrastively on a stream of whole-world scenes, then (clip_relation_steps > 0) fine-tune
+    it NegCLIP-style on where things are; save model + processor + tokenizer."""
+    from transformers import CLIPImageProcessor
+
+    size = recipe.image_size
+    processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    clip_tok = _clip_tokenizer(tokenizer)
+    model = build_clip(recipe, len(tokenizer), tokenizer.eos_token_id)
+    _clip_stage(model, recipe, processor, clip_tok, "base", log)
+    if recipe.clip_relation_steps:
+        _clip_stage(model, recipe, processor, clip_tok, "relations", log)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     processor.save_pretrained(out)
@@ -338,13 +394,34 @@ def _fit_probe(x: torch.Tensor, y: torch.Tensor, classes: int, steps: int = 300)
     return probe
 
 
+def relation_retrieval(encoder, rng: np.random.Generator, count: int, novel: bool, image_size: int = 40) -> float:
+    """Fraction of two-object images closer to "a A <relation> a B." than to the same caption with the relation
+    flipped (0.5 = chance: a bag of words). Both captions name the objects in the same order and the same way."""
+    scenes = []
+    while len(scenes) < count:
+        scene = shapes.sample_scene(rng, image_size, novel=novel)
+        if len(scene.objects) == 2:
+            scenes.append(scene)
+    images = F.normalize(encoder.encode([shapes.render(s, image_size, rng) for s in scenes], batch_size=256), dim=-1)
+
+    def caption(scene: shapes.Scene, relation: str) -> str:
+        a, b = (shapes._phrase(o, True) for o in scene.objects)
+        return shapes._with_article(f"a {a} {shapes.RELATION_WORDS[relation]} a {b}.")
+
+    true = F.normalize(encoder.encode_text([caption(s, s.layout) for s in scenes]), dim=-1)
+    flipped = F.normalize(encoder.encode_text([caption(s, shapes.RELATIONS[s.layout][2]) for s in scenes]), dim=-1)
+    return ((images * true).sum(-1) > (images * flipped).sum(-1)).float().mean().item()
+
+
 def probe_clip(clip_dir: str | Path, n: int = 3000, seed: int = 123, image_size: int = 40) -> dict[str, float]:
     """Linear probes of shape and colour on single-object image embeddings: fit on familiar compositions only,
-    score on held-out familiar images and on novel ones (purple triangle / yellow square)."""
+    score on held-out familiar images and on novel ones (purple triangle / yellow square); and `relation_retrieval`
+    on two-object images of both kinds."""
     from ..encoder import ImageEncoder
 
     encoder = ImageEncoder.from_pretrained(str(clip_dir))
     rng = np.random.default_rng(seed)
+    result = {}
 
     def draw(novel: bool, count: int):
         scenes = []
@@ -360,7 +437,6 @@ def probe_clip(clip_dir: str | Path, n: int = 3000, seed: int = 123, image_size:
     train_x, train_s, train_c = draw(False, n)
     test_x, test_s, test_c = draw(False, n // 3)
     novel_x, novel_s, novel_c = draw(True, n // 3)
-    result = {}
     for name, train_y, test_y, novel_y, k in (
         ("shape", train_s, test_s, novel_s, len(shapes.SHAPES)),
         ("colour", train_c, test_c, novel_c, len(shapes.COLOURS)),
@@ -369,6 +445,8 @@ def probe_clip(clip_dir: str | Path, n: int = 3000, seed: int = 123, image_size:
         with torch.no_grad():
             result[f"{name}_in_domain"] = (probe(test_x).argmax(1) == test_y).float().mean().item()
             result[f"{name}_novel"] = (probe(novel_x).argmax(1) == novel_y).float().mean().item()
+    for novel in (False, True):  # ARO-style: does the image prefer its caption to the relation-flipped one?
+        result[f"relation_{'novel' if novel else 'in_domain'}"] = relation_retrieval(encoder, rng, n // 3, novel)
     return result
 
 

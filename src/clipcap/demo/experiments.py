@@ -6,8 +6,13 @@
 - `mapping_ablation`: the mapping network x LM tuning table (MLP/Transformer x tuned/frozen).
 - `tuning_ablation`: frozen LM vs LoRA (each of `lora_ranks`) vs full tuning, with each mapper: test scores,
   trainable parameters, model-dir size and seconds per optimizer step.
+- `relations_ablation` (beyond the paper): where things are. Each CLIP given (e.g. with and without
+  relation-aware hard negatives) x each way of reading the image (the pooled embedding with the paper's two
+  variants, or image tokens with the Transformer mapper, tuned or frozen LM), on the demo's shapes world: single
+  objects, two-object scenes named exactly and their relation, CIDEr, in-domain and novel; seconds of training and
+  the size of what each setting reads from the store. Writes results.json and table.md.
 
-`quick` runs either on a small shapes world with the shipped encoders, in minutes.
+`quick` runs any of them on a small shapes world with the shipped encoders, in minutes.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from ..config import MAPPINGS
 from ..errors import ClipCapError
 from ..files import output_dir
 from ..options import check_options, option
+from .runner import VARIANTS
 
 METRICS = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 
@@ -33,7 +39,9 @@ METRICS = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 class ExperimentConfig:
     """One ablation: which, on what data, and what every run of it shares (fields map onto TrainConfig / EvalConfig)."""
 
-    kind: str = option(positional=True, choices=("prefix-length", "mapping", "tuning"), help="which ablation")
+    kind: str = option(
+        positional=True, choices=("prefix-length", "mapping", "tuning", "relations"), help="which ablation"
+    )
     out: str = option(help="output directory (runs/, results.json, plots)")
     data: str | None = option(None, help="embedding store to train and test on (made by `clipcap embed`)")
     lm: str | None = option(None, help="HF id or dir of the language model")
@@ -55,9 +63,25 @@ class ExperimentConfig:
     max_new_tokens: int = option(24, min=1, help="longest caption when scoring")
     train_eval_images: int = option(500, min=1, help="training images scored for the train curve")
     seed: int = option(0, help="seed of every run")
+    clip_models: list[str] | None = option(
+        None,
+        help="relations: CLIP encoders to compare, each DIR or NAME=DIR",
+        default_text="the shipped shapes CLIP",
+    )
+    token_grids: list[int] = option(
+        default_factory=lambda: [0],
+        min=0,
+        help="relations: grids the token variants pool the patch tokens to (0: every token)",
+    )
+    variants: list[str] | None = option(
+        None, help=f"relations: which variants, of {', '.join(VARIANTS)}", default_text="all of them"
+    )
 
     def __post_init__(self) -> None:
         check_options(self)
+        unknown = [v for v in self.variants or () if v not in VARIANTS]
+        if unknown:
+            raise ClipCapError(f"`variants` must be among {', '.join(VARIANTS)}, got {unknown[0]!r}")
 
 
 def _say(message: str) -> None:
@@ -268,9 +292,138 @@ def quick_world(out: str | Path, seed: int = 0) -> tuple[str, str]:
     return str(store), str(ASSETS / "lm")
 
 
+def _dir_mb(path: Path) -> float:
+    return round(sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20, 2)
+
+
+def relations_recipe(quick: bool):
+    """The demo's recipe (world, variants, decoding), or with `quick` a smaller world, two epochs, greedy."""
+    from dataclasses import replace
+
+    from .runner import VARIANTS, DemoRecipe
+
+    recipe = DemoRecipe(variants=tuple(VARIANTS.values()))
+    if quick:
+        recipe = replace(
+            recipe,
+            counts={"train": 2000, "test": 300, "novel": 300},
+            variants=tuple(replace(v, epochs=2) for v in recipe.variants),
+            num_beams=1,
+        )
+    return recipe
+
+
+def relations_ablation(
+    out: str | Path,
+    clips: dict[str, str],
+    lm: str,
+    quick: bool = False,
+    token_grids: list[int | None] | None = None,
+    variants: list[str] | None = None,
+) -> dict:
+    """Every CLIP in `clips` (name -> dir) x every variant (default: all of runner.VARIANTS; token variants once per
+    grid in `token_grids`, None = every token), trained on one shapes world and scored on its test and novel splits.
+    Writes OUT/results.json (after every run) and OUT/table.md."""
+    from ..embed import EmbedConfig, embed
+    from . import world as shapes
+    from .runner import evaluate_variant, train_variant
+
+    recipe = relations_recipe(quick)
+    chosen = [v for v in recipe.variants if variants is None or v.name in variants]
+    unknown = sorted(set(variants or ()) - {v.name for v in recipe.variants})
+    if unknown or not chosen:
+        raise ClipCapError(f"unknown variant(s) {unknown}: choose from {', '.join(v.name for v in recipe.variants)}")
+    if not clips:
+        raise ClipCapError("name at least one CLIP encoder to compare")
+    grids = token_grids or [None]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    counts = {s: 0 for s in shapes.SPLITS} | recipe.counts
+    world = shapes.generate_world(out / "world", counts, seed=recipe.seed)
+    results: dict = {"experiment": "relations", "quick": quick, "counts": recipe.counts, "runs": {}}
+    for clip_name, clip_dir in clips.items():
+        stores = {}
+        for grid in grids:
+            _say(f"{clip_name}: embedding the world with image tokens (grid {grid or 'all'})")
+            stores[grid] = out / "stores" / f"{clip_name}-grid{grid or 'all'}"
+            shutil.rmtree(stores[grid], ignore_errors=True)
+            embedding = EmbedConfig(
+                source=str(world),
+                out=str(stores[grid]),
+                clip_model=str(clip_dir),
+                batch_size=256,
+                workers=0,
+                tokens=True,
+                token_grid=grid,
+            )
+            embed(embedding)
+        for v in chosen:
+            for grid in grids if v.tokens else grids[:1]:
+                name = f"{clip_name}/{v.name}" + (f"/grid{grid or 'all'}" if v.tokens else "")
+                _say(f"{name}: training")
+                store = stores[grid]
+                start = time.perf_counter()
+                model_dir = train_variant(v, store, Path(lm), out / "runs" / name.replace("/", "-"), recipe.seed)
+                seconds = round(time.perf_counter() - start, 1)
+                row = {
+                    "clip": clip_name,
+                    "variant": v.name,
+                    "title": v.title,
+                    "input": f"tokens (grid {grid or 'all'})" if v.tokens else "pooled",
+                    "train_s": seconds,
+                    "store_mb": _dir_mb(store / ("tok_emb" if v.tokens else "img_emb")),
+                }
+                for split in ("test", "novel"):
+                    scored = evaluate_variant(model_dir, store, split, recipe)
+                    b = scored["binding"]
+                    row[split] = {
+                        **{k: b[k] for k in ("single", "objects", "pairs_exact", "relation_right", "position_right")},
+                        "CIDEr": scored["metrics"].get("CIDEr", float("nan")),
+                        "errors": b["errors"],
+                    }
+                results["runs"][name] = row
+                _say(
+                    f"{name}: pairs exact {row['test']['pairs_exact']:.3f} / novel {row['novel']['pairs_exact']:.3f}, "
+                    f"relation right {row['test']['relation_right']:.3f} / {row['novel']['relation_right']:.3f}"
+                )
+                (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "table.md").write_text(relations_table(results))
+    return results
+
+
+def relations_table(results: dict) -> str:
+    """A Markdown table: one row per (CLIP, variant, input); in-domain and novel scores, seconds, store size."""
+    head = (
+        "| CLIP | variant | input | single | pairs exact | relation right | CIDEr | novel single | novel pairs exact "
+        "| novel relation right | novel CIDEr | train s | store MB |"
+    )
+    lines = [head, "|---" * 13 + "|"]
+    for r in results["runs"].values():
+        cells = [
+            f"{r[split][m]:.3f}"
+            for split in ("test", "novel")
+            for m in ("single", "pairs_exact", "relation_right", "CIDEr")
+        ]
+        cells += [f"{r['train_s']:.0f}", f"{r['store_mb']}"]
+        lines.append(f"| {r['clip']} | {r['title']} | {r['input']} | {' | '.join(cells)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _named(spec: str) -> tuple[str, str]:
+    """ "NAME=DIR" -> (NAME, DIR); "DIR" -> (its folder name, DIR)."""
+    name, sep, path = spec.partition("=")
+    return (name, path) if sep and name and path else (Path(spec).name, spec)
+
+
 def run_experiment(cfg: ExperimentConfig) -> dict:
     """Run the ablation `cfg.kind` on `cfg.data` (a store) with `cfg.lm`, or with `cfg.quick` on a small shapes world
     (store and LM made here; fewer lengths and epochs unless given)."""
+    if cfg.kind == "relations":
+        from .encoders import ASSETS
+
+        clips = dict(_named(c) for c in cfg.clip_models) if cfg.clip_models else {"shipped": str(ASSETS / "clip")}
+        grids = [g or None for g in cfg.token_grids]
+        return relations_ablation(cfg.out, clips, cfg.lm or str(ASSETS / "lm"), cfg.quick, grids, cfg.variants)
     lengths = cfg.lengths
     updates = {}
     if cfg.quick and cfg.data is None:

@@ -19,6 +19,7 @@ th { background: #f2f2f2; } td.num { text-align: right; font-variant-numeric: ta
 .card img { width: 96px; height: 96px; image-rendering: pixelated; flex: none; }
 .gen { font-weight: 600; } .gen.ok { color: #176b2c; } .gen.bad { color: #b00020; }
 .ref { color: #555; font-size: 0.9em; } .tag { font-size: 0.75em; color: #777; }
+.why { color: #b00020; font-size: 0.85em; }
 .note { color: #444; max-width: 900px; } img.plot { max-width: 100%; border: 1px solid #eee; }
 """
 
@@ -53,7 +54,8 @@ def write_report(
     extra: dict | None = None,
 ) -> Path:
     """Write `path`. `tables`: (heading, html table); `plots`: (heading, PNG path); `samples`: dicts with `image`
-    (path), `generated`, `references` (list), `correct` (bool or None) and `tag` (e.g. the split)."""
+    (path), `generated`, `references` (list), `correct` (bool or None), `tag` (e.g. the split) and optionally
+    `error` (what is wrong with the generated caption, shown under it)."""
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"]
     parts.append(f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>")
     parts.append(f"<p class='note'>{intro}</p>")
@@ -66,10 +68,11 @@ def write_report(
     for s in samples:
         verdict = "" if s.get("correct") is None else (" ok" if s["correct"] else " bad")
         refs = "".join(f"<div class='ref'>{html.escape(r)}</div>" for r in s["references"][:3])
+        why = f"<div class='why'>✗ {html.escape(s['error'])}</div>" if s.get("error") else ""
         parts.append(
             f"<div class='card'><img alt='sample' src='{data_uri(s['image'])}'><div>"
             f"<div class='tag'>{html.escape(s.get('tag', ''))}</div>"
-            f"<div class='gen{verdict}'>{html.escape(s['generated'])}</div>{refs}</div></div>"
+            f"<div class='gen{verdict}'>{html.escape(s['generated'])}</div>{why}{refs}</div></div>"
         )
     parts.append("</div>")
     if extra:

@@ -40,6 +40,29 @@ class Variant:
     batch_size: int = 64
     lr: float = 2e-3
     lm_lr: float | None = None
+    tokens: bool = False  # the mapper reads the image tokens (transformer mapping), not the pooled embedding
+
+
+# The paper's two variants on the pooled embedding, and the Transformer mapper reading image tokens instead.
+VARIANTS = {
+    v.name: v
+    for v in (
+        Variant("mlp_tuned", "MLP + tuned LM", "mlp", True, batch_size=16, lm_lr=1e-4),
+        Variant("transformer_frozen", "Transformer + frozen LM", "transformer", False, clip_length=10, num_layers=4),
+        Variant(
+            "tokens_tuned",
+            "Transformer (tokens) + tuned LM",
+            "transformer",
+            True,
+            num_layers=4,
+            batch_size=16,
+            lr=1e-3,
+            lm_lr=1e-4,
+            tokens=True,
+        ),
+        Variant("tokens_frozen", "Transformer (tokens) + frozen LM", "transformer", False, num_layers=4, tokens=True),
+    )
+}
 
 
 @dataclass
@@ -48,13 +71,11 @@ class DemoRecipe:
 
     seed: int = 0
     counts: dict = field(default_factory=lambda: {"train": 6000, "val": 300, "test": 1000, "novel": 1000})
-    variants: tuple[Variant, ...] = (
-        Variant("mlp_tuned", "MLP + tuned LM", "mlp", True, batch_size=16, lm_lr=1e-4),
-        Variant("transformer_frozen", "Transformer + frozen LM", "transformer", False, clip_length=10, num_layers=4),
-    )
+    variants: tuple[Variant, ...] = (VARIANTS["mlp_tuned"], VARIANTS["transformer_frozen"])
     num_beams: int = 3
     max_new_tokens: int = 24
     samples_per_split: int = 8
+    token_grid: int | None = None  # image tokens stored when a variant reads them: patch grid pooled to this
 
     @classmethod
     def quick(cls) -> DemoRecipe:
@@ -68,6 +89,39 @@ class DemoRecipe:
 
 def _say(message: str) -> None:
     print(f"clipcap demo: {message}", file=sys.stderr, flush=True)
+
+
+def train_variant(v: Variant, store: Path, lm_dir: Path, run_dir: Path, seed: int = 0, progress: bool = False) -> Path:
+    """Train one variant on `store` with `clipcap train` into `run_dir` (validated on its val split when it has
+    one); returns the model dir to use: best by validation loss, else final."""
+    from ..data.store import EmbeddingStore
+    from ..train import TrainConfig, train
+
+    shutil.rmtree(run_dir, ignore_errors=True)
+    has_val = "val" in EmbeddingStore(store).info.get("splits", {})
+    cfg = TrainConfig(
+        data=str(store),
+        out=str(run_dir),
+        lm=str(lm_dir),
+        mapping=v.mapping,
+        tune_lm=v.tune_lm,
+        prefix_length=v.prefix_length,
+        clip_length=v.clip_length,
+        num_layers=v.num_layers,
+        epochs=v.epochs,
+        batch_size=v.batch_size,
+        lr=v.lr,
+        lm_lr=v.lm_lr if v.tune_lm else None,
+        warmup_steps=100,
+        seed=seed,
+        split="train",
+        val_split="val" if has_val else None,
+        num_samples=0,
+        save_every=10**9,
+        tokens=v.tokens,
+    )
+    train(cfg, progress)
+    return run_dir / ("best" if (run_dir / "best").is_dir() else "final")
 
 
 def evaluate_variant(model_dir: Path, store: Path, split: str, recipe: DemoRecipe) -> dict:
@@ -86,7 +140,8 @@ def evaluate_variant(model_dir: Path, store: Path, split: str, recipe: DemoRecip
     )
     result = evaluate_model(cfg)
     rows = result.rows
-    binding = shapes.binding_accuracy([r["prediction"] for r in rows], [r["references"] for r in rows])
+    predictions, references = [r["prediction"] for r in rows], [r["references"] for r in rows]
+    binding = shapes.binding_accuracy(predictions, references) | shapes.relation_accuracy(predictions, references)
     return {"metrics": result.to_dict(), "binding": binding, "rows": rows}
 
 
@@ -101,9 +156,43 @@ def _portable_model(src: Path, dst: Path, clip_dir: Path) -> Path:
     return dst
 
 
-def _score(entry: dict) -> float:
-    """How the better variant is chosen: mean colour-shape binding accuracy over the two splits."""
-    return (entry["test"]["binding"]["objects"] + entry["novel"]["binding"]["objects"]) / 2
+def _world(out: Path, counts: dict, seed: int, progress: bool = False) -> Path:
+    """A fresh shapes world under out/world with these split counts (other splits empty); its dataset json."""
+    world_dir = out / "world"
+    shutil.rmtree(world_dir, ignore_errors=True)
+    return shapes.generate_world(world_dir, {s: 0 for s in shapes.SPLITS} | counts, seed=seed, progress=progress)
+
+
+def _store(out: Path, world_json: Path, clip_dir: Path, recipe: DemoRecipe, progress: bool = False) -> Path:
+    """out/store: the world embedded with `clip_dir` (with image tokens when a variant reads them)."""
+    from ..embed import EmbedConfig, embed
+
+    store = out / "store"
+    shutil.rmtree(store, ignore_errors=True)
+    tokens = any(v.tokens for v in recipe.variants)
+    cfg = EmbedConfig(
+        source=str(world_json),
+        out=str(store),
+        clip_model=str(clip_dir),
+        batch_size=256,
+        workers=0,
+        tokens=tokens,
+        token_grid=recipe.token_grid if tokens else None,
+    )
+    return embed(cfg, progress).out
+
+
+def build_model(out: str | Path, recipe: DemoRecipe | None = None, encoders: str | Path = ASSETS) -> Path:
+    """Only the demo's model: the training splits of its world, embedded, and its first variant trained as the
+    demo trains it; returns the portable model dir (out/model), the one `run_demo` writes as DIR/model."""
+    recipe = recipe or DemoRecipe()
+    out, encoders = Path(out), Path(encoders)
+    training = {s: n for s, n in recipe.counts.items() if s in ("train", "val")}
+    store = _store(out, _world(out, training, recipe.seed), encoders / "clip", recipe)
+    model = train_variant(
+        recipe.variants[0], store, encoders / "lm", out / "runs" / recipe.variants[0].name, recipe.seed
+    )
+    return _portable_model(model, out / "model", encoders / "clip")
 
 
 def _samples(world: dict, split: str, n: int) -> list[dict]:
@@ -135,8 +224,7 @@ def run_demo(cfg: DemoConfig, recipe: DemoRecipe | None = None, progress: bool =
     clip/ and lm/ (default: the shipped ones; `rebuild_encoders` remakes them under OUT/encoders first)."""
     out, quick, rebuild_encoders, encoders = cfg.out, cfg.quick, cfg.rebuild_encoders, cfg.encoders
     from ..captioner import Captioner
-    from ..embed import EmbedConfig, embed
-    from ..train import TrainConfig, plot_losses, train
+    from ..train import plot_losses
     from .report import table, write_report
 
     recipe = recipe or (DemoRecipe.quick() if quick else DemoRecipe())
@@ -163,61 +251,31 @@ def run_demo(cfg: DemoConfig, recipe: DemoRecipe | None = None, progress: bool =
         )
 
     _say(f"[1/5] generating the shapes world ({', '.join(f'{k} {v}' for k, v in recipe.counts.items())} images)")
-    counts = {s: 0 for s in shapes.SPLITS} | recipe.counts
-    world_dir = out / "world"
-    if world_dir.exists():
-        shutil.rmtree(world_dir)
-    world_json = shapes.generate_world(world_dir, counts, seed=recipe.seed)
+    world_json = _world(out, recipe.counts, recipe.seed, progress)
     world = json.loads(world_json.read_text())
+    world_dir = world_json.parent
     lap("world")
 
     _say("[2/5] embedding every split with the tiny CLIP (clipcap embed)")
-    store = out / "store"
-    shutil.rmtree(store, ignore_errors=True)
-    embedding = EmbedConfig(source=str(world_json), out=str(store), clip_model=str(clip_dir), batch_size=256, workers=0)
-    embed(embedding, progress)
+    store = _store(out, world_json, clip_dir, recipe, progress)
     lap("embed")
 
-    runs: dict[str, Path] = {}
+    runs: dict[str, Path] = {}  # variant -> its model dir
     for v in recipe.variants:
         _say(f"[3/5] training {v.title} (clipcap train, {v.epochs} epoch{'s' * (v.epochs != 1)})")
-        run_dir = out / "runs" / v.name
-        shutil.rmtree(run_dir, ignore_errors=True)
-        cfg = TrainConfig(
-            data=str(store),
-            out=str(run_dir),
-            lm=str(lm_dir),
-            mapping=v.mapping,
-            tune_lm=v.tune_lm,
-            prefix_length=v.prefix_length,
-            clip_length=v.clip_length,
-            num_layers=v.num_layers,
-            epochs=v.epochs,
-            batch_size=v.batch_size,
-            lr=v.lr,
-            lm_lr=v.lm_lr if v.tune_lm else None,
-            warmup_steps=100,
-            seed=recipe.seed,
-            split="train",
-            val_split="val",
-            num_samples=0,
-            save_every=10**9,
-        )
-        runs[v.name] = train(cfg, progress)
+        runs[v.name] = train_variant(v, store, lm_dir, out / "runs" / v.name, recipe.seed, progress)
         lap(f"train {v.name}")
 
     _say("[4/5] evaluating both variants on the in-domain test split and the novel split (clipcap evaluate)")
     results: dict[str, dict] = {}
     for v in recipe.variants:
-        model_dir = runs[v.name] / ("best" if (runs[v.name] / "best").is_dir() else "final")
-        results[v.name] = {split: evaluate_variant(model_dir, store, split, recipe) for split in ("test", "novel")}
+        results[v.name] = {split: evaluate_variant(runs[v.name], store, split, recipe) for split in ("test", "novel")}
     lap("evaluate")
 
-    best = max(recipe.variants, key=lambda v: _score(results[v.name]))
-    best_dir = runs[best.name] / ("best" if (runs[best.name] / "best").is_dir() else "final")
-    model_dir = _portable_model(best_dir, out / "model", clip_dir)
+    best = recipe.variants[0]
+    model_dir = _portable_model(runs[best.name], out / "model", clip_dir)
 
-    _say(f"[5/5] captioning sample images with the better variant ({best.title}) through Captioner")
+    _say(f"[5/5] captioning sample images with the demo's model ({best.title}) through Captioner")
     captioner = Captioner.from_pretrained(model_dir)
     chosen = [(e, split) for split in ("test", "novel") for e in _samples(world, split, recipe.samples_per_split)]
     paths = [world_dir / e["filepath"] / e["filename"] for e, _ in chosen]
@@ -225,22 +283,25 @@ def run_demo(cfg: DemoConfig, recipe: DemoRecipe | None = None, progress: bool =
     samples = []
     for (entry, split), path, caption in zip(chosen, paths, generated, strict=True):
         refs = [s["raw"] for s in entry["sentences"]]
-        truth = sorted((o["colour"], o["shape"]) for o in entry["objects"])
+        error = shapes.caption_error(caption, refs)
         samples.append(
             {
                 "image": str(path),
                 "generated": caption,
                 "references": refs,
-                "correct": sorted(shapes.object_pairs(caption)) == truth,
+                "correct": error is None,
+                "error": error,
                 "tag": f"{split} split" + (" · novel object" if split == "novel" else ""),
             }
         )
-    plot = plot_losses({v.title: runs[v.name] / "metrics.jsonl" for v in recipe.variants}, out / "loss.png", True)
+    plot = plot_losses(
+        {v.title: runs[v.name].parent / "metrics.jsonl" for v in recipe.variants}, out / "loss.png", True
+    )
     lap("report")
 
     summary = {
         "best": best.name,
-        "chosen_by": "mean fraction of objects named with the right colour on the right shape (test and novel)",
+        "chosen_by": "the recipe's first variant, the best of the relations experiment's variants that fits the budget",
         "variants": {
             v.name: {
                 "title": v.title,
@@ -257,11 +318,11 @@ def run_demo(cfg: DemoConfig, recipe: DemoRecipe | None = None, progress: bool =
         "decoding": {"num_beams": recipe.num_beams, "max_new_tokens": recipe.max_new_tokens},
         "encoders": str(encoders),
         "timings_s": {**timings, "total": round(time.perf_counter() - start, 1)},
-        "samples": [{k: s[k] for k in ("image", "generated", "references", "correct")} for s in samples],
+        "samples": [{k: s[k] for k in ("image", "generated", "references", "correct", "error")} for s in samples],
     }
     (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
 
-    columns = ["variant", "split", "single", "objects", "images_exact", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"]
+    columns = ["variant", "split", "single", "objects", "pairs_exact", "relation_right", "BLEU-4", "CIDEr"]
     rows = [
         {"variant": v.title, "split": split, **summary["variants"][v.name][split]}
         for v in recipe.variants
@@ -270,7 +331,9 @@ def run_demo(cfg: DemoConfig, recipe: DemoRecipe | None = None, progress: bool =
     intro = (
         f"ClipCap trained offline on the synthetic shapes world. <b>single</b>: one-object images whose caption "
         f"names exactly the right colour on the right shape; <b>objects</b>: all objects named so; "
-        f"<b>images_exact</b>: images whose named objects are exactly right. The novel split holds images with a "
+        f"<b>pairs_exact</b>: two-object images whose caption names exactly both objects; <b>relation_right</b>: "
+        f"two-object images named exactly whose stated relation (either order of mention) holds in the picture. "
+        f"Sample captions in red are wrong, with what is wrong. The novel split holds images with a "
         f"{' or a '.join(' '.join(p) for p in shapes.NOVEL)}, which ClipCap's training pairs never contain "
         f"(the encoders saw the whole world, as CLIP and GPT-2 saw the web). DIR/model is {best.title}. "
         f"Total time {summary['timings_s']['total']:.0f} s."
@@ -279,7 +342,7 @@ def run_demo(cfg: DemoConfig, recipe: DemoRecipe | None = None, progress: bool =
         out / "report.html",
         "clipcap demo — shapes world",
         intro,
-        [("Metrics (variant × split)", table(rows, columns))],
+        [("Metrics (variant × split)", table(rows, columns)), ("Wrong captions by kind", error_table(rows))],
         [("Loss curves", plot)],
         samples,
         extra={"timings_s": summary["timings_s"], "decoding": summary["decoding"]},
@@ -288,9 +351,19 @@ def run_demo(cfg: DemoConfig, recipe: DemoRecipe | None = None, progress: bool =
     for row in rows:
         _say(
             f"{row['variant']:<26} {row['split']:<6} single {row['single']:.3f}  objects {row['objects']:.3f}  "
-            f"CIDEr {row.get('CIDEr', math.nan):.3f}  BLEU-4 {row.get('BLEU-4', math.nan):.3f}"
+            f"pairs exact {row['pairs_exact']:.3f}  relation right {row['relation_right']:.3f}  "
+            f"CIDEr {row.get('CIDEr', math.nan):.3f}"
         )
     return summary
+
+
+def error_table(rows: list[dict]) -> str:
+    """What the wrong captions got wrong: one row per (variant, split), one column per kind (world.caption_error)."""
+    from .report import table
+
+    kinds = sorted({k for r in rows for k in r["errors"]}, key=lambda k: -sum(r["errors"].get(k, 0) for r in rows))
+    counts = [{"variant": r["variant"], "split": r["split"], **{k: r["errors"].get(k, 0) for k in kinds}} for r in rows]
+    return table(counts, ["variant", "split", *kinds])
 
 
 def _headline(metrics: dict) -> dict:

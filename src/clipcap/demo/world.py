@@ -9,13 +9,16 @@ as "[size] <colour> <shape>" (colour directly before its shape). `generate_world
     novel     images that contain a purple triangle or a yellow square (the nocaps analogue)
 
 `object_pairs` and `binding_accuracy` read generated captions back into (colour, shape) pairs, so a caption that
-says "purple square ... triangle" does not count as naming a purple triangle.
+says "purple square ... triangle" does not count as naming a purple triangle. `relation_accuracy` also reads where
+things are: the relation a two-object caption states (in either order of mention) and a single object's position,
+and `caption_error` names what a caption got wrong.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -69,6 +72,9 @@ _PAIR_TEMPLATES = (
     "a {a} is {rel} a {b}.",
 )
 _PAIR_RE = re.compile(r"\b(" + "|".join(COLOURS) + r") (" + "|".join(SHAPES) + r")\b")
+_OBJECT_RE = re.compile(r"\b(?:(" + "|".join(SIZES) + r") )?(" + "|".join(COLOURS) + r") (" + "|".join(SHAPES) + r")\b")
+_RELATION_RE = re.compile(r"\b(" + "|".join(RELATION_WORDS.values()) + r")\b")
+_POSITION_RE = re.compile(r"\b(" + "|".join(words for _, words in POSITIONS.values()) + r")\b")
 
 
 @dataclass(frozen=True)
@@ -290,4 +296,132 @@ def binding_accuracy(predictions: list[str], references: list[list[str]]) -> dic
         "num_images": len(predictions),
         "num_single": single,
         "num_objects": objects,
+    }
+
+
+@dataclass(frozen=True)
+class Statement:
+    """What a caption says: the objects it names as (size or None, colour, shape), in order of mention, and the
+    relation stated between the first two (a RELATIONS key) or the single object's position (a POSITIONS key)."""
+
+    objects: tuple[tuple[str | None, str, str], ...]
+    relation: str | None = None
+    position: str | None = None
+
+    @property
+    def pairs(self) -> list[tuple[str, str]]:
+        return sorted((colour, shape) for _, colour, shape in self.objects)
+
+
+def read_caption(text: str) -> Statement:
+    """Parse a caption into a Statement. A relation counts only when exactly one relation phrase stands between the
+    first two objects named ("a red circle to the left of a blue square"); a position only for one object."""
+    text = text.lower()
+    found = list(_OBJECT_RE.finditer(text))
+    objects = tuple((m.group(1), m.group(2), m.group(3)) for m in found)
+    relation = position = None
+    if len(found) >= 2:
+        stated = _RELATION_RE.findall(text[found[0].end() : found[1].start()])
+        if len(stated) == 1:
+            relation = {words: key for key, words in RELATION_WORDS.items()}[stated[0]]
+    elif len(found) == 1:
+        stated = _POSITION_RE.findall(text)
+        if len(stated) == 1:
+            position = {words: key for key, (_, words) in POSITIONS.items()}[stated[0]]
+    return Statement(objects, relation, position)
+
+
+def _truth(references: list[str]) -> Statement:
+    """The scene as the references describe it: the first reference that states sizes (they tell two objects of one
+    colour and shape apart), else the first."""
+    statements = [read_caption(r) for r in references]
+    with_sizes = [s for s in statements if s.objects and all(size for size, _, _ in s.objects)]
+    return (with_sizes or statements or [Statement(())])[0]
+
+
+def _relation_holds(said: Statement, truth: Statement) -> bool:
+    """Whether `said`'s relation between its two objects is true of the scene `truth` describes, whichever order the
+    objects are mentioned in. Objects are matched by colour and shape; stated sizes settle ties."""
+    if said.relation is None or truth.relation is None or len(said.objects) != 2 or len(truth.objects) != 2:
+        return False
+    inverse = RELATIONS[truth.relation][2]
+
+    def same(a, b, sizes: bool) -> bool:
+        return a[1:] == b[1:] and (not sizes or a[0] is None or b[0] is None or a[0] == b[0])
+
+    for sizes in (True, False):  # sizes first; if no order fits them, colour and shape alone
+        orders = [
+            relation
+            for (i, j), relation in (((0, 1), truth.relation), ((1, 0), inverse))
+            if same(said.objects[0], truth.objects[i], sizes) and same(said.objects[1], truth.objects[j], sizes)
+        ]
+        if orders:
+            return said.relation in orders
+    return False
+
+
+def caption_error(prediction: str, references: list[str]) -> str | None:
+    """What is wrong with a caption of a scene its references describe, as one category; None when it names every
+    object (colour on shape) and where it is (a single object's position, a pair's relation) right."""
+    said, truth = read_caption(prediction), _truth(references)
+    named, real = said.pairs, truth.pairs
+    if len(named) != len(real):
+        return "wrong number of objects"
+    if named != real:
+        if len(real) == 1:
+            (colour, shape), (true_colour, true_shape) = named[0], real[0]
+            return "wrong shape" if colour == true_colour else "wrong colour" if shape == true_shape else "wrong object"
+        if named[0] == named[1] and real[0] != real[1]:
+            return "one object named twice"
+        colours, shapes = (sorted(p[i] for p in named) == sorted(p[i] for p in real) for i in (0, 1))
+        if colours and shapes:
+            return "colours and shapes bound the other way"
+        (missing, *rest), (wrong, *_) = (
+            (Counter(a) - Counter(b)).elements() for a, b in ((real, named), (named, real))
+        )
+        if rest:
+            return "both objects wrong"
+        if wrong[0] == missing[0]:
+            return "one object: wrong shape"
+        return "one object: wrong colour" if wrong[1] == missing[1] else "one object: wrong object"
+    if len(real) == 1:
+        return None if said.position == truth.position else "wrong position"
+    if said.relation is None:
+        return "no relation stated"
+    if _relation_holds(said, truth):
+        return None
+    flipped = Statement(said.objects, RELATIONS[said.relation][2])
+    return "relation reversed" if _relation_holds(flipped, truth) else "relation on the wrong axis"
+
+
+def relation_accuracy(predictions: list[str], references: list[list[str]]) -> dict:
+    """Where things are, scored from the captions alone (the truth is read from each image's references).
+
+    Returns `pairs_exact` (two-object images whose caption names exactly both objects, colour on shape),
+    `relation_right` (two-object images named exactly whose stated relation, in either order of mention, holds),
+    `position_right` (one-object images named exactly at the right position), their counts, and `errors`: how many
+    captions fell in each `caption_error` category."""
+    if len(predictions) != len(references):
+        raise ClipCapError(f"{len(predictions)} predictions but {len(references)} reference lists")
+    pairs = pairs_exact = relation_right = singles = position_right = 0
+    errors: dict[str, int] = {}
+    for prediction, refs in zip(predictions, references, strict=True):
+        said, truth = read_caption(prediction), _truth(refs)
+        exact = said.pairs == truth.pairs
+        error = caption_error(prediction, refs)
+        if error is not None:
+            errors[error] = errors.get(error, 0) + 1
+        if len(truth.objects) == 2:
+            pairs += 1
+            pairs_exact += exact
+            relation_right += exact and _relation_holds(said, truth)
+        elif len(truth.objects) == 1:
+            singles += 1
+            position_right += exact and said.position == truth.position
+    return {
+        "pairs_exact": pairs_exact / pairs if pairs else float("nan"),
+        "relation_right": relation_right / pairs if pairs else float("nan"),
+        "position_right": position_right / singles if singles else float("nan"),
+        "num_pairs": pairs,
+        "errors": dict(sorted(errors.items(), key=lambda kv: (-kv[1], kv[0]))),
     }
