@@ -14,12 +14,14 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from clipcap import Captioner, ClipCapError, ClipCapModel
+from clipcap.caption_job import CaptionJobConfig, caption_job
 from clipcap.cli import main
 from clipcap.data.store import EmbeddingStore
 from clipcap.encoder import ImageEncoder
 from clipcap.evaluate import EvalConfig, evaluate_model
 from clipcap.images import open_image
 from clipcap.serve import create_app
+from tests.test_caption_job import shard_rows
 
 SAID = {  # image -> (its colour, the caption the tiny model is trained to say back)
     "red": ((255, 0, 0), "a large red circle on the left."),
@@ -180,3 +182,16 @@ def test_the_caption_budget_counts_one_prefix_vector_per_token(token_run, lm_dir
     assert trainer.model.config.prefix_tokens == 105 and trainer.max_tokens == 128 - 105
     with pytest.raises(ClipCapError, match="a prefix of 128 vectors leaves no room in the LM's 128 positions"):
         Trainer(TrainConfig(out=str(tmp_path / "b"), prefix_length=123, **fields))
+
+
+def test_a_caption_job_reads_a_token_store(token_run, source, clip_dir, tmp_path):
+    """`clipcap caption STORE --out` gives a token model the stored tokens; a store without tokens is refused."""
+    store, model_dir = token_run
+    args = ["--model", str(model_dir), "--max-new-tokens", "40", "--quiet", "--split", "test"]
+    assert main(["caption", str(store), *args, "--out", str(tmp_path / "from-store")]) == 0
+    said = [caption for _, caption in SAID.values()]
+    assert sorted(r["caption"] for r in shard_rows(tmp_path / "from-store")) == sorted(said)
+    pooled = tmp_path / "pooled"
+    assert main(["embed", str(source), "--out", str(pooled), "--clip-model", str(clip_dir), "--workers", "0"]) == 0
+    with pytest.raises(ClipCapError, match="holds no image tokens, but the model reads image tokens of shape"):
+        caption_job(CaptionJobConfig(inputs=[str(pooled)], model=str(model_dir), out=str(tmp_path / "o")))

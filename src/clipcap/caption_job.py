@@ -225,6 +225,17 @@ def check_store(store: EmbeddingStore, captioner) -> None:
             "the data with the model's encoder, or name the store's encoder as `clip_model` if the model was trained "
             "on it"
         )
+    tokens = config.token_shape
+    if tokens is not None and (store.token_shape is None or list(store.token_shape) != list(tokens)):
+        held = "no image tokens" if store.token_shape is None else f"image tokens of shape {list(store.token_shape)}"
+        raise ClipCapError(
+            f"{store.path} holds {held}, but the model reads image tokens of shape {list(tokens)}: embed the data "
+            "with `tokens` (and the model's token grid)"
+        )
+    if tokens is not None and store.token_grid != config.token_grid:
+        raise ClipCapError(
+            f"{store.path} pooled its image tokens to grid {store.token_grid}, the model to {config.token_grid}"
+        )
     if store.normalized and not config.normalize_prefix:
         raise ClipCapError(
             f"{store.path} holds L2-normalised embeddings but the model maps raw ones (normalize_prefix is off in its "
@@ -266,9 +277,10 @@ def _caption_batches(captioner, inputs: Inputs, batches: list[list[int]], decodi
         return [[c] for c in out] if num == 1 else out
 
     if inputs.store is not None:
+        reads_tokens = captioner.model.config.token_shape is not None
         for batch in batches:
-            vectors = inputs.store.image_embeddings(batch)
-            finite = np.isfinite(vectors).all(axis=1)
+            vectors = inputs.store.image_tokens(batch) if reads_tokens else inputs.store.image_embeddings(batch)
+            finite = np.isfinite(vectors.reshape(len(batch), -1)).all(axis=1)
             good = [n for n, ok in zip(batch, finite, strict=True) if ok]
             failed = {n: "stored embedding is not finite" for n, ok in zip(batch, finite, strict=True) if not ok}
             captions = generate(torch.from_numpy(vectors[finite])) if good else []
@@ -277,7 +289,7 @@ def _caption_batches(captioner, inputs: Inputs, batches: list[list[int]], decodi
     encoder = captioner.encoder
     pin = encoder.device.type == "cuda"
     for good, pixels, failed in image_loader(inputs.records, encoder.processor, batches, workers, pin_memory=pin):
-        captions = generate(encoder.encode_pixels(pixels)) if good else []
+        captions = generate(captioner.model_inputs(pixels)) if good else []
         yield dict(zip(good, captions, strict=True)), failed
 
 
