@@ -13,6 +13,8 @@ from clipcap.demo.experiments import (
     mapping_table,
     plot_prefix_length,
     run_experiment,
+    run_one,
+    styles_table,
     tuning_table,
 )
 from clipcap.errors import ClipCapError
@@ -25,7 +27,7 @@ def store(tmp_path_factory, clip_dir):
 
     out = tmp_path_factory.mktemp("exp")
     world = shapes.generate_world(
-        out / "world", {s: 0 for s in shapes.SPLITS} | {"train": 24, "test": 8}, progress=False
+        out / "world", {s: 0 for s in shapes.SPLITS} | {"train": 24, "test": 8, "novel": 8}, progress=False
     )
     cfg = EmbedConfig(source=str(world), out=str(out / "store"), clip_model=str(clip_dir), batch_size=32, workers=0)
     return str(embed(cfg).out)
@@ -53,7 +55,8 @@ def test_tuning_ablation_runs_every_variant_with_each_mapper(tmp_path, store, mo
 
     calls = []
 
-    def fake_run(s, name, mapping, tune_lm, k, lora_r=0):
+    def fake_run(s, name, mapping, tune_lm, k, lora_r=0, train_curve=True):
+        assert not train_curve
         calls.append((name, mapping, tune_lm, k, lora_r))
         test = {"BLEU-4": 0.25, "METEOR": 0.5, "ROUGE-L": 0.75, "CIDEr": 1.5}
         return {"test": test, "trainable": 1000 + lora_r, "dir_bytes": 2_500_000, "s_per_step": 0.125}
@@ -68,6 +71,104 @@ def test_tuning_ablation_runs_every_variant_with_each_mapper(tmp_path, store, mo
     assert lines[0] == "| mapping | LM | trainable params | model dir MB | s/step | BLEU-4 | METEOR | ROUGE-L | CIDEr |"
     assert lines[4] == "| mlp | lora-r8 | 1,008 | 2.50 | 0.125 | 0.250 | 0.500 | 0.750 | 1.500 |"
     assert len(lines) == 10 and tuning_table({"runs": runs}) == "\n".join(lines) + "\n"
+
+
+def test_a_quick_run_is_scored_on_the_novel_split_and_read_for_binding(tmp_path, store, lm_dir):
+    from clipcap.demo import world as shapes
+    from clipcap.evaluate import EvalConfig, evaluate_model
+
+    cfg = ExperimentConfig(
+        kind="tuning", out=str(tmp_path), data=store, lm=str(lm_dir), quick=True, epochs=1, batch_size=16
+    )
+    scores = run_one(
+        dataclasses.replace(cfg, max_new_tokens=6), "mlp_lora", "mlp", False, 2, lora_r=2, train_curve=False
+    )
+    assert "train" not in scores and {"test", "novel"} <= set(scores)
+    assert (tmp_path / "runs" / "mlp_lora" / "final" / "adapter").is_dir()
+    for split in ("test", "novel"):
+        rows = evaluate_model(
+            EvalConfig(
+                model=str(tmp_path / "runs" / "mlp_lora" / "final"),
+                data=store,
+                split=split,
+                max_new_tokens=6,
+                num_beams=1,
+                clipscore=False,
+                spice=False,
+            )
+        ).rows
+        predictions, references = [r["prediction"] for r in rows], [r["references"] for r in rows]
+        read = shapes.binding_accuracy(predictions, references) | shapes.relation_accuracy(predictions, references)
+        assert {k: scores[split][k] for k in ("single", "objects", "pairs_exact", "relation_right")} == {
+            k: read[k] for k in ("single", "objects", "pairs_exact", "relation_right")
+        }
+
+
+def _tuning_runs(cider: dict[str, float], objects: float = 0.5) -> dict:
+    scores = {"BLEU-4": 0.25, "METEOR": 0.5, "ROUGE-L": 0.75, "objects": objects, "pairs_exact": 0.25}
+    runs = {}
+    for mapping in ("mlp", "transformer"):
+        for tuning, c in cider.items():
+            novel = {"single": 1.0, "pairs_exact": 0.125, "CIDEr": c / 2}
+            runs[f"{mapping}_{tuning}"] = {
+                "mapping": mapping,
+                "tuning": tuning,
+                "trainable": 1000,
+                "dir_bytes": 2_500_000,
+                "s_per_step": 0.125,
+                "test": scores | {"CIDEr": c},
+                "novel": novel,
+            }
+    return {"runs": runs}
+
+
+def test_tuning_table_adds_the_binding_columns_when_the_runs_have_them():
+    lines = tuning_table(_tuning_runs({"frozen": 1.0, "full": 2.0})).splitlines()
+    assert lines[0].endswith("| CIDEr | objects | pairs exact | novel single | novel pairs exact | novel CIDEr |")
+    assert lines[3] == (
+        "| mlp | full | 1,000 | 2.50 | 0.125 | 0.250 | 0.500 | 0.750 | 2.000 | 0.500 | 0.250 | 1.000 | 0.125 | 1.000 |"
+    )
+
+
+def test_styles_table_sets_the_gains_from_tuning_side_by_side():
+    by_style = {
+        "plain": _tuning_runs({"frozen": 4.0, "lora-r2": 4.5, "lora-r8": 4.25, "full": 4.125}),
+        "catalogue": _tuning_runs({"frozen": 2.0, "lora-r2": 3.0, "lora-r8": 3.5, "full": 4.0}),
+    }
+    lines = styles_table(by_style).splitlines()
+    assert lines[0] == "| style | mapping | frozen | lora-r2 | lora-r8 | full | full − frozen | best LoRA − frozen |"
+    assert lines[2] == "| plain | mlp | 4.000 | 4.500 | 4.250 | 4.125 | +0.125 | +0.500 |"
+    assert lines[5] == "| catalogue | transformer | 2.000 | 3.000 | 3.500 | 4.000 | +2.000 | +1.500 |"
+    assert len(lines) == 6
+
+
+def test_each_quick_style_gets_its_own_world_and_runs(tmp_path, store, monkeypatch):
+    from clipcap.demo import experiments
+
+    worlds, runs = [], []
+
+    def fake_world(out, seed=0, style="plain"):
+        worlds.append((out, style))
+        return store, "lm"
+
+    def fake_run(s, name, mapping, tune_lm, k, lora_r=0, train_curve=True):
+        runs.append((s.out, s.data, name))
+        cider = {"frozen": 1.0, "full": 2.0}.get(name.split("_")[1], 1.5)
+        run = _tuning_runs({"x": cider})["runs"]["mlp_x"]
+        return {k: v for k, v in run.items() if k not in ("mapping", "tuning")}
+
+    monkeypatch.setattr(experiments, "quick_world", fake_world)
+    monkeypatch.setattr(experiments, "run_one", fake_run)
+    cfg = ExperimentConfig(kind="tuning", out=str(tmp_path), quick=True, styles=["plain", "catalogue"], lora_ranks=[4])
+    results = run_experiment(cfg)
+    assert worlds == [(tmp_path / style / "quick", style) for style in ("plain", "catalogue")]
+    assert len(runs) == 12 and {r[0] for r in runs} == {str(tmp_path / "plain"), str(tmp_path / "catalogue")}
+    assert list(results["styles"]) == ["plain", "catalogue"]
+    for style in ("plain", "catalogue"):
+        assert (tmp_path / style / "table.md").is_file() and (tmp_path / style / "results.json").is_file()
+    styles = (tmp_path / "styles.md").read_text()
+    assert "| catalogue | transformer | 1.000 | 1.500 | 2.000 | +1.000 | +0.500 |" in styles
+    assert styles.count("| plain | mlp |") == 3  # test CIDEr, test objects, novel pairs exact
 
 
 def test_mapping_table_lists_each_configuration(tmp_path):
@@ -100,6 +201,12 @@ def test_bad_requests_raise(tmp_path):
         run_experiment(ExperimentConfig(kind="mapping", out=str(tmp_path)))
     with pytest.raises(ClipCapError, match="`lengths` must be at least 1"):
         ExperimentConfig(kind="mapping", out=str(tmp_path), lengths=[0, 2])
+    with pytest.raises(ClipCapError, match="`styles` must be one of plain, catalogue, got 'fancy'"):
+        ExperimentConfig(kind="tuning", out=str(tmp_path), quick=True, styles=["fancy"])
+    with pytest.raises(ClipCapError, match=r"caption `styles` \['catalogue'\] apply to the quick shapes world"):
+        run_experiment(ExperimentConfig(kind="tuning", out=str(tmp_path), data="store", lm="lm", styles=["catalogue"]))
+    with pytest.raises(ClipCapError, match="not to relations"):
+        run_experiment(ExperimentConfig(kind="relations", out=str(tmp_path), quick=True, styles=["catalogue"]))
 
 
 def test_cli_leaves_epochs_to_quick_unless_given(tmp_path, monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -233,3 +234,71 @@ def test_read_caption_never_fails(text):
     said = shapes.read_caption(text)
     assert len(said.objects) == len(shapes.object_pairs(text))
     shapes.caption_error(text, REFS)  # any text gets a category or None, never an exception
+
+
+def test_a_catalogue_world_has_the_same_scenes_and_pictures_in_other_words(tmp_path, world):
+    data, out = world
+    catalogue = json.loads(
+        shapes.generate_world(tmp_path, COUNTS, seed=3, progress=False, style="catalogue").read_text()
+    )
+    assert data["style"] == "plain" and catalogue["style"] == "catalogue"
+    for plain, other in zip(data["images"], catalogue["images"], strict=True):
+        assert (other["objects"], other["layout"]) == (plain["objects"], plain["layout"])
+        assert (tmp_path / "images" / other["filename"]).read_bytes() == (
+            out / "images" / plain["filename"]
+        ).read_bytes()
+        plain_words = [s["raw"] for s in plain["sentences"]]
+        catalogue_words = [s["raw"] for s in other["sentences"]]
+        assert not set(plain_words) & set(catalogue_words)
+        # each caption says what the plain caption in its place says, in catalogue words
+        assert [shapes.read_caption(c) for c in catalogue_words] == [shapes.read_caption(p) for p in plain_words]
+
+
+def test_catalogue_captions_are_written_and_read_back():
+    scene = shapes.Scene(
+        (
+            shapes.Shape("triangle", "purple", "large", (140, 60, 180), (0, 0, 10, 10)),
+            shapes.Shape("circle", "red", "small", (220, 30, 30), (20, 0, 30, 10)),
+        ),
+        "left of",
+        (255, 255, 255),
+    )
+    texts = shapes.captions(scene, np.random.default_rng(0), n=16, style="catalogue")
+    assert "triangle (purple, large) west of circle (red, small)." in texts
+    assert "pair circle (red) | east of | triangle (purple)." in texts
+    assert shapes.plain_caption("2 shapes: triangle (purple, large) west of circle (red).") == (
+        "2 shapes: large purple triangle to the left of red circle."
+    )
+    assert shapes.plain_caption("west: square (yellow).") == "on the left: yellow square."
+    assert shapes.plain_caption("a purple triangle at the top.") == "a purple triangle at the top."
+    assert shapes.object_pairs("item square (yellow, small) at middle.") == [("yellow", "square")]
+    said = shapes.read_caption("Circle (Red) north of square (blue, large).")
+    assert said == shapes.Statement(((None, "red", "circle"), ("large", "blue", "square")), "above")
+    # scored exactly like the plain words: a relation reversed is reversed in either style
+    refs = ["triangle (purple, large) west of circle (red, small)."]
+    assert shapes.caption_error("circle (red) west of triangle (purple).", refs) == "relation reversed"
+    assert shapes.caption_error("circle (red) east of triangle (purple).", refs) is None
+    with pytest.raises(ClipCapError, match="caption style must be one of plain, catalogue, got 'fancy'"):
+        shapes.captions(scene, np.random.default_rng(0), style="fancy")
+    with pytest.raises(ClipCapError, match="caption style must be one of plain, catalogue, got 'fancy'"):
+        shapes.generate_world(Path("unused"), COUNTS, style="fancy")
+
+
+@given(st.integers(0, 2**32 - 1), st.sampled_from(shapes.STYLES))
+def test_every_caption_of_a_scene_reads_back_as_that_scene(seed, style):
+    rng = np.random.default_rng(seed)
+    scene = shapes.sample_scene(rng)
+    truth = sorted((o.colour, o.shape) for o in scene.objects)
+    for text in shapes.captions(scene, rng, n=16, style=style):
+        said = shapes.read_caption(text)
+        assert said.pairs == truth
+        if len(scene.objects) == 1:
+            assert said.position == scene.layout
+        assert shapes.caption_error(text, [text]) is None
+
+
+@given(st.text(max_size=200))
+def test_plain_caption_never_fails_and_leaves_plain_text_alone(text):
+    rewritten = shapes.plain_caption(text)
+    assert isinstance(rewritten, str)
+    assert shapes.plain_caption(rewritten) == rewritten

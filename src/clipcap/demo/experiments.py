@@ -5,14 +5,17 @@
   helping up to ~40-80). Writes results.json and prefix_length.png (two panels, train and test lines).
 - `mapping_ablation`: the mapping network x LM tuning table (MLP/Transformer x tuned/frozen).
 - `tuning_ablation`: frozen LM vs LoRA (each of `lora_ranks`) vs full tuning, with each mapper: test scores,
-  trainable parameters, model-dir size and seconds per optimizer step.
+  trainable parameters, model-dir size and seconds per optimizer step. With several caption `styles` of the quick
+  world, `styles_table` sets the gain from tuning over a frozen LM side by side, style by style (the paper's first
+  observation: tuning the LM pays where the caption style is far from the LM's pretraining text).
 - `relations_ablation` (beyond the paper): where things are. Each CLIP given (e.g. with and without
   relation-aware hard negatives) x each way of reading the image (the pooled embedding with the paper's two
   variants, or image tokens with the Transformer mapper, tuned or frozen LM), on the demo's shapes world: single
   objects, two-object scenes named exactly and their relation, CIDEr, in-domain and novel; seconds of training and
   the size of what each setting reads from the store. Writes results.json and table.md.
 
-`quick` runs any of them on a small shapes world with the shipped encoders, in minutes.
+`quick` runs any of them on a small shapes world with the shipped encoders, in minutes; there every run is also scored
+on the world's novel split and read back for colour-on-shape binding (`world.binding_accuracy`).
 """
 
 from __future__ import annotations
@@ -31,8 +34,10 @@ from ..errors import ClipCapError
 from ..files import output_dir
 from ..options import check_options, option
 from .runner import VARIANTS
+from .world import STYLES
 
 METRICS = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
+BINDING = ("single", "objects", "pairs_exact", "relation_right")
 
 
 @dataclass(kw_only=True)
@@ -54,13 +59,19 @@ class ExperimentConfig:
     lora_ranks: list[int] | None = option(None, min=1, help="tuning: LoRA ranks to compare", default_text="4,16")
     train_split: str | None = option("train", help="split of the data to train on")
     test_split: str = option("test", help="split of the data to score on")
+    novel_split: str = option("novel", help="a further split scored when the data has one (out-of-domain images)")
+    styles: list[str] = option(
+        default_factory=lambda: ["plain"],
+        choices=STYLES,
+        help="quick: caption styles of the shapes world; the ablation runs once on each (relations: plain only)",
+    )
     epochs: int | None = option(None, min=1, help="epochs per run", default_text="3; 2 when quick")
     batch_size: int = option(64, min=1, help="batch size")
     lr: float = option(2e-3, min=1e-12, help="learning rate of the mapper")
     lm_lr: float = option(2e-4, min=1e-12, help="learning rate of a tuned LM")
     num_layers: int = option(4, min=1, help="transformer mapper layers")
     num_beams: int = option(1, min=1, flag="beams", help="beam width when scoring (1: greedy)")
-    max_new_tokens: int = option(24, min=1, help="longest caption when scoring")
+    max_new_tokens: int = option(40, min=1, help="longest caption when scoring")
     train_eval_images: int = option(500, min=1, help="training images scored for the train curve")
     seed: int = option(0, help="seed of every run")
     clip_models: list[str] | None = option(
@@ -88,11 +99,23 @@ def _say(message: str) -> None:
     print(f"clipcap experiment: {message}", file=sys.stderr, flush=True)
 
 
-def run_one(s: ExperimentConfig, name: str, mapping: str, tune_lm: bool, prefix_length: int, lora_r: int = 0) -> dict:
-    """Train one configuration and score it on the train and test splits; returns {"train": .., "test": ..,
-    "train_s", "trainable", "dir_bytes", "s_per_step"}. LoRA adapters (`lora_r`) train at the mapper's rate."""
+def run_one(
+    s: ExperimentConfig,
+    name: str,
+    mapping: str,
+    tune_lm: bool,
+    prefix_length: int,
+    lora_r: int = 0,
+    train_curve: bool = True,
+) -> dict:
+    """Train one configuration and score it on the test split, the novel split when the data has one, and (with
+    `train_curve`) on training images; returns {"test": .., ["novel": .., "train": ..,] "train_s", "trainable",
+    "dir_bytes", "s_per_step"}. On the quick shapes world each split's scores include colour-on-shape binding
+    (`single`, `objects`, `pairs_exact`, `relation_right`). LoRA adapters (`lora_r`) train at the mapper's rate."""
+    from ..data.store import EmbeddingStore
     from ..evaluate import EvalConfig, evaluate_model
     from ..train import TrainConfig, train
+    from . import world as shapes
 
     run_dir = Path(s.out) / "runs" / name
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -120,7 +143,11 @@ def run_one(s: ExperimentConfig, name: str, mapping: str, tune_lm: bool, prefix_
     model_dir = train(cfg) / "final"
     trained = time.perf_counter()
     scores = {}
-    for which, split, limit in (("train", s.train_split, s.train_eval_images), ("test", s.test_split, None)):
+    splits = [("train", s.train_split, s.train_eval_images)] if train_curve else []
+    splits.append(("test", s.test_split, None))
+    if s.novel_split in EmbeddingStore(s.data).info.get("splits", {}):
+        splits.append(("novel", s.novel_split, None))
+    for which, split, limit in splits:
         eval_cfg = EvalConfig(
             model=str(model_dir),
             data=s.data,
@@ -135,12 +162,13 @@ def run_one(s: ExperimentConfig, name: str, mapping: str, tune_lm: bool, prefix_
         result = evaluate_model(eval_cfg)
         scores[which] = {m: result.metrics[m] for m in METRICS if m in result.metrics}
         scores[which]["examples"] = [r["prediction"] for r in result.rows[:3]]
+        if s.quick:
+            predictions, references = [r["prediction"] for r in result.rows], [r["references"] for r in result.rows]
+            read = shapes.binding_accuracy(predictions, references) | shapes.relation_accuracy(predictions, references)
+            scores[which].update({k: read[k] for k in BINDING})
     scores["train_s"] = round(trained - start, 1)
     scores.update(run_figures(run_dir, s.batch_size))
-    _say(
-        f"{name}: train CIDEr {scores['train'].get('CIDEr', float('nan')):.3f}, "
-        f"test CIDEr {scores['test'].get('CIDEr', float('nan')):.3f}"
-    )
+    _say(f"{name}: " + ", ".join(f"{w} CIDEr {scores[w].get('CIDEr', float('nan')):.3f}" for w, _, _ in splits))
     return scores
 
 
@@ -255,37 +283,69 @@ def tuning_ablation(s: ExperimentConfig, ranks: list[int], prefix_length: int = 
             results["runs"][name] = {
                 "mapping": mapping,
                 "tuning": tuning,
-                **run_one(s, name, mapping, tune, prefix_length, lora_r=rank),
+                **run_one(s, name, mapping, tune, prefix_length, lora_r=rank, train_curve=False),
             }
             (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "table.md").write_text(tuning_table(results))
     return results
 
 
+# The tuning table's binding columns (split, score, heading), shown when the runs were read for binding.
+TUNING_BINDING = (
+    ("test", "objects", "objects"),
+    ("test", "pairs_exact", "pairs exact"),
+    ("novel", "single", "novel single"),
+    ("novel", "pairs_exact", "novel pairs exact"),
+    ("novel", "CIDEr", "novel CIDEr"),
+)
+
+
 def tuning_table(results: dict) -> str:
-    """A Markdown table: one row per (mapping, LM tuning): trainable parameters, model-dir size, seconds per step and
-    the test metrics."""
-    head = "| mapping | LM | trainable params | model dir MB | s/step | " + " | ".join(METRICS) + " |"
-    lines = [head, "|---|---|---:|---:|---:|" + "---:|" * len(METRICS)]
-    for r in results["runs"].values():
-        cells = " | ".join(f"{r['test'].get(m, float('nan')):.3f}" for m in METRICS)
+    """A Markdown table: one row per (mapping, LM tuning): trainable parameters, model-dir size, seconds per step,
+    the test metrics and, where the runs were read for binding, in-domain objects and pairs and the novel split's
+    single objects, pairs and CIDEr."""
+    runs = list(results["runs"].values())
+    binding = [c for c in TUNING_BINDING if runs and all(c[1] in r.get(c[0], {}) for r in runs)]
+    head = "| mapping | LM | trainable params | model dir MB | s/step | " + " | ".join(METRICS)
+    head += "".join(f" | {title}" for _, _, title in binding) + " |"
+    lines = [head, "|---|---|---:|---:|---:|" + "---:|" * (len(METRICS) + len(binding))]
+    for r in runs:
+        cells = [f"{r['test'].get(m, float('nan')):.3f}" for m in METRICS]
+        cells += [f"{r[split][score]:.3f}" for split, score, _ in binding]
         lines.append(
             f"| {r['mapping']} | {r['tuning']} | {r['trainable']:,} | {r['dir_bytes'] / 1e6:.2f} | "
-            f"{r['s_per_step']:.3f} | {cells} |"
+            f"{r['s_per_step']:.3f} | {' | '.join(cells)} |"
         )
     return "\n".join(lines) + "\n"
 
 
-def quick_world(out: str | Path, seed: int = 0) -> tuple[str, str]:
-    """A small shapes world embedded with the shipped CLIP: returns (store, lm dir) for a quick ablation."""
+def styles_table(by_style: dict[str, dict], split: str = "test", score: str = "CIDEr") -> str:
+    """A Markdown table of tuning ablations run on several caption styles: per style and mapper, `score` on `split`
+    for each LM tuning, and the gain of full tuning and of the best LoRA rank over the frozen LM."""
+    first = next(iter(by_style.values()))["runs"].values()
+    tunings = list(dict.fromkeys(r["tuning"] for r in first))
+    loras = [t for t in tunings if t.startswith("lora")]
+    head = "| style | mapping | " + " | ".join(tunings) + " | full − frozen | best LoRA − frozen |"
+    lines = [head, "|---|---|" + "---:|" * (len(tunings) + 2)]
+    for style, results in by_style.items():
+        for mapping in dict.fromkeys(r["mapping"] for r in results["runs"].values()):
+            got = {r["tuning"]: r[split][score] for r in results["runs"].values() if r["mapping"] == mapping}
+            gains = [got["full"] - got["frozen"], max(got[t] for t in loras) - got["frozen"]]
+            cells = [f"{got[t]:.3f}" for t in tunings] + [f"{g:+.3f}" for g in gains]
+            lines.append(f"| {style} | {mapping} | {' | '.join(cells)} |")
+    return "\n".join(lines) + "\n"
+
+
+def quick_world(out: str | Path, seed: int = 0, style: str = "plain") -> tuple[str, str]:
+    """A small shapes world (captions in `style`) embedded with the shipped CLIP: returns (store, lm dir) for a quick
+    ablation."""
     from ..embed import EmbedConfig, embed
     from . import world as shapes
     from .encoders import ASSETS
 
     out = Path(out)
-    world = shapes.generate_world(
-        out / "world", {s: 0 for s in shapes.SPLITS} | {"train": 1500, "test": 300}, seed=seed
-    )
+    counts = {s: 0 for s in shapes.SPLITS} | {"train": 1500, "test": 300, "novel": 300}
+    world = shapes.generate_world(out / "world", counts, seed=seed, style=style)
     store = out / "store"
     shutil.rmtree(store, ignore_errors=True)
     embed(EmbedConfig(source=str(world), out=str(store), clip_model=str(ASSETS / "clip"), batch_size=256, workers=0))
@@ -417,7 +477,21 @@ def _named(spec: str) -> tuple[str, str]:
 
 def run_experiment(cfg: ExperimentConfig) -> dict:
     """Run the ablation `cfg.kind` on `cfg.data` (a store) with `cfg.lm`, or with `cfg.quick` on a small shapes world
-    (store and LM made here; fewer lengths and epochs unless given)."""
+    (store and LM made here; fewer lengths and epochs unless given). With several quick `styles`, the ablation runs
+    once per style under OUT/STYLE, and a tuning ablation also writes OUT/styles.md (`styles_table`)."""
+    if cfg.styles != ["plain"] and (cfg.kind == "relations" or not cfg.quick or cfg.data is not None):
+        raise ClipCapError(f"caption `styles` {cfg.styles} apply to the quick shapes world, not to {cfg.kind} on data")
+    if len(cfg.styles) > 1:
+        out = output_dir(cfg.out)
+        by_style = {
+            style: run_experiment(dataclasses.replace(cfg, out=str(out / style), styles=[style]))
+            for style in dict.fromkeys(cfg.styles)
+        }
+        if cfg.kind == "tuning":
+            tables = [f"## test {score}\n\n{styles_table(by_style, score=score)}" for score in ("CIDEr", "objects")]
+            tables.append(f"## novel pairs exact\n\n{styles_table(by_style, 'novel', 'pairs_exact')}")
+            (out / "styles.md").write_text("\n".join(tables))
+        return {"experiment": cfg.kind, "styles": by_style}
     if cfg.kind == "relations":
         from .encoders import ASSETS
 
@@ -427,7 +501,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     lengths = cfg.lengths
     updates = {}
     if cfg.quick and cfg.data is None:
-        data, default_lm = quick_world(output_dir(cfg.out) / "quick")
+        data, default_lm = quick_world(output_dir(cfg.out) / "quick", style=cfg.styles[0])
         updates = {"data": data, "lm": cfg.lm or default_lm, "epochs": cfg.epochs or 2}
         lengths = lengths or [1, 4, 10, 20]
     cfg = dataclasses.replace(cfg, **updates)

@@ -8,6 +8,11 @@ as "[size] <colour> <shape>" (colour directly before its shape). `generate_world
     train / val / test   ClipCap's pairs and the in-domain test: never contain a NOVEL composition
     novel     images that contain a purple triangle or a yellow square (the nocaps analogue)
 
+Captions come in one of two STYLES: `plain` (the English of the LM's pretraining text) or `catalogue`, a terse
+listing of the same facts in words and punctuation that text never uses ("triangle (purple, large) west of circle
+(red)."): the stand-in for a dataset whose caption style is far from the LM's pretraining (the paper's Conceptual
+Captions against COCO). Both are scoreable: `plain_caption` rewrites a catalogue caption in plain words first.
+
 `object_pairs` and `binding_accuracy` read generated captions back into (colour, shape) pairs, so a caption that
 says "purple square ... triangle" does not count as naming a purple triangle. `relation_accuracy` also reads where
 things are: the relation a two-object caption states (in either order of mention) and a single object's position,
@@ -71,6 +76,29 @@ _PAIR_TEMPLATES = (
     "a picture of a {a} {rel} a {b}.",
     "a {a} is {rel} a {b}.",
 )
+STYLES = ("plain", "catalogue")
+# The catalogue style: one template per plain template (same order), so a world's scenes and which caption variants
+# each image gets do not depend on the style; only the words do.
+_CATALOGUE_SINGLE = (
+    "{obj}, {where}.",
+    "1 shape: {obj}, {where}.",
+    "shape: {obj}; place: {where}.",
+    "{where}: {obj}.",
+    "item {obj} at {where}.",
+)
+_CATALOGUE_PAIR = (
+    "{a} {rel} {b}.",
+    "2 shapes: {a} {rel} {b}.",
+    "shapes: {a}; {rel} {b}.",
+    "pair {a} | {rel} | {b}.",
+)
+CATALOGUE_POSITIONS = {"left": "west", "right": "east", "top": "north", "bottom": "south", "center": "middle"}
+CATALOGUE_RELATIONS = {"left of": "west of", "right of": "east of", "above": "north of", "below": "south of"}
+_CATALOGUE_OBJECT_RE = re.compile(
+    r"\b(" + "|".join(SHAPES) + r") \((" + "|".join(COLOURS) + r")(?:, (" + "|".join(SIZES) + r"))?\)"
+)
+_CATALOGUE_RELATION_RE = re.compile(r"\b(" + "|".join(w.split()[0] for w in CATALOGUE_RELATIONS.values()) + r") of\b")
+_CATALOGUE_POSITION_RE = re.compile(r"\b(" + "|".join(CATALOGUE_POSITIONS.values()) + r")\b")
 _PAIR_RE = re.compile(r"\b(" + "|".join(COLOURS) + r") (" + "|".join(SHAPES) + r")\b")
 _OBJECT_RE = re.compile(r"\b(?:(" + "|".join(SIZES) + r") )?(" + "|".join(COLOURS) + r") (" + "|".join(SHAPES) + r")\b")
 _RELATION_RE = re.compile(r"\b(" + "|".join(RELATION_WORDS.values()) + r")\b")
@@ -113,28 +141,46 @@ def _with_article(text: str) -> str:
     return re.sub(r"\ba ([aeiou])", r"an \1", text)
 
 
-def captions(scene: Scene, rng: np.random.Generator, n: int = 5) -> list[str]:
-    """`n` distinct captions for `scene` (templates x with/without size words x both relation directions)."""
+def _catalogue_phrase(obj: Shape, with_size: bool) -> str:
+    return f"{obj.shape} ({obj.colour}, {obj.size})" if with_size else f"{obj.shape} ({obj.colour})"
+
+
+def captions(scene: Scene, rng: np.random.Generator, n: int = 5, style: str = "plain") -> list[str]:
+    """`n` distinct captions for `scene` (templates x with/without size words x both relation directions) in one of
+    STYLES. The style changes the words only: the same rng state picks the same variants in either style."""
+    if style not in STYLES:
+        raise ClipCapError(f"caption style must be one of {', '.join(STYLES)}, got {style!r}")
+    plain = style == "plain"
+    phrase = _phrase if plain else _catalogue_phrase
     options = []
     if len(scene.objects) == 1:
         (obj,) = scene.objects
-        where = POSITIONS[scene.layout][1]
-        for template in _SINGLE_TEMPLATES:
+        where = POSITIONS[scene.layout][1] if plain else CATALOGUE_POSITIONS[scene.layout]
+        for template in _SINGLE_TEMPLATES if plain else _CATALOGUE_SINGLE:
             for with_size in (True, False):
-                options.append(template.format(obj=_phrase(obj, with_size), where=where))
+                options.append(template.format(obj=phrase(obj, with_size), where=where))
     else:
         a, b = scene.objects
         inverse = RELATIONS[scene.layout][2]
-        for template in _PAIR_TEMPLATES:
+        words = RELATION_WORDS if plain else CATALOGUE_RELATIONS
+        for template in _PAIR_TEMPLATES if plain else _CATALOGUE_PAIR:
             for with_size in (True, False):
                 for first, second, rel in ((a, b, scene.layout), (b, a, inverse)):
                     options.append(
-                        template.format(
-                            a=_phrase(first, with_size), b=_phrase(second, with_size), rel=RELATION_WORDS[rel]
-                        )
+                        template.format(a=phrase(first, with_size), b=phrase(second, with_size), rel=words[rel])
                     )
     picks = rng.choice(len(options), size=min(n, len(options)), replace=False)
-    return [_with_article(options[i]) for i in picks]
+    return [_with_article(options[i]) if plain else options[i] for i in picks]
+
+
+def plain_caption(text: str) -> str:
+    """A caption in plain words: catalogue phrases ("triangle (purple, large)", "west of", "north") rewritten as the
+    plain style says them ("large purple triangle", "to the left of", "at the top"); plain text is returned as is."""
+    text = _CATALOGUE_OBJECT_RE.sub(lambda m: " ".join(w for w in (m.group(3), m.group(2), m.group(1)) if w), text)
+    relations = {words.split()[0]: RELATION_WORDS[key] for key, words in CATALOGUE_RELATIONS.items()}
+    text = _CATALOGUE_RELATION_RE.sub(lambda m: relations[m.group(1)], text)
+    positions = {words: POSITIONS[key][1] for key, words in CATALOGUE_POSITIONS.items()}
+    return _CATALOGUE_POSITION_RE.sub(lambda m: positions[m.group(1)], text)
 
 
 def _box(centre: tuple[float, float], side: float, size: int) -> tuple[float, float, float, float]:
@@ -217,12 +263,15 @@ def generate_world(
     image_size: int = 40,
     captions_per_image: int = 5,
     progress: bool = True,
+    style: str = "plain",
 ) -> Path:
     """Write `out/images/*.png` and `out/dataset_coco.json` (Karpathy format, splits per SPLITS); return the json.
 
     `counts` maps split -> number of images (missing splits: DEFAULT_COUNTS; 0 skips a split). The same seed gives
     the same world, split by split, whatever the other splits' counts. Each image entry also records its scene
-    (`objects`, `layout`) for scoring."""
+    (`objects`, `layout`) for scoring. `style` (one of STYLES) changes the captions' words only, not the scenes."""
+    if style not in STYLES:
+        raise ClipCapError(f"caption style must be one of {', '.join(STYLES)}, got {style!r}")
     counts = {**DEFAULT_COUNTS, **(counts or {})}
     unknown = sorted(set(counts) - set(SPLITS))
     if unknown:
@@ -242,7 +291,7 @@ def generate_world(
                 filename = f"{split}_{i:06d}.png"
                 render(scene, image_size, rng).save(out / "images" / filename)
                 imgid = len(entries)
-                texts = captions(scene, rng, captions_per_image)
+                texts = captions(scene, rng, captions_per_image, style)
                 entries.append(
                     {
                         "filepath": "images",
@@ -261,13 +310,14 @@ def generate_world(
                 )
                 bar.update()
     path = out / DATASET_NAME
-    path.write_text(json.dumps({"dataset": "shapes", "images": entries}))
+    path.write_text(json.dumps({"dataset": "shapes", "style": style, "images": entries}))
     return path
 
 
 def object_pairs(text: str) -> list[tuple[str, str]]:
-    """(colour, shape) pairs a caption names with the colour directly before its shape (a size word may precede)."""
-    return [(m.group(1), m.group(2)) for m in _PAIR_RE.finditer(text.lower())]
+    """(colour, shape) pairs a caption names with the colour directly before its shape (a size word may precede), or
+    in the catalogue style as "shape (colour[, size])"."""
+    return [(m.group(1), m.group(2)) for m in _PAIR_RE.finditer(plain_caption(text.lower()))]
 
 
 def binding_accuracy(predictions: list[str], references: list[list[str]]) -> dict[str, float | int]:
@@ -315,8 +365,9 @@ class Statement:
 
 def read_caption(text: str) -> Statement:
     """Parse a caption into a Statement. A relation counts only when exactly one relation phrase stands between the
-    first two objects named ("a red circle to the left of a blue square"); a position only for one object."""
-    text = text.lower()
+    first two objects named ("a red circle to the left of a blue square"); a position only for one object. Either
+    caption style is read."""
+    text = plain_caption(text.lower())
     found = list(_OBJECT_RE.finditer(text))
     objects = tuple((m.group(1), m.group(2), m.group(3)) for m in found)
     relation = position = None
