@@ -25,6 +25,8 @@ def show_default(f: dataclasses.Field) -> str:
     if f.metadata.get("default_text"):
         return f.metadata["default_text"]
     default = f.default if f.default is not dataclasses.MISSING else None
+    if f.default_factory is not dataclasses.MISSING:
+        default = f.default_factory()
     if isinstance(default, (list, tuple)):
         return ",".join(map(str, default))
     return "none" if default is None else str(default)
@@ -97,6 +99,10 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
             if meta.get("positional"):
                 parser.add_argument(f.name, nargs="+", type=item, **{k: v for k, v in kwargs.items() if k != "dest"})
             else:
+                # argparse would check the whole list against the choices; check_options checks each item
+                choices = kwargs.pop("choices", None)
+                if choices:
+                    kwargs["metavar"] = "{" + ",".join(map(str, choices)) + "}[,...]"
                 parser.add_argument(f"--{flag_name(f)}", type=_comma_list(item), **kwargs)
             continue
         kwargs["type"] = _parse_bool if tp is bool else tp
