@@ -116,18 +116,31 @@ def _tuning_runs(cider: dict[str, float], objects: float = 0.5) -> dict:
                 "trainable": 1000,
                 "dir_bytes": 2_500_000,
                 "s_per_step": 0.125,
+                "train_loss": 4.0 / c,
                 "test": scores | {"CIDEr": c},
                 "novel": novel,
             }
     return {"runs": runs}
 
 
-def test_tuning_table_adds_the_binding_columns_when_the_runs_have_them():
-    lines = tuning_table(_tuning_runs({"frozen": 1.0, "full": 2.0})).splitlines()
+def test_tuning_table_adds_the_loss_and_binding_columns_when_the_runs_have_them():
+    results = _tuning_runs({"frozen": 1.0, "full": 2.0})
+    lines = tuning_table(results).splitlines()
+    assert lines[0].startswith("| mapping | LM | trainable params | model dir MB | s/step | train loss | BLEU-4 |")
     assert lines[0].endswith("| CIDEr | objects | pairs exact | novel single | novel pairs exact | novel CIDEr |")
+    assert lines[1].count("|") == lines[0].count("|")
     assert lines[3] == (
-        "| mlp | full | 1,000 | 2.50 | 0.125 | 0.250 | 0.500 | 0.750 | 2.000 | 0.500 | 0.250 | 1.000 | 0.125 | 1.000 |"
+        "| mlp | full | 1,000 | 2.50 | 0.125 | 2.000 | 0.250 | 0.500 | 0.750 | 2.000 | 0.500 | 0.250 | 1.000 | 0.125 "
+        "| 1.000 |"
     )
+    for run in results["runs"].values():
+        del run["train_loss"], run["novel"]
+    lines = tuning_table(results).splitlines()
+    assert lines[0] == (
+        "| mapping | LM | trainable params | model dir MB | s/step | BLEU-4 | METEOR | ROUGE-L | CIDEr | objects "
+        "| pairs exact |"
+    )
+    assert lines[3] == "| mlp | full | 1,000 | 2.50 | 0.125 | 0.250 | 0.500 | 0.750 | 2.000 | 0.500 | 0.250 |"
 
 
 def test_styles_table_sets_the_gains_from_tuning_side_by_side():
@@ -140,6 +153,9 @@ def test_styles_table_sets_the_gains_from_tuning_side_by_side():
     assert lines[2] == "| plain | mlp | 4.000 | 4.500 | 4.250 | 4.125 | +0.125 | +0.500 |"
     assert lines[5] == "| catalogue | transformer | 2.000 | 3.000 | 3.500 | 4.000 | +2.000 | +1.500 |"
     assert len(lines) == 6
+    lines = styles_table(by_style, None, "train_loss").splitlines()
+    assert lines[2] == "| plain | mlp | 1.000 | 0.889 | 0.941 | 0.970 | -0.030 | -0.111 |"
+    assert lines[5] == "| catalogue | transformer | 2.000 | 1.333 | 1.143 | 1.000 | -1.000 | -0.857 |"
 
 
 def test_each_quick_style_gets_its_own_world_and_runs(tmp_path, store, monkeypatch):
@@ -168,7 +184,7 @@ def test_each_quick_style_gets_its_own_world_and_runs(tmp_path, store, monkeypat
         assert (tmp_path / style / "table.md").is_file() and (tmp_path / style / "results.json").is_file()
     styles = (tmp_path / "styles.md").read_text()
     assert "| catalogue | transformer | 1.000 | 1.500 | 2.000 | +1.000 | +0.500 |" in styles
-    assert styles.count("| plain | mlp |") == 3  # test CIDEr, test objects, novel pairs exact
+    assert styles.count("| plain | mlp |") == 4  # test CIDEr, test objects, novel pairs exact, training loss
 
 
 def test_mapping_table_lists_each_configuration(tmp_path):

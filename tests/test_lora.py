@@ -82,6 +82,8 @@ def test_lora_dir_is_smaller_than_a_full_tuned_dir_by_the_lm(tmp_path, lora_run,
         figures = run_figures(trainer.run_dir, 8)
         assert figures["trainable"] == sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
         assert figures["dir_bytes"] == dir_bytes(trainer.run_dir / "final")
+        logged = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert figures["train_loss"] == [r for r in logged if r["type"] == "train"][-1]["loss"]
     final = lora_run.run_dir / "final"
     lm_bytes = (Path(lm_dir) / "model.safetensors").stat().st_size
     adapter_bytes = (final / "adapter" / "adapter_model.safetensors").stat().st_size

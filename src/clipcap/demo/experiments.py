@@ -173,8 +173,8 @@ def run_one(
 
 
 def run_figures(run_dir: Path, batch_size: int) -> dict:
-    """What a run cost: parameters it trained (mapper, a tuned LM, adapters), bytes of its model dir, and the mean
-    seconds per optimizer step its metrics.jsonl logged."""
+    """What a run cost and reached: parameters it trained (mapper, a tuned LM, adapters), bytes of its model dir, the
+    mean seconds per optimizer step and the last training loss its metrics.jsonl logged."""
     from safetensors import safe_open
 
     final = run_dir / "final"
@@ -188,11 +188,13 @@ def run_figures(run_dir: Path, batch_size: int) -> dict:
                     if key.startswith("mapper.") or "lora_" in key or (tuned and key.startswith("lm.")):
                         trainable += math.prod(f.get_slice(key).get_shape())
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    rates = [r["samples_per_s"] for r in rows if r.get("type") == "train"]
+    logged = [r for r in rows if r.get("type") == "train"]
+    rates = [r["samples_per_s"] for r in logged]
     return {
         "trainable": trainable,
         "dir_bytes": sum(p.stat().st_size for p in final.rglob("*") if p.is_file()),
         "s_per_step": batch_size * len(rates) / sum(rates) if rates else float("nan"),
+        "train_loss": logged[-1]["loss"] if logged else float("nan"),
     }
 
 
@@ -302,15 +304,17 @@ TUNING_BINDING = (
 
 def tuning_table(results: dict) -> str:
     """A Markdown table: one row per (mapping, LM tuning): trainable parameters, model-dir size, seconds per step,
-    the test metrics and, where the runs were read for binding, in-domain objects and pairs and the novel split's
-    single objects, pairs and CIDEr."""
+    the last training loss (when recorded), the test metrics and, where the runs were read for binding, in-domain
+    objects and pairs and the novel split's single objects, pairs and CIDEr."""
     runs = list(results["runs"].values())
     binding = [c for c in TUNING_BINDING if runs and all(c[1] in r.get(c[0], {}) for r in runs)]
-    head = "| mapping | LM | trainable params | model dir MB | s/step | " + " | ".join(METRICS)
-    head += "".join(f" | {title}" for _, _, title in binding) + " |"
-    lines = [head, "|---|---|---:|---:|---:|" + "---:|" * (len(METRICS) + len(binding))]
+    loss = bool(runs) and all("train_loss" in r for r in runs)
+    head = "| mapping | LM | trainable params | model dir MB | s/step | " + ("train loss | " if loss else "")
+    head += " | ".join(METRICS) + "".join(f" | {title}" for _, _, title in binding) + " |"
+    lines = [head, "|---|---|---:|---:|---:|" + "---:|" * (loss + len(METRICS) + len(binding))]
     for r in runs:
-        cells = [f"{r['test'].get(m, float('nan')):.3f}" for m in METRICS]
+        cells = [f"{r['train_loss']:.3f}"] if loss else []
+        cells += [f"{r['test'].get(m, float('nan')):.3f}" for m in METRICS]
         cells += [f"{r[split][score]:.3f}" for split, score, _ in binding]
         lines.append(
             f"| {r['mapping']} | {r['tuning']} | {r['trainable']:,} | {r['dir_bytes'] / 1e6:.2f} | "
@@ -319,9 +323,10 @@ def tuning_table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def styles_table(by_style: dict[str, dict], split: str = "test", score: str = "CIDEr") -> str:
+def styles_table(by_style: dict[str, dict], split: str | None = "test", score: str = "CIDEr") -> str:
     """A Markdown table of tuning ablations run on several caption styles: per style and mapper, `score` on `split`
-    for each LM tuning, and the gain of full tuning and of the best LoRA rank over the frozen LM."""
+    (or, with split None, the run's own figure such as `train_loss`) for each LM tuning, and the change from the
+    frozen LM to full tuning and to the best (highest; lowest for a loss) LoRA rank."""
     first = next(iter(by_style.values()))["runs"].values()
     tunings = list(dict.fromkeys(r["tuning"] for r in first))
     loras = [t for t in tunings if t.startswith("lora")]
@@ -329,8 +334,10 @@ def styles_table(by_style: dict[str, dict], split: str = "test", score: str = "C
     lines = [head, "|---|---|" + "---:|" * (len(tunings) + 2)]
     for style, results in by_style.items():
         for mapping in dict.fromkeys(r["mapping"] for r in results["runs"].values()):
-            got = {r["tuning"]: r[split][score] for r in results["runs"].values() if r["mapping"] == mapping}
-            gains = [got["full"] - got["frozen"], max(got[t] for t in loras) - got["frozen"]]
+            runs = [r for r in results["runs"].values() if r["mapping"] == mapping]
+            got = {r["tuning"]: (r[split] if split else r)[score] for r in runs}
+            best = min if score.endswith("loss") else max
+            gains = [got["full"] - got["frozen"], best(got[t] for t in loras) - got["frozen"]]
             cells = [f"{got[t]:.3f}" for t in tunings] + [f"{g:+.3f}" for g in gains]
             lines.append(f"| {style} | {mapping} | {' | '.join(cells)} |")
     return "\n".join(lines) + "\n"
@@ -490,6 +497,7 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
         if cfg.kind == "tuning":
             tables = [f"## test {score}\n\n{styles_table(by_style, score=score)}" for score in ("CIDEr", "objects")]
             tables.append(f"## novel pairs exact\n\n{styles_table(by_style, 'novel', 'pairs_exact')}")
+            tables.append(f"## last training loss\n\n{styles_table(by_style, None, 'train_loss')}")
             (out / "styles.md").write_text("\n".join(tables))
         return {"experiment": cfg.kind, "styles": by_style}
     if cfg.kind == "relations":
