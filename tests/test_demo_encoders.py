@@ -168,9 +168,9 @@ def test_relation_negatives_keep_the_words_and_move_the_objects():
 
 
 def test_relation_batches_add_swapped_images_with_their_captions(tokenizer):
-    from transformers import CLIPImageProcessor
+    from transformers import CLIPImageProcessorPil
 
-    processor = CLIPImageProcessor(size={"shortest_edge": 40}, crop_size={"height": 40, "width": 40})
+    processor = CLIPImageProcessorPil(size={"shortest_edge": 40}, crop_size={"height": 40, "width": 40})
     clip_tok = se._clip_tokenizer(tokenizer)
 
     def batch(relations):

@@ -130,11 +130,11 @@ def test_encoder_load_errors(lm_dir, tmp_path):
 
 
 def test_encoder_rejects_a_model_without_image_features(tmp_path, lm_dir):
-    from transformers import CLIPImageProcessor
+    from transformers import CLIPImageProcessorPil
 
     gpt2 = tiny.load_lm(lm_dir)
     gpt2.save_pretrained(tmp_path)
-    CLIPImageProcessor().save_pretrained(tmp_path)
+    CLIPImageProcessorPil().save_pretrained(tmp_path)
     with pytest.raises(ClipCapError, match="not a CLIP-family model"):
         ImageEncoder.from_pretrained(tmp_path)
 

@@ -8,7 +8,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     CLIPConfig,
-    CLIPImageProcessor,
+    CLIPImageProcessorPil,
     CLIPModel,
     GPT2Config,
     GPT2LMHeadModel,
@@ -127,7 +127,7 @@ def save_lm_dir(path: Path, lm, tokenizer) -> Path:
 
 def save_clip_dir(path: Path, clip: CLIPModel, tokenizer, image_size: int = 32) -> Path:
     clip.save_pretrained(path)
-    CLIPImageProcessor(
+    CLIPImageProcessorPil(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     ).save_pretrained(path)
     tokenizer.save_pretrained(path)

@@ -301,10 +301,10 @@ def _clip_stage(model, recipe: EncoderRecipe, processor, clip_tok, stage: str, l
 def train_clip(recipe: EncoderRecipe, tokenizer, out: Path, log: Callable[[str], None] = print) -> Path:
     """Train the tiny CLIP contrastively on a stream of whole-world scenes, then (clip_relation_steps > 0) fine-tune
     it NegCLIP-style on where things are; save model + processor + tokenizer."""
-    from transformers import CLIPImageProcessor
+    from transformers import CLIPImageProcessorPil
 
     size = recipe.image_size
-    processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
     clip_tok = _clip_tokenizer(tokenizer)
     model = build_clip(recipe, len(tokenizer), tokenizer.eos_token_id)
     _clip_stage(model, recipe, processor, clip_tok, "base", log)
