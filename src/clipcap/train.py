@@ -137,7 +137,8 @@ class TrainConfig:
     lora_dropout: float = option(0.05, min=0.0, help="dropout on the LoRA adapters' input")
     lora_target_modules: list[str] | None = option(
         None,
-        help="LM modules that get adapters (names or name suffixes)",
+        help="LM modules that get adapters (names or name suffixes); for captions in words the LM rarely saw, adapt "
+        "every linear layer (GPT-2: c_attn,c_proj,c_fc)",
         default_text="the attention projections: c_attn for GPT-2, q_proj,v_proj for OPT/Llama",
     )
     report_to: str = option(
