@@ -8,10 +8,13 @@ import re
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from clipcap.cli import build_parser, main
 from clipcap.cli.arguments import flag_name, parse_options, show_default
 from clipcap.cli.commands import COMMANDS
+from clipcap.demo.world import STYLES
 from clipcap.errors import ClipCapError
 
 # The smallest valid command line of each command: its positional arguments and required flags.
@@ -97,6 +100,8 @@ def test_a_flag_value_reaches_its_field_unchanged():
         (["caption", "x.jpg", "--model", "m", "--temperature", "0.5"], "--temperature only applies when sampling"),
         (["serve", "--model", "m", "--beams", "9"], "the default --beams 9 exceeds --max-beams 8"),
         (["nosuch"], "clipcap: error: argument COMMAND: invalid choice: 'nosuch'"),
+        (["experiment", "tuning", "--quick", "--out", "x", "--styles", ""], "--styles must name at least one value"),
+        (["experiment", "relations", "--quick", "--out", "x", "--token-grids", ","], "--token-grids must name"),
     ],
 )
 def test_user_mistakes_are_one_line_naming_the_flag(argv, message, capsys):
@@ -106,6 +111,23 @@ def test_user_mistakes_are_one_line_naming_the_flag(argv, message, capsys):
         code = done.code
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+STYLE_ITEMS = st.sampled_from([*STYLES, "", " ", "fancy", "PLAIN", " plain", "\udcff", "plain;catalogue"])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(STYLE_ITEMS, max_size=4).map(",".join) | st.text())
+def test_a_list_option_with_choices_keeps_exactly_its_named_items_or_refuses(text):
+    """`--styles TEXT`: the comma-separated items, blanks dropped, when every one is a choice; else one ClipCapError."""
+    args = build_parser(only="experiment").parse_args(["experiment", "tuning", "--out", "x", f"--styles={text}"])
+    options = next(c.options for c in COMMANDS if c.name == "experiment")
+    items = [v for v in text.split(",") if v.strip()]
+    if items and all(v in STYLES for v in items):
+        assert parse_options(options, args).styles == items
+    else:
+        with pytest.raises(ClipCapError, match="`styles` must"):
+            parse_options(options, args)
 
 
 def test_an_internal_error_is_one_line_with_a_way_to_the_traceback(monkeypatch, capsys):

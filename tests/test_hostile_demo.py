@@ -23,6 +23,14 @@ def test_an_output_that_is_a_file_is_one_line(command, tmp_path):
         (["experiment", "mapping", "--out", "x", "--lengths", "a,b"], ["argument --lengths: expected a comma"]),
         (["experiment", "prefix-length", "--out", "x", "--lengths", "0,4"], ["--lengths must be at least 1, got 0"]),
         (["experiment", "mapping", "--out", "x", "--data", "/no/store", "--lm", "y"], ["embedding store not found"]),
+        (["experiment", "tuning", "--quick", "--out", "x", "--styles", ""], ["--styles must name at least one value"]),
+        (["experiment", "tuning", "--quick", "--out", "x", "--styles", " , "], ["--styles must name at least one"]),
+        (["experiment", "tuning", "--quick", "--out", "x", "--styles", "plain,fancy"], ["--styles must be one of"]),
+        (["experiment", "tuning", "--quick", "--out", "x", "--styles", "PLAIN"], ["got 'PLAIN'"]),
+        (["experiment", "tuning", "--quick", "--out", "x", "--styles", "plain,\udcff"], ["got '\\udcff'"]),
+        (["experiment", "tuning", "--out", "x", "--data", "s", "--lm", "m", "--styles", "catalogue"], ["to tuning on"]),
+        (["experiment", "relations", "--quick", "--out", "x", "--styles", "catalogue"], ["not to relations (plain"]),
+        (["experiment", "tuning", "--quick", "--out", "x", "--lora-ranks", ""], ["--lora-ranks must name at least"]),
     ],
 )
 def test_bad_options_are_one_line(args, fragments, tmp_path):

@@ -91,8 +91,8 @@ def _type_ok(value: Any, tp: Any) -> bool:
 
 
 def check_options(obj: Any) -> None:
-    """Raise ClipCapError naming the first field whose value has the wrong type, is below its minimum or is not
-    among its choices."""
+    """Raise ClipCapError naming the first field whose value has the wrong type, is an empty list, is below its
+    minimum or is not among its choices."""
     hints = field_types(type(obj))
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
@@ -106,6 +106,9 @@ def check_options(obj: Any) -> None:
             raise ClipCapError(f"`{f.name}` must be {name}, got {value!r}")
         if tp is float and isinstance(value, int):
             object.__setattr__(obj, f.name, float(value))
+        if isinstance(value, list) and not value:
+            # A list option left unset is None or its default; an empty one ("--styles ''") names nothing to do.
+            raise ClipCapError(f"`{f.name}` must name at least one value, got []")
         meta = f.metadata
         values = value if isinstance(value, (list, tuple)) else [value]
         if meta.get("choices") is not None:

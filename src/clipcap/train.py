@@ -160,7 +160,7 @@ class TrainConfig:
         if self.lora_dropout >= 1:
             raise ClipCapError(f"`lora_dropout` must be below 1, got {self.lora_dropout}")
         targets = self.lora_target_modules
-        if targets is not None and (not targets or not all(m.strip() for m in targets)):
+        if targets is not None and not all(m.strip() for m in targets):
             raise ClipCapError(f"`lora_target_modules` must name modules, got {self.lora_target_modules!r}")
         if self.tokens and self.mapping != "transformer":
             raise ClipCapError("`tokens` needs the transformer mapping: the MLP mapper reads one vector")

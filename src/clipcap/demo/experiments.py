@@ -486,7 +486,9 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     """Run the ablation `cfg.kind` on `cfg.data` (a store) with `cfg.lm`, or with `cfg.quick` on a small shapes world
     (store and LM made here; fewer lengths and epochs unless given). With several quick `styles`, the ablation runs
     once per style under OUT/STYLE, and a tuning ablation also writes OUT/styles.md (`styles_table`)."""
-    if cfg.styles != ["plain"] and (cfg.kind == "relations" or not cfg.quick or cfg.data is not None):
+    if cfg.styles != ["plain"] and cfg.kind == "relations":
+        raise ClipCapError(f"caption `styles` {cfg.styles} apply to the other ablations, not to relations (plain only)")
+    if cfg.styles != ["plain"] and (not cfg.quick or cfg.data is not None):
         raise ClipCapError(f"caption `styles` {cfg.styles} apply to the quick shapes world, not to {cfg.kind} on data")
     if len(cfg.styles) > 1:
         out = output_dir(cfg.out)
