@@ -300,6 +300,13 @@ TUNING_BINDING = (
     ("novel", "pairs_exact", "novel pairs exact"),
     ("novel", "CIDEr", "novel CIDEr"),
 )
+# The sections of OUT/styles.md: (split or None for the run's own figure, score, title).
+STYLES_SECTIONS = (
+    ("test", "CIDEr", "test CIDEr"),
+    ("test", "objects", "test objects"),
+    ("novel", "pairs_exact", "novel pairs exact"),
+    (None, "train_loss", "last training loss"),
+)
 
 
 def tuning_table(results: dict) -> str:
@@ -497,10 +504,8 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
             for style in dict.fromkeys(cfg.styles)
         }
         if cfg.kind == "tuning":
-            tables = [f"## test {score}\n\n{styles_table(by_style, score=score)}" for score in ("CIDEr", "objects")]
-            tables.append(f"## novel pairs exact\n\n{styles_table(by_style, 'novel', 'pairs_exact')}")
-            tables.append(f"## last training loss\n\n{styles_table(by_style, None, 'train_loss')}")
-            (out / "styles.md").write_text("\n".join(tables))
+            sections = [f"## {t}\n\n{styles_table(by_style, split, score)}" for split, score, t in STYLES_SECTIONS]
+            (out / "styles.md").write_text("\n".join(sections))
         return {"experiment": cfg.kind, "styles": by_style}
     if cfg.kind == "relations":
         from .encoders import ASSETS
