@@ -108,7 +108,6 @@ TEXT = {"model_type": "gpt2", "n_embd": 32, "n_head": 2, "vocab_size": 300}
             "vision_config.projection_dim 8 differs from clip_dim 16",
         ),
         # image tokens
-        (dict(token_shape=[50, 768]), "image tokens need the transformer mapping"),
         (dict(mapping="transformer", token_shape=[50]), r"token_shape must be \[tokens, width\]"),
         (dict(mapping="transformer", token_shape="50x768"), r"token_shape must be \[tokens, width\]"),
         (dict(mapping="transformer", token_shape=[0, 768]), "two positive integers"),

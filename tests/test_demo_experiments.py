@@ -254,10 +254,16 @@ def test_relations_ablation_scores_every_clip_variant_and_grid(tmp_path, clip_di
         lm=str(lm_dir),
         clip_models=[f"a={clip_dir}"],
         token_grids=[0, 2],
-        variants=["mlp_tuned", "tokens_frozen"],
+        variants=["mlp_tuned", "tokens_frozen", "tokens_mlp"],
     )
     results = run_experiment(cfg)
-    assert sorted(results["runs"]) == ["a/mlp_tuned", "a/tokens_frozen/grid2", "a/tokens_frozen/gridall"]
+    assert sorted(results["runs"]) == [
+        "a/mlp_tuned",
+        "a/tokens_frozen/grid2",
+        "a/tokens_frozen/gridall",
+        "a/tokens_mlp/grid2",
+        "a/tokens_mlp/gridall",
+    ]
     names = ("mlp_tuned", "tokens_frozen/gridall", "tokens_frozen/grid2")
     pooled, every, grid = (results["runs"][f"a/{n}"] for n in names)
     assert (pooled["input"], every["input"], grid["input"]) == ("pooled", "tokens (grid all)", "tokens (grid 2)")
@@ -270,7 +276,8 @@ def test_relations_ablation_scores_every_clip_variant_and_grid(tmp_path, clip_di
                                        "errors"}  # fmt: skip
     assert json.loads((out / "results.json").read_text())["runs"].keys() == results["runs"].keys()
     table = (out / "table.md").read_text().strip().splitlines()
-    assert len(table) == 2 + 3 and table[0].startswith("| CLIP | variant | input | single | pairs exact |")
+    assert results["runs"]["a/tokens_mlp/grid2"]["title"] == "MLP (tokens) + tuned LM"
+    assert len(table) == 2 + 5 and table[0].startswith("| CLIP | variant | input | single | pairs exact |")
     with pytest.raises(ClipCapError, match="`variants` must be among mlp_tuned, transformer_frozen"):
         ExperimentConfig(kind="relations", out=str(tmp_path / "x"), variants=["lstm"])
 

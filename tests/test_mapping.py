@@ -1,6 +1,6 @@
 import torch
 
-from clipcap.mapping import MLPMapper, TokenTransformerMapper, TransformerMapper
+from clipcap.mapping import MLPMapper, TokenMLPMapper, TokenTransformerMapper, TransformerMapper
 from tests import original_clipcap as original
 
 
@@ -59,4 +59,25 @@ def test_token_mapper_reads_tokens_in_place():
         "linear.bias",
         "positions",
         "prefix_const",
+    }
+
+
+def test_token_mlp_reads_the_flattened_tokens():
+    torch.manual_seed(0)
+    mapper = TokenMLPMapper(token_dim=12, num_tokens=5, lm_hidden=8, prefix_length=4)
+    tokens = torch.randn(3, 5, 12) * 40
+    out = mapper(tokens)
+    assert out.shape == (3, 4, 8)  # k vectors, as the pooled MLP gives
+    torch.testing.assert_close(mapper(tokens * 3), out, atol=1e-4, rtol=1e-4)  # LayerNorm per token
+    assert not torch.allclose(mapper(tokens[:, [1, 0, 2, 3, 4]]), out, atol=1e-3)  # where each token is counts
+    expected = mapper.mlp(torch.nn.functional.layer_norm(tokens, (12,)).reshape(3, 60))
+    torch.testing.assert_close(out, expected)
+    shapes = {k: tuple(v.shape) for k, v in mapper.state_dict().items()}
+    assert shapes == {
+        "norm.weight": (12,),
+        "norm.bias": (12,),
+        "mlp.model.0.weight": (16, 60),
+        "mlp.model.0.bias": (16,),
+        "mlp.model.2.weight": (32, 16),
+        "mlp.model.2.bias": (32,),
     }

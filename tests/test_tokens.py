@@ -168,8 +168,6 @@ def test_user_mistakes_are_one_line_errors(token_run, source, clip_dir, lm_dir, 
     assert main([*train, "--data", str(plain), "--out", str(tmp_path / "r1"), "--mapping", "transformer",
                  "--tokens"]) == 2  # fmt: skip
     _one_line_error(capsys, "train", "holds no image tokens")
-    assert main([*train, "--data", str(store), "--out", str(tmp_path / "r2"), "--tokens"]) == 2
-    _one_line_error(capsys, "train", "--tokens needs the transformer mapping")
 
 
 def test_the_caption_budget_counts_one_prefix_vector_per_token(token_run, lm_dir, tmp_path):
@@ -182,6 +180,24 @@ def test_the_caption_budget_counts_one_prefix_vector_per_token(token_run, lm_dir
     assert trainer.model.config.prefix_tokens == 105 and trainer.max_tokens == 128 - 105
     with pytest.raises(ClipCapError, match="a prefix of 128 vectors leaves no room in the LM's 128 positions"):
         Trainer(TrainConfig(out=str(tmp_path / "b"), prefix_length=123, **fields))
+
+
+def test_the_mlp_mapper_reads_the_flattened_tokens(token_run, source, lm_dir, tmp_path):
+    """`--mapping mlp --tokens`: the paper's MLP on the LayerNormed, flattened tokens; a prefix of k vectors."""
+    store, _ = token_run
+    args = ["train", "--data", str(store), "--out", str(tmp_path / "run"), "--lm", str(lm_dir), "--split", "train"]
+    args += ["--mapping", "mlp", "--tokens", "--tune-lm", "--prefix-length", "4", "--epochs", "20"]
+    assert main([*args, "--batch-size", "3", "--lr", "1e-2", "--warmup-steps", "0", "--num-samples", "0"]) == 0
+    model_dir = tmp_path / "run" / "final"
+    config = json.loads((model_dir / "config.json").read_text())
+    assert (config["mapping"], config["token_shape"], config["token_grid"]) == ("mlp", [5, 32], 2)
+    model = ClipCapModel.from_pretrained(model_dir)
+    assert model.config.prefix_tokens == 4 and model.mapper.mlp.model[0].in_features == 5 * 32
+    tokens = torch.from_numpy(EmbeddingStore(store, split="test").image_tokens())
+    assert model.prefix(tokens).shape == (3, 4, model.lm.config.hidden_size)
+    images = [source.parent / f"{n}.png" for n in SAID]
+    said = [caption for _, caption in SAID.values()]
+    assert Captioner.from_pretrained(model_dir).caption(images, max_new_tokens=40) == said
 
 
 def test_a_caption_job_reads_a_token_store(token_run, source, clip_dir, tmp_path):

@@ -110,7 +110,7 @@ class ClipCapConfig(PretrainedConfig):
     clip_length: the Transformer mapper's input length. mapping: "mlp" or "transformer". tune_lm: whether the LM is
     trained. normalize_prefix: L2-normalise embeddings before the mapper. stop_token_id: token that ends a caption
     (None: never stop). pad_token_id: id written after it. token_shape: [T, D] of the vision tower's last hidden
-    states the mapper reads instead of one pooled embedding (transformer mapping only; None: pooled embeddings).
+    states the mapper reads instead of one pooled embedding (None: pooled embeddings).
     token_grid: the side of the grid their patches were pooled to (None: every token). vision_config: the encoder's
     vision tower, in a complete captioning model only. adapter: the model dir's subfolder holding a PEFT LoRA adapter
     of the LM (None: none)."""
@@ -243,15 +243,15 @@ class ClipCapConfig(PretrainedConfig):
             raise ClipCapError(f"token_shape must hold two positive integers, got {_describe(list(shape))}")
         self.token_shape = [int(v) for v in shape]
         _check_int("token_grid", grid, 1, optional=True)
-        if self.mapping != "transformer":
-            raise ClipCapError("image tokens need the transformer mapping (the MLP mapper reads one vector)")
         if self.normalize_prefix:
             raise ClipCapError("normalize_prefix applies to pooled embeddings, not image tokens")
 
     @property
     def prefix_tokens(self) -> int:
-        """How many vectors the mapper puts before the caption: k, plus one per image token when it reads tokens."""
-        return self.prefix_length + (self.token_shape[0] if self.token_shape is not None else 0)
+        """How many vectors the mapper puts before the caption: k, plus one per image token when the Transformer
+        mapper reads tokens."""
+        transformer_tokens = self.token_shape is not None and self.mapping == "transformer"
+        return self.prefix_length + (self.token_shape[0] if transformer_tokens else 0)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, ClipCapConfig) and _comparable(self.to_dict()) == _comparable(other.to_dict())

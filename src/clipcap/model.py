@@ -39,7 +39,7 @@ from .config import CONFIG_NAME, ClipCapConfig
 from .errors import ClipCapError
 from .generation import FROM_CONFIG, generate_from_prefix, pad_token_id
 from .hub import load_causal_lm, looks_like_path, offline_hint, transformers_quiet
-from .mapping import MLPMapper, TokenTransformerMapper, TransformerMapper
+from .mapping import MLPMapper, TokenMLPMapper, TokenTransformerMapper, TransformerMapper
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -57,10 +57,10 @@ class ClipCapOutput(ModelOutput):
 
 
 def build_mapper(config: ClipCapConfig, lm_hidden: int) -> nn.Module:
-    if config.mapping == "mlp":
-        return MLPMapper(config.clip_dim, lm_hidden, config.prefix_length)
     if config.token_shape is not None:
         num_tokens, token_dim = config.token_shape
+        if config.mapping == "mlp":
+            return TokenMLPMapper(token_dim, num_tokens, lm_hidden, config.prefix_length)
         return TokenTransformerMapper(
             token_dim,
             num_tokens,
@@ -69,6 +69,8 @@ def build_mapper(config: ClipCapConfig, lm_hidden: int) -> nn.Module:
             num_layers=config.num_layers,
             num_heads=config.num_heads,
         )
+    if config.mapping == "mlp":
+        return MLPMapper(config.clip_dim, lm_hidden, config.prefix_length)
     return TransformerMapper(
         config.clip_dim,
         lm_hidden,

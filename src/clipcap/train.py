@@ -149,8 +149,8 @@ class TrainConfig:
     )
     tokens: bool = option(
         False,
-        help="the transformer mapper reads the store's image tokens (a store embedded with `tokens`) instead of one "
-        "pooled vector",
+        help="the mapper reads the store's image tokens (a store embedded with `tokens`) instead of one pooled "
+        "vector: the MLP flattened, the transformer one input per token",
     )
 
     def __post_init__(self) -> None:
@@ -162,8 +162,6 @@ class TrainConfig:
         targets = self.lora_target_modules
         if targets is not None and not all(m.strip() for m in targets):
             raise ClipCapError(f"`lora_target_modules` must name modules, got {self.lora_target_modules!r}")
-        if self.tokens and self.mapping != "transformer":
-            raise ClipCapError("`tokens` needs the transformer mapping: the MLP mapper reads one vector")
         if self.tokens and self.text_only:
             raise ClipCapError("`tokens` and `text_only` exclude each other: text embeddings have no image tokens")
         if not self.lm_tuned and not self.lora_r and self.lm_lr is not None:

@@ -10,7 +10,8 @@
   observation: tuning the LM pays where the caption style is far from the LM's pretraining text).
 - `relations_ablation` (beyond the paper): where things are. Each CLIP given (e.g. with and without
   relation-aware hard negatives) x each way of reading the image (the pooled embedding with the paper's two
-  variants, or image tokens with the Transformer mapper, tuned or frozen LM), on the demo's shapes world: single
+  variants, or image tokens with the Transformer mapper, tuned or frozen LM, or with the MLP on the flattened
+  tokens), on the demo's shapes world: single
   objects, two-object scenes named exactly and their relation, CIDEr, in-domain and novel; seconds of training and
   the size of what each setting reads from the store. Writes results.json and table.md.
 

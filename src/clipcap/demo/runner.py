@@ -43,7 +43,7 @@ class Variant:
     tokens: bool = False  # the mapper reads the image tokens (transformer mapping), not the pooled embedding
 
 
-# The paper's two variants on the pooled embedding, and the Transformer mapper reading image tokens instead.
+# The paper's two variants on the pooled embedding, and both mappers reading image tokens instead.
 VARIANTS = {
     v.name: v
     for v in (
@@ -61,6 +61,7 @@ VARIANTS = {
             tokens=True,
         ),
         Variant("tokens_frozen", "Transformer (tokens) + frozen LM", "transformer", False, num_layers=4, tokens=True),
+        Variant("tokens_mlp", "MLP (tokens) + tuned LM", "mlp", True, batch_size=16, lm_lr=1e-4, tokens=True),
     )
 }
 
