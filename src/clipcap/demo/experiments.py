@@ -11,9 +11,9 @@
 - `relations_ablation` (beyond the paper): where things are. Each CLIP given (e.g. with and without
   relation-aware hard negatives) x each way of reading the image (the pooled embedding with the paper's two
   variants, or image tokens with the Transformer mapper, tuned or frozen LM, or with the MLP on the flattened
-  tokens), on the demo's shapes world: single
-  objects, two-object scenes named exactly and their relation, CIDEr, in-domain and novel; seconds of training and
-  the size of what each setting reads from the store. Writes results.json and table.md.
+  tokens), on the demo's shapes world: single objects, two-object scenes named exactly and their relation, CIDEr,
+  in-domain and novel; seconds of training and the size of what each setting reads from the store. Writes
+  results.json and table.md.
 
 `quick` runs any of them on a small shapes world with the shipped encoders, in minutes; there every run is also scored
 on the world's novel split and read back for colour-on-shape binding (`world.binding_accuracy`).

@@ -40,7 +40,7 @@ class Variant:
     batch_size: int = 64
     lr: float = 2e-3
     lm_lr: float | None = None
-    tokens: bool = False  # the mapper reads the image tokens (transformer mapping), not the pooled embedding
+    tokens: bool = False  # the mapper reads the image tokens, not the pooled embedding
 
 
 # The paper's two variants on the pooled embedding, and both mappers reading image tokens instead.
