@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -168,6 +169,8 @@ def test_user_mistakes_are_one_line_errors(token_run, source, clip_dir, lm_dir, 
     assert main([*train, "--data", str(plain), "--out", str(tmp_path / "r1"), "--mapping", "transformer",
                  "--tokens"]) == 2  # fmt: skip
     _one_line_error(capsys, "train", "holds no image tokens")
+    assert main([*train, "--data", str(plain), "--out", str(tmp_path / "r2"), "--mapping", "mlp", "--tokens"]) == 2
+    _one_line_error(capsys, "train", "holds no image tokens")
 
 
 def test_the_caption_budget_counts_one_prefix_vector_per_token(token_run, lm_dir, tmp_path):
@@ -182,13 +185,21 @@ def test_the_caption_budget_counts_one_prefix_vector_per_token(token_run, lm_dir
         Trainer(TrainConfig(out=str(tmp_path / "b"), prefix_length=123, **fields))
 
 
-def test_the_mlp_mapper_reads_the_flattened_tokens(token_run, source, lm_dir, tmp_path):
-    """`--mapping mlp --tokens`: the paper's MLP on the LayerNormed, flattened tokens; a prefix of k vectors."""
+@pytest.fixture(scope="module")
+def mlp_token_run(tmp_path_factory, token_run, lm_dir):
+    """`--mapping mlp --tokens` trained on the token store: the model dir."""
     store, _ = token_run
-    args = ["train", "--data", str(store), "--out", str(tmp_path / "run"), "--lm", str(lm_dir), "--split", "train"]
+    out = tmp_path_factory.mktemp("mlp-tokens-run")
+    args = ["train", "--data", str(store), "--out", str(out / "run"), "--lm", str(lm_dir), "--split", "train"]
     args += ["--mapping", "mlp", "--tokens", "--tune-lm", "--prefix-length", "4", "--epochs", "20"]
     assert main([*args, "--batch-size", "3", "--lr", "1e-2", "--warmup-steps", "0", "--num-samples", "0"]) == 0
-    model_dir = tmp_path / "run" / "final"
+    return out / "run" / "final"
+
+
+def test_the_mlp_mapper_reads_the_flattened_tokens(token_run, mlp_token_run, source):
+    """`--mapping mlp --tokens`: the paper's MLP on the LayerNormed, flattened tokens; a prefix of k vectors."""
+    store, _ = token_run
+    model_dir = mlp_token_run
     config = json.loads((model_dir / "config.json").read_text())
     assert (config["mapping"], config["token_shape"], config["token_grid"]) == ("mlp", [5, 32], 2)
     model = ClipCapModel.from_pretrained(model_dir)
@@ -198,6 +209,28 @@ def test_the_mlp_mapper_reads_the_flattened_tokens(token_run, source, lm_dir, tm
     images = [source.parent / f"{n}.png" for n in SAID]
     said = [caption for _, caption in SAID.values()]
     assert Captioner.from_pretrained(model_dir).caption(images, max_new_tokens=40) == said
+
+
+@pytest.mark.parametrize(
+    ("edit", "words"),
+    [
+        ({"mapping": "transformer"}, "do not match config.json: missing ['mapper.linear.bias'"),
+        ({"token_shape": [4, 32]}, "do not match config.json"),
+        ({"token_shape": [5, "32"]}, "token_shape must hold two positive integers"),
+        ({"token_shape": None}, "token_grid is set (2) but token_shape is not"),
+        ({"normalize_prefix": True}, "normalize_prefix applies to pooled embeddings, not image tokens"),
+    ],
+)
+def test_a_damaged_mlp_token_model_dir_is_one_line_error(mlp_token_run, source, tmp_path, capsys, edit, words):
+    """An MLP-on-tokens model dir whose config.json was edited to disagree with its weights, or with itself:
+    `clipcap caption` says so in one line."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(mlp_token_run, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps(config | edit))
+    capsys.readouterr()
+    assert main(["caption", str(source.parent / "red.png"), "--model", str(model_dir), "--quiet"]) == 2
+    _one_line_error(capsys, "caption", words)
 
 
 def test_a_caption_job_reads_a_token_store(token_run, source, clip_dir, tmp_path):
