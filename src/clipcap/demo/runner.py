@@ -307,7 +307,8 @@ def run_demo(cfg: DemoConfig, recipe: DemoRecipe | None = None, progress: bool =
 
     summary = {
         "best": best.name,
-        "chosen_by": "the recipe's first variant, the best of the relations experiment's variants that fits the budget",
+        "chosen_by": "the recipe's first variant: the best measured model that reads the pooled embedding (token "
+        "models cannot yet be exported or saved complete) and fits the budget",
         "variants": {
             v.name: {
                 "title": v.title,
