@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from clipcap import ClipCapError
-from clipcap.encoder import ImageEncoder, fingerprint, pool_tokens, same_encoder
+from clipcap.encoder import ImageEncoder, fingerprint, same_encoder
 from clipcap.images import ImageLoadError, open_image
 from tests import tiny
 from tests.test_images import noise_image
@@ -106,20 +106,6 @@ def test_encoder_tokens_are_the_vision_towers_last_hidden_states(clip_dir, image
     assert pooled_grid.shape == (5, 5, 32)
     torch.testing.assert_close(pooled_grid[:, 0], reference[:, 0])  # the class token is kept as it is
     torch.testing.assert_close(pooled_grid[:, 4], reference[:, 1:].view(5, 4, 4, 32)[:, 2:, 2:].mean(dim=(1, 2)))
-
-
-def test_pool_tokens_grids_and_errors():
-    hidden = torch.arange(2 * 10 * 3, dtype=torch.float32).view(2, 10, 3)  # class token + 3 x 3 patches
-    assert pool_tokens(hidden, None) is hidden
-    assert pool_tokens(hidden, 3) is hidden and pool_tokens(hidden, 7) is hidden  # the grid already fits
-    one = pool_tokens(hidden, 1)
-    torch.testing.assert_close(one, torch.stack((hidden[:, 0], hidden[:, 1:].mean(1)), dim=1))
-    assert pool_tokens(hidden[:, 1:], 1).shape == (2, 1, 3)  # patches only (SigLIP)
-    for bad in (0, -1, 1.5, True, "2"):
-        with pytest.raises(ClipCapError, match="positive integer"):
-            pool_tokens(hidden, bad)
-    with pytest.raises(ClipCapError, match="not a square grid"):
-        pool_tokens(hidden[:, :7], 2)  # 7 tokens: neither 7 nor 6 patches form a square
 
 
 def test_encoder_load_errors(lm_dir, tmp_path):

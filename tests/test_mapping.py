@@ -1,6 +1,8 @@
+import pytest
 import torch
 
-from clipcap.mapping import MLPMapper, TokenMLPMapper, TokenTransformerMapper, TransformerMapper
+from clipcap.errors import ClipCapError
+from clipcap.mapping import MLPMapper, TokenMLPMapper, TokenTransformerMapper, TransformerMapper, pool_tokens
 from tests import original_clipcap as original
 
 
@@ -81,3 +83,17 @@ def test_token_mlp_reads_the_flattened_tokens():
         "mlp.model.2.weight": (32, 16),
         "mlp.model.2.bias": (32,),
     }
+
+
+def test_pool_tokens_grids_and_errors():
+    hidden = torch.arange(2 * 10 * 3, dtype=torch.float32).view(2, 10, 3)  # class token + 3 x 3 patches
+    assert pool_tokens(hidden, None) is hidden
+    assert pool_tokens(hidden, 3) is hidden and pool_tokens(hidden, 7) is hidden  # the grid already fits
+    one = pool_tokens(hidden, 1)
+    torch.testing.assert_close(one, torch.stack((hidden[:, 0], hidden[:, 1:].mean(1)), dim=1))
+    assert pool_tokens(hidden[:, 1:], 1).shape == (2, 1, 3)  # patches only (SigLIP)
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ClipCapError, match="positive integer"):
+            pool_tokens(hidden, bad)
+    with pytest.raises(ClipCapError, match="not a square grid"):
+        pool_tokens(hidden[:, :7], 2)  # 7 tokens: neither 7 nor 6 patches form a square

@@ -13,9 +13,11 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from PIL import Image
+from transformers import pipeline
 
 from clipcap import Captioner, ClipCapError, ClipCapModel
 from clipcap.caption_job import CaptionJobConfig, caption_job
+from clipcap.card import CardConfig, build_card
 from clipcap.cli import main
 from clipcap.data.store import EmbeddingStore
 from clipcap.encoder import ImageEncoder
@@ -124,16 +126,30 @@ def test_a_model_reading_tokens_refuses_an_encoder_of_another_width(token_run, t
         Captioner.from_pretrained(model_dir, clip_model=str(other))
 
 
-def test_a_token_model_is_refused_where_only_pooled_embeddings_flow(token_run, tmp_path):
-    _, model_dir = token_run
-    with pytest.raises(ClipCapError, match="this model reads image tokens"):
-        Captioner.from_pretrained(model_dir).save_pretrained(tmp_path / "complete")  # the vision tower pools
-    assert not (tmp_path / "complete").exists()
+@pytest.mark.parametrize("mapping", ["transformer", "mlp"])
+def test_a_token_model_complete_piped_and_exported_says_the_same(token_run, mlp_token_run, source, tmp_path, mapping):
+    """A model reading image tokens as a complete captioning dir (its vision tower gives the pooled tokens), through
+    transformers' pipeline, and exported for ONNX Runtime: the model dir's captions, everywhere."""
+    model_dir = token_run[1] if mapping == "transformer" else mlp_token_run
+    images = [str(source.parent / f"{n}.png") for n in SAID]
+    said = [caption for _, caption in SAID.values()]
+    complete = Captioner.from_pretrained(model_dir).save_pretrained(tmp_path / "complete")
+    config = json.loads((complete / "config.json").read_text())
+    assert (config["mapping"], config["token_shape"], config["token_grid"]) == (mapping, [5, 32], 2)
+    card = str(build_card(CardConfig(model_dir=str(model_dir), repo_id="someone/tokens")))
+    prefix = 4 + (5 if mapping == "transformer" else 0)
+    assert "last hidden states (5 tokens, the patch grid average-pooled to 2 × 2; beyond the paper) go" in card
+    assert f"mapping network to a prefix of {prefix} vectors" in card
+    assert Captioner.from_pretrained(complete).caption(images, max_new_tokens=40) == said
+    piped = pipeline("image-text-to-text", model=str(complete))(images=images, text=[""] * 3, max_new_tokens=40)
+    assert [r["generated_text"] for r in piped] == said
     pytest.importorskip("onnxruntime")
     from clipcap.export import export
 
-    with pytest.raises(ClipCapError, match="reads image tokens: only models that read one pooled embedding export"):
-        export(model_dir, tmp_path / "exported", progress=False)
+    exported = Captioner.from_pretrained(export(model_dir, tmp_path / "exported", progress=False))
+    assert exported.caption(images, max_new_tokens=40) == said
+    with pytest.raises(ClipCapError, match=r"reads image tokens of shape \(B, 5, 32\), got \(3, 16\)"):
+        exported.caption_embeddings(torch.zeros(3, 16))  # pooled embeddings given to a token model
 
 
 def test_evaluating_a_token_model_on_a_store_of_another_grid_is_refused(token_run, source, clip_dir, tmp_path):

@@ -168,13 +168,20 @@ def build_card(cfg: CardConfig):
 
 def _body(config: ClipCapConfig, repo: str, results: _Results | None, training: dict | None) -> str:
     lm_state = "fine-tuned" if config.tune_lm else "frozen"
+    if config.token_shape is None:
+        reads = "the image encoder's embedding goes"
+    else:
+        grid = (
+            f", the patch grid average-pooled to {config.token_grid} × {config.token_grid}" if config.token_grid else ""
+        )
+        reads = f"the image encoder's last hidden states ({config.token_shape[0]} tokens{grid}; beyond the paper) go"
     lines = [
         f"# {repo.split('/')[-1]}",
         "",
         "An image captioning model trained with clipcap, an implementation of *ClipCap: CLIP Prefix for Image "
-        "Captioning* ([Mokady, Hertz, Bermano 2021](https://arxiv.org/abs/2111.09734)): the image encoder's embedding "
-        f"goes through {'an MLP' if config.mapping == 'mlp' else 'a Transformer'} mapping network to "
-        f"a prefix of {config.prefix_length} vectors, which the {lm_state} language model `{config.lm}` continues "
+        f"Captioning* ([Mokady, Hertz, Bermano 2021](https://arxiv.org/abs/2111.09734)): {reads} "
+        f"through {'an MLP' if config.mapping == 'mlp' else 'a Transformer'} mapping network to "
+        f"a prefix of {config.prefix_tokens} vectors, which the {lm_state} language model `{config.lm}` continues "
         f"with the caption. Image encoder: `{config.clip_model}`.",
         "",
         "## Usage",

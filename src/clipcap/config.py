@@ -253,6 +253,17 @@ class ClipCapConfig(PretrainedConfig):
         transformer_tokens = self.token_shape is not None and self.mapping == "transformer"
         return self.prefix_length + (self.token_shape[0] if transformer_tokens else 0)
 
+    def check_mapper_input(self, shape: tuple[int, ...]) -> None:
+        """Raise ClipCapError unless `shape` is (B, clip_dim), or (B, T, D) = (B, *token_shape) for a model that
+        reads image tokens."""
+        tokens = self.token_shape
+        expected = tuple(tokens) if tokens is not None else (self.clip_dim,)
+        if tuple(shape[1:]) != expected or len(shape) != len(expected) + 1:
+            what = "image tokens" if tokens is not None else "CLIP embeddings"
+            raise ClipCapError(
+                f"this model reads {what} of shape (B, {', '.join(map(str, expected))}), got {tuple(shape)}"
+            )
+
     def __eq__(self, other: object) -> bool:
         return isinstance(other, ClipCapConfig) and _comparable(self.to_dict()) == _comparable(other.to_dict())
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
-import math
 from pathlib import Path
 
 import torch
@@ -16,6 +15,7 @@ from .devices import resolve_device
 from .errors import ClipCapError
 from .hub import offline_hint, transformers_quiet
 from .images import open_image
+from .mapping import pool_tokens
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json", "spiece.model", "sentencepiece.bpe.model")
 
@@ -23,28 +23,6 @@ TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json", "spi
 def _features(output) -> torch.Tensor:
     # transformers 5 returns a model output whose pooler_output holds the projected features; 4.x a tensor.
     return output if isinstance(output, torch.Tensor) else output.pooler_output
-
-
-def pool_tokens(hidden: torch.Tensor, grid: int | None) -> torch.Tensor:
-    """A ViT's last hidden states (B, T, D) with the patch grid average-pooled to `grid` x `grid` cells (None, or a
-    grid at least the patch grid's side: every token kept). Tokens before the patches (CLIP's class token) are
-    kept as they are; the patches must form a square grid after 0 or 1 of them."""
-    if grid is None:
-        return hidden
-    if not isinstance(grid, int) or isinstance(grid, bool) or grid < 1:
-        raise ClipCapError(f"the token grid must be a positive integer, got {grid!r}")
-    b, t, d = hidden.shape
-    for lead in (1, 0):  # a class token is the common case; a square count alone is ambiguous only for t = 1
-        side = math.isqrt(t - lead)
-        if t - lead > 0 and side * side == t - lead:
-            break
-    else:
-        raise ClipCapError(f"cannot pool {t} image tokens into a grid: they are not a square grid of patches")
-    if grid >= side:
-        return hidden
-    patches = hidden[:, lead:].transpose(1, 2).reshape(b, d, side, side)
-    pooled = F.adaptive_avg_pool2d(patches.float(), grid).to(hidden.dtype).flatten(2).transpose(1, 2)
-    return torch.cat((hidden[:, :lead], pooled), dim=1)
 
 
 class ImageEncoder:

@@ -1,13 +1,13 @@
 """Exporting a model dir for ONNX Runtime on the CPU: `export(model_dir, out_dir, int8=False)`.
 
 Two graphs are written (torch.onnx's dynamo exporter), each checked against PyTorch before the dir is made:
-mapper.onnx (CLIP embedding -> prefix, normalisation included) and decoder.onnx (the LM with its KV cache: prefix
-embeddings for the first step or token ids for the next, attention mask and past keys/values in; last-position logits
-and present keys/values out). `int8=True` quantizes the decoder's weights to int8 (ONNX Runtime's dynamic
-quantization: int8 weights, activations quantized per call). The mapper stays fp32: it runs once per image, not once
-per token. The dir also gets the tokenizer, the encoder dir the model dir carried, and a config.json whose "export"
-entry says what the dir is, so `Captioner.from_pretrained(out_dir)` needs no flag. The dir appears complete or not
-at all: it is written under a temporary name and renamed at the end.
+mapper.onnx (CLIP embedding, or image tokens, -> prefix; normalisation included) and decoder.onnx (the LM with its
+KV cache: prefix embeddings for the first step or token ids for the next, attention mask and past keys/values in;
+last-position logits and present keys/values out). `int8=True` quantizes the decoder's weights to int8 (ONNX
+Runtime's dynamic quantization: int8 weights, activations quantized per call). The mapper stays fp32: it runs once
+per image, not once per token. The dir also gets the tokenizer, the encoder dir the model dir carried, and a
+config.json whose "export" entry says what the dir is, so `Captioner.from_pretrained(out_dir)` needs no flag. The
+dir appears complete or not at all: it is written under a temporary name and renamed at the end.
 """
 
 from __future__ import annotations
@@ -30,7 +30,16 @@ from torch import nn
 
 from .config import CONFIG_NAME
 from .errors import ClipCapError
-from .exported import DECODER_FILE, EXPORT_KEY, FORMAT, MAPPER_FILE, decoder_input_names, is_exported, open_session
+from .exported import (
+    DECODER_FILE,
+    EXPORT_KEY,
+    FORMAT,
+    MAPPER_FILE,
+    decoder_input_names,
+    is_exported,
+    mapper_input_name,
+    open_session,
+)
 from .files import output_dir
 from .hub import load_tokenizer
 from .model import ClipCapModel
@@ -58,8 +67,8 @@ class _PrefixGraph(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, clip_embeds: torch.Tensor) -> torch.Tensor:
-        return self.model.prefix(clip_embeds)
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.model.prefix(inputs)
 
 
 def _cache_kwarg(module: nn.Module) -> str:
@@ -248,13 +257,14 @@ def _export_decoder(lm: nn.Module, layout: tuple[int, int, int], hidden: int, k:
 def _export_mapper(model: ClipCapModel, path: Path) -> float:
     from torch.export import Dim
 
-    clip = torch.randn(3, model.config.clip_dim, generator=torch.Generator().manual_seed(0))
-    _export_graph(
-        _PrefixGraph(model).eval(), (clip,), {"clip_embeds": {0: Dim("batch")}}, ["clip_embeds"], ["prefix"], path
-    )
+    config = model.config
+    shape = (config.clip_dim,) if config.token_shape is None else tuple(config.token_shape)
+    x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(0))
+    name = mapper_input_name(config)
+    _export_graph(_PrefixGraph(model).eval(), (x,), {"inputs": {0: Dim("batch")}}, [name], ["prefix"], path)
     session = open_session(path, threads=torch.get_num_threads())
     with torch.no_grad():
-        return _check("prefix", session.run(None, {"clip_embeds": clip[:1].numpy()})[0], model.prefix(clip[:1]))
+        return _check("prefix", session.run(None, {name: x[:1].numpy()})[0], model.prefix(x[:1]))
 
 
 def _quantize_int8(path: Path) -> None:
@@ -307,8 +317,6 @@ def export(model_dir: str | Path, out_dir: str | Path, int8: bool = False, progr
 
         bar.set_postfix_str(steps[0])
         model = ClipCapModel.from_pretrained(source).float().eval()
-        if model.config.token_shape is not None:
-            raise ClipCapError(f"{source} reads image tokens: only models that read one pooled embedding export")
         tokenizer = _tokenizer(source, model.config.lm)
         hidden = model.lm.get_input_embeddings().embedding_dim
         layout = _cache_layout(model.lm, hidden)  # before any export: an LM that cannot be exported fails fast
@@ -318,7 +326,7 @@ def export(model_dir: str | Path, out_dir: str | Path, int8: bool = False, progr
             step(steps[1])
             prefix_diff = _export_mapper(model, work / MAPPER_FILE)
             step(steps[2])
-            logit_diff = _export_decoder(model.lm, layout, hidden, model.config.prefix_length, work / DECODER_FILE)
+            logit_diff = _export_decoder(model.lm, layout, hidden, model.config.prefix_tokens, work / DECODER_FILE)
             if int8:
                 step("int8")
                 _quantize_int8(work / DECODER_FILE)

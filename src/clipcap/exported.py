@@ -1,10 +1,11 @@
 """ExportedModel: a model dir written by `clipcap export`, run by ONNX Runtime on the CPU.
 
 The dir holds config.json (the ClipCapConfig fields plus an "export" entry naming the format and the graph files),
-mapper.onnx (CLIP embedding -> prefix), decoder.onnx (the LM with its KV cache), the tokenizer and, when the source
-carried one, the encoder dir. ExportedModel has the `config` and `generate(clip_embeds, ...)` that Captioner uses, so
-captioning is unchanged. Decoding is transformers' own `generate` (greedy, beams, sampling, stopping) over
-`OrtCausalLM` (clipcap.ort_lm), a GenerationMixin model whose forward runs the decoder graph: no search of our own.
+mapper.onnx (CLIP embedding or image tokens -> prefix), decoder.onnx (the LM with its KV cache), the tokenizer and,
+when the source carried one, the encoder dir. ExportedModel has the `config` and `generate(clip_embeds, ...)` that
+Captioner uses, so captioning is unchanged. Decoding is transformers' own `generate` (greedy, beams, sampling,
+stopping) over `OrtCausalLM` (clipcap.ort_lm), a GenerationMixin model whose forward runs the decoder graph: no
+search of our own.
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ EXPORT_KEY = "export"
 FORMAT = "onnx"
 MAPPER_FILE = "mapper.onnx"
 DECODER_FILE = "decoder.onnx"
+
+
+def mapper_input_name(config: ClipCapConfig) -> str:
+    """The mapper graph's input: pooled CLIP embeddings, or image tokens for a model that reads them."""
+    return "clip_embeds" if config.token_shape is None else "image_tokens"
 
 
 def decoder_input_names(num_layers: int) -> list[str]:
@@ -112,7 +118,7 @@ class ExportedModel:
         if missing:
             raise ClipCapError(f"{path} is an incomplete exported model: {', '.join(missing)} missing")
         mapper = open_session(files[0], threads)
-        _check_names(mapper, ["clip_embeds"], files[0])
+        _check_names(mapper, [mapper_input_name(config)], files[0])
         decoder = open_session(files[1], threads)
         _check_names(decoder, decoder_input_names(entry["num_layers"]), files[1])
         return cls(config, mapper, OrtCausalLM(config.text_config, decoder), entry)
@@ -125,13 +131,11 @@ class ExportedModel:
         return pad_token_id(self.config.pad_token_id, self.lm.config)
 
     def prefix(self, clip_embeds: torch.Tensor) -> torch.Tensor:
-        """Map CLIP embeddings (B, clip_dim) to prefix embeddings (B, k, lm_hidden)."""
-        if clip_embeds.ndim != 2 or clip_embeds.shape[1] != self.config.clip_dim:
-            raise ClipCapError(
-                f"expected CLIP embeddings of shape (B, {self.config.clip_dim}), got {tuple(clip_embeds.shape)}"
-            )
+        """Map CLIP embeddings (B, clip_dim), or image tokens (B, T, D) when config.token_shape is set, to the
+        prefix embeddings, as ClipCapModel.prefix does."""
+        self.config.check_mapper_input(tuple(clip_embeds.shape))
         x = clip_embeds.detach().to("cpu", torch.float32).contiguous().numpy()
-        return torch.from_numpy(self.mapper.run(None, {"clip_embeds": x})[0])
+        return torch.from_numpy(self.mapper.run(None, {mapper_input_name(self.config): x})[0])
 
     def generate(
         self,

@@ -9,9 +9,35 @@ Transformer.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .errors import ClipCapError
+
+
+def pool_tokens(hidden: torch.Tensor, grid: int | None) -> torch.Tensor:
+    """A ViT's last hidden states (B, T, D) with the patch grid average-pooled to `grid` x `grid` cells (None, or a
+    grid at least the patch grid's side: every token kept). Tokens before the patches (CLIP's class token) are
+    kept as they are; the patches must form a square grid after 0 or 1 of them."""
+    if grid is None:
+        return hidden
+    if not isinstance(grid, int) or isinstance(grid, bool) or grid < 1:
+        raise ClipCapError(f"the token grid must be a positive integer, got {grid!r}")
+    b, t, d = hidden.shape
+    for lead in (1, 0):  # a class token is the common case; a square count alone is ambiguous only for t = 1
+        side = math.isqrt(t - lead)
+        if t - lead > 0 and side * side == t - lead:
+            break
+    else:
+        raise ClipCapError(f"cannot pool {t} image tokens into a grid: they are not a square grid of patches")
+    if grid >= side:
+        return hidden
+    patches = hidden[:, lead:].transpose(1, 2).reshape(b, d, side, side)
+    pooled = F.adaptive_avg_pool2d(patches.float(), grid).to(hidden.dtype).flatten(2).transpose(1, 2)
+    return torch.cat((hidden[:, :lead], pooled), dim=1)
 
 
 class MLPMapper(nn.Module):

@@ -33,13 +33,14 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
 from .config import CONFIG_NAME, ClipCapConfig
 from .errors import ClipCapError
 from .generation import FROM_CONFIG, generate_from_prefix, pad_token_id
 from .hub import load_causal_lm, looks_like_path, offline_hint, transformers_quiet
-from .mapping import MLPMapper, TokenMLPMapper, TokenTransformerMapper, TransformerMapper
+from .mapping import MLPMapper, TokenMLPMapper, TokenTransformerMapper, TransformerMapper, pool_tokens
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -229,13 +230,7 @@ class ClipCapModel(ClipCapPreTrainedModel):
     def prefix(self, clip_embeds: torch.Tensor) -> torch.Tensor:
         """Map CLIP embeddings (B, clip_dim) to prefix embeddings (B, k, lm_hidden), or image tokens (B, T, D) when
         config.token_shape is set to (B, T + k, lm_hidden)."""
-        tokens = self.config.token_shape
-        expected = tuple(tokens) if tokens is not None else (self.config.clip_dim,)
-        if tuple(clip_embeds.shape[1:]) != expected:
-            what = "image tokens" if tokens is not None else "CLIP embeddings"
-            raise ClipCapError(
-                f"this model reads {what} of shape (B, {', '.join(map(str, expected))}), got {tuple(clip_embeds.shape)}"
-            )
+        self.config.check_mapper_input(tuple(clip_embeds.shape))
         param = next(self.mapper.parameters())
         x = clip_embeds.to(device=param.device, dtype=param.dtype)
         if self.config.normalize_prefix:
@@ -339,8 +334,9 @@ class ClipCapModel(ClipCapPreTrainedModel):
 
 
 class ClipCapVisionTower(nn.Module):
-    """The image encoder's vision model and projection: pixel_values -> the embeddings the mapper takes (exactly
-    what CLIPModel.get_image_features computes)."""
+    """The image encoder's vision model and projection: pixel_values -> what CLIPModel.get_image_features returns
+    (the projected pooled embeddings as pooler_output, the vision model's last hidden states), so ImageEncoder reads
+    a tower like any CLIP-family model."""
 
     def __init__(self, vision_config):
         super().__init__()
@@ -348,9 +344,11 @@ class ClipCapVisionTower(nn.Module):
         self.vision_model = AutoModel.from_config(vision_config, dtype=torch.get_default_dtype())
         self.visual_projection = nn.Linear(vision_config.hidden_size, vision_config.projection_dim, bias=False)
 
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        pooled = self.vision_model(pixel_values=pixel_values).pooler_output
-        return self.visual_projection(pooled)
+    def get_image_features(self, pixel_values: torch.Tensor) -> BaseModelOutputWithPooling:
+        out = self.vision_model(pixel_values=pixel_values)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=out.last_hidden_state, pooler_output=self.visual_projection(out.pooler_output)
+        )
 
 
 class ClipCapForImageCaptioning(ClipCapPreTrainedModel, GenerationMixin):
@@ -366,11 +364,6 @@ class ClipCapForImageCaptioning(ClipCapPreTrainedModel, GenerationMixin):
             raise ClipCapError(
                 "a complete captioning model needs vision_config (the image encoder's vision tower); this config "
                 "has none: load it as a ClipCapModel (or with Captioner)"
-            )
-        if config.token_shape is not None:
-            raise ClipCapError(
-                "a complete captioning model feeds the mapper pooled embeddings; this model reads image tokens: "
-                "keep it as a ClipCapModel dir (Captioner loads it with its encoder)"
             )
         super().__init__(config)
         self.vision_tower = vision_tower if vision_tower is not None else ClipCapVisionTower(config.vision_config)
@@ -401,7 +394,18 @@ class ClipCapForImageCaptioning(ClipCapPreTrainedModel, GenerationMixin):
         return cls(config, model=model, vision_tower=tower)
 
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """pixel_values (B, 3, H, W) -> the (B, clip_dim) embeddings the mapper takes."""
+        """pixel_values (B, 3, H, W) -> the (B, clip_dim) pooled, projected embeddings."""
+        return self._vision(pixel_values).pooler_output
+
+    def get_mapper_inputs(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """pixel_values (B, 3, H, W) -> what the mapper reads: the pooled embeddings (B, clip_dim), or the vision
+        model's last hidden states (B, T, D) pooled to config.token_grid when the model reads image tokens."""
+        out = self._vision(pixel_values)
+        if self.config.token_shape is None:
+            return out.pooler_output
+        return pool_tokens(out.last_hidden_state, self.config.token_grid)
+
+    def _vision(self, pixel_values: torch.Tensor) -> BaseModelOutputWithPooling:
         param = next(self.vision_tower.parameters())
         return self.vision_tower.get_image_features(pixel_values.to(param.device, param.dtype))
 
@@ -412,8 +416,8 @@ class ClipCapForImageCaptioning(ClipCapPreTrainedModel, GenerationMixin):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
     ) -> ClipCapOutput:
-        """ClipCapModel.forward on the images' embeddings."""
-        return self.model(self.get_image_features(pixel_values), input_ids, attention_mask, labels)
+        """ClipCapModel.forward on what the mapper reads of the images."""
+        return self.model(self.get_mapper_inputs(pixel_values), input_ids, attention_mask, labels)
 
     @torch.no_grad()
     def generate(
@@ -439,7 +443,7 @@ class ClipCapForImageCaptioning(ClipCapPreTrainedModel, GenerationMixin):
         if isinstance(stop, list):
             stop = stop[0] if stop else None
         new = self.model.generate(
-            self.get_image_features(pixel_values),
+            self.get_mapper_inputs(pixel_values),
             stop_token_id=stop,
             input_ids=input_ids,
             attention_mask=attention_mask,
