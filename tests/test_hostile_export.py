@@ -77,6 +77,14 @@ def test_graphs_swapped(capsys, exported, tmp_path):
     one_line_error(capsys, ["caption", PHOTO, "--model", path], "caption", "decoder.onnx", "not those of a clipcap")
 
 
+def test_a_pooled_export_whose_config_claims_image_tokens(capsys, exported, tmp_path):
+    """config.json edited to say the model reads image tokens: the mapper graph takes pooled embeddings."""
+    path = damaged_copy(exported, tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(config | {"token_shape": [5, 32], "normalize_prefix": False}))
+    one_line_error(capsys, ["caption", PHOTO, "--model", path], "caption", "mapper.onnx takes inputs ['clip_embeds']")
+
+
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=12),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
