@@ -5,6 +5,7 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers.utils import logging as hf_logging
 
 from tests import tiny
 
@@ -200,6 +201,14 @@ def test_generate_is_quiet():
         model = varied_model("gpt2")
         model.generate(clip_batch(2), max_new_tokens=3)
         model.generate(clip_batch(2), max_new_tokens=3, num_beams=2, stop_token_id=None)
+        # A row that stops first feeds its pad id back while the others decode: transformers' "pass an
+        # attention_mask" notice (logged once per process, hence the cache cleared) has nothing to act on.
+        clip = clip_batch(4)
+        stop = int(model.generate(clip, max_new_tokens=1, stop_token_id=None)[0, 0])
+        model.lm.config.pad_token_id = model.config.pad_token_id = stop
+        hf_logging.warning_once.cache_clear()
+        ids = model.generate(clip, max_new_tokens=4, stop_token_id=stop)
+        assert ids[0].tolist() == [stop] * 4 and (ids[:, 1] != stop).any()  # row 0 done, another one decoding
     finally:
         hf_logger.removeHandler(handler)
     assert [r.getMessage() for r in records] == []  # e.g. no "both max_new_tokens and max_length set"

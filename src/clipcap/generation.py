@@ -6,10 +6,31 @@ decode with exactly the same settings.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+
 import torch
 from transformers import GenerationConfig
 
 FROM_CONFIG = object()  # sentinel for stop_token_id: "use config.stop_token_id"
+
+
+class _NoUnpaddedNotice(logging.Filter):
+    """transformers 5 drops an all-ones attention mask before decoding; GPT-2 then advises passing a mask whenever a
+    finished row feeds back its pad (= stop) id. Nothing is padded there and no user can act on it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "passing in an `attention_mask`" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _unpadded_notice_hidden():
+    logger, notice = logging.getLogger("transformers.modeling_utils"), _NoUnpaddedNotice()
+    logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice)
 
 
 def pad_token_id(pad: int | None, lm_config) -> int:
@@ -58,7 +79,8 @@ def generate_from_prefix(
     defaults = GenerationConfig._get_default_generation_params()
     defaults.pop("max_length")  # max_new_tokens decides; both set makes transformers warn
     generation_config = GenerationConfig(**{**defaults, **ours})
-    ids = lm.generate(inputs_embeds=prefix, attention_mask=mask, generation_config=generation_config)
+    with _unpadded_notice_hidden():
+        ids = lm.generate(inputs_embeds=prefix, attention_mask=mask, generation_config=generation_config)
     if stop is None:
         return ids
     # Beam search pads finished rows with the eos id when the pad id is 0; enforce the pad id after each stop.
