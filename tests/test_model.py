@@ -1,4 +1,5 @@
 import json
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -8,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModel
+from transformers.utils import logging as hf_logging
 
 from clipcap import ClipCapConfig, ClipCapError, ClipCapModel
 from tests import tiny
@@ -34,6 +36,22 @@ def test_forward_shapes_any_causal_lm(lm_name, mapping):
     assert out.logits.shape == (3, 4 + 5, 300)
     assert model.prefix(clip).shape == (3, 4, 32)
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
+
+
+def test_the_loss_is_computed_without_a_notice():
+    """GPT2LMHeadModel's class name names no transformers loss family: without ours, each loss warns (once)."""
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    hf_logger = logging.getLogger("transformers")  # transformers' loggers do not propagate to the root
+    hf_logger.addHandler(handler)
+    hf_logging.warning_once.cache_clear()
+    try:
+        clip, ids, mask = batch()
+        loss = tiny.tiny_model("mlp")(clip, ids, attention_mask=mask, labels=ids).loss
+    finally:
+        hf_logger.removeHandler(handler)
+    assert torch.isfinite(loss) and [r.getMessage() for r in records] == []
 
 
 def test_loss_ignores_prefix_and_padding():

@@ -161,6 +161,14 @@ class ClipCapPreTrainedModel(PreTrainedModel):
         return (model, info) if want_info else model
 
 
+def _named_loss(lm: nn.Module) -> nn.Module:
+    # transformers picks an LM's loss by its class name; GPT2LMHeadModel's matches none, so every loss computed
+    # warns that loss_type=None is unrecognized, then uses the causal-LM loss. Name that loss up front.
+    if getattr(lm, "loss_type", "") is None:
+        lm.loss_type = "ForCausalLM"
+    return lm
+
+
 class ClipCapModel(ClipCapPreTrainedModel):
     """Mapper + causal LM. `ClipCapModel(config)` builds the LM from `config.text_config` (random weights, as
     `from_pretrained` does before loading them) or, when the config has none yet, loads the pretrained LM named by
@@ -174,7 +182,7 @@ class ClipCapModel(ClipCapPreTrainedModel):
                 lm = AutoModelForCausalLM.from_config(config.text_config, dtype=torch.get_default_dtype())
             else:
                 lm = load_causal_lm(config.lm)
-        self.lm = lm
+        self.lm = _named_loss(lm)
         config.text_config = lm.config
         embeddings = lm.get_input_embeddings()
         self.lm_hidden = embeddings.embedding_dim
@@ -198,7 +206,7 @@ class ClipCapModel(ClipCapPreTrainedModel):
                 f"the language model {self.config.lm} has hidden size {hidden}, but the mapper was trained for "
                 f"{self.lm_hidden}"
             )
-        self.lm = lm.requires_grad_(False).eval()
+        self.lm = _named_loss(lm).requires_grad_(False).eval()
 
     def _load_adapter(self, name: str, local: bool) -> None:
         """Put the LM under the PEFT LoRA adapter in the model dir's (or Hub repo's) `config.adapter` folder."""
