@@ -1,10 +1,12 @@
 """`clipcap demo`: the whole method, offline, on the shapes world (docs/design.md §7), in minutes on a laptop CPU.
 
 The real pipeline, through the library's own entry points: generate the world (demo/world.py) -> `embed` it with
-the shipped tiny CLIP -> `train` the paper's two variants (MLP + tuned LM; Transformer + frozen LM) on the shipped
-tiny GPT-2 -> `evaluate` both on the in-domain test split and the novel split (purple triangles and yellow squares,
-never seen in ClipCap's training pairs) -> caption sample images with `Captioner`. Writes DIR/report.html,
-DIR/metrics.json and DIR/model/ (the better variant, self-contained: its encoder is copied to DIR/model/clip).
+the shipped tiny CLIP (pooled embeddings and a 2 x 2 grid of image tokens) -> `train` two variants on the shipped
+tiny GPT-2 (the MLP + tuned LM reading the image tokens, beyond the paper because it states relations better; the
+paper's Transformer + frozen LM on the pooled embedding) -> `evaluate` both on the in-domain test split and the
+novel split (purple triangles and yellow squares, never seen in ClipCap's training pairs) -> caption sample images
+with `Captioner`. Writes DIR/report.html, DIR/metrics.json and DIR/model/ (the first variant, self-contained: its
+encoder is copied to DIR/model/clip).
 """
 
 from __future__ import annotations
@@ -72,16 +74,18 @@ class DemoRecipe:
 
     seed: int = 0
     counts: dict = field(default_factory=lambda: {"train": 6000, "val": 300, "test": 1000, "novel": 1000})
-    # The MLP trains 3 epochs: novel two-object scenes named exactly 0.503 -> 0.866 over 1 epoch (2: 0.794, 4: 0.860;
-    # docs/results.md, "Spatial relations"), and the demo still fits its 10 minutes.
+    # The demo's model is the MLP reading a 2 x 2 grid of image tokens (+ the class token) for 3 epochs: the best
+    # measured that fits the 10 minutes. Against the paper's MLP on the pooled embedding (3 epochs) it states the
+    # relation right in 0.747 of two-object scenes instead of 0.538, and names novel pairs exactly in 0.878 instead
+    # of 0.866 (docs/results.md, "Spatial relations").
     variants: tuple[Variant, ...] = (
-        dataclasses.replace(VARIANTS["mlp_tuned"], epochs=3),
+        dataclasses.replace(VARIANTS["tokens_mlp"], epochs=3),
         VARIANTS["transformer_frozen"],
     )
     num_beams: int = 3
     max_new_tokens: int = 24
     samples_per_split: int = 8
-    token_grid: int | None = None  # image tokens stored when a variant reads them: patch grid pooled to this
+    token_grid: int | None = 2  # image tokens stored when a variant reads them: patch grid pooled to this
 
     @classmethod
     def quick(cls) -> DemoRecipe:
@@ -307,8 +311,7 @@ def run_demo(cfg: DemoConfig, recipe: DemoRecipe | None = None, progress: bool =
 
     summary = {
         "best": best.name,
-        "chosen_by": "the recipe's first variant: the best measured model that reads the pooled embedding (token "
-        "models cannot yet be exported or saved complete) and fits the budget",
+        "chosen_by": "the recipe's first variant: the best measured model that fits the demo's time budget",
         "variants": {
             v.name: {
                 "title": v.title,
