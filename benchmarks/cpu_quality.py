@@ -1,7 +1,7 @@
 """Quality of the exported CPU paths on the shapes world: each demo model captioned by PyTorch fp32, ONNX Runtime
-fp32 and ONNX Runtime int8 (`clipcap export`, `--int8`) on the same stored CLIP embeddings, greedy as the demo
-decodes. Prints the demo's colour-shape binding accuracy per backend and split, and how often the fast paths agree
-with PyTorch fp32 (identical captions, tokens agreeing position by position).
+fp32 and ONNX Runtime int8 (`clipcap export`, `--int8`) on the same stored CLIP embeddings (image tokens for a model
+that reads them), greedy as the demo decodes. Prints the demo's colour-shape binding accuracy per backend and split,
+and how often the fast paths agree with PyTorch fp32 (identical captions, tokens agreeing position by position).
 
     clipcap demo --quick --out demo-quick          # trains both variants (about 10 minutes on 2 idle cores)
     .venv/bin/python benchmarks/cpu_quality.py demo-quick [--splits test novel] [--threads 1]
@@ -53,7 +53,11 @@ def main() -> None:
         captioners = {label: Captioner.from_pretrained(path, device="cpu") for label, path in backends.items()}
         for split in args.splits:
             store = EmbeddingStore(args.demo_out / "store", split=split)
-            embeds = torch.from_numpy(store.image_embeddings(range(store.num_images))).float()
+            rows = range(store.num_images)
+            reads_tokens = captioners["PyTorch fp32"].model.config.token_shape is not None
+            embeds = torch.from_numpy(
+                store.image_tokens(rows) if reads_tokens else store.image_embeddings(rows)
+            ).float()
             references = [store.image_captions(j) for j in range(store.num_images)]
             reference_ids = None
             for label, captioner in captioners.items():
