@@ -152,6 +152,33 @@ def test_a_token_model_complete_piped_and_exported_says_the_same(token_run, mlp_
         exported.caption_embeddings(torch.zeros(3, 16))  # pooled embeddings given to a token model
 
 
+@pytest.fixture(scope="module")
+def complete_token_dir(token_run, tmp_path_factory):
+    return Captioner.from_pretrained(token_run[1]).save_pretrained(tmp_path_factory.mktemp("complete") / "model")
+
+
+@pytest.mark.parametrize(
+    ("edit", "words"),
+    [
+        ({"token_grid": 1}, "reads image tokens of shape (B, 5, 32), got (3, 2, 32)"),
+        ({"token_grid": None}, "reads image tokens of shape (B, 5, 32), got (3, 17, 32)"),
+        ({"token_grid": "2"}, "token_grid must be a positive integer"),
+        ({"token_shape": [5, 24]}, "do not match config.json"),
+        ({"token_shape": None}, "the transformer mapping needs clip_length"),  # a pooled-input transformer now
+    ],
+)
+def test_a_damaged_complete_token_dir_is_one_line_error(complete_token_dir, source, tmp_path, capsys, edit, words):
+    """A complete captioning dir of a token model whose config.json was edited against its weights or itself."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(complete_token_dir, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps(config | edit))
+    capsys.readouterr()
+    images = [str(source.parent / f"{n}.png") for n in SAID]
+    assert main(["caption", *images, "--model", str(model_dir), "--quiet"]) == 2
+    _one_line_error(capsys, "caption", words)
+
+
 def test_evaluating_a_token_model_on_a_store_of_another_grid_is_refused(token_run, source, clip_dir, tmp_path):
     _, model_dir = token_run
     assert main(["embed", str(source), "--out", str(tmp_path / "s"), "--clip-model", str(clip_dir), "--workers",
