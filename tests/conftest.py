@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -78,3 +79,19 @@ def exported_dir(tmp_path_factory, varied_model_dir):
     from clipcap.export import export
 
     return export(varied_model_dir, tmp_path_factory.mktemp("exported") / "fp32", progress=False)
+
+
+@pytest.fixture
+def hf_warnings():
+    """The messages transformers logs at WARNING or above during the test (its loggers do not propagate to the
+    root, so pytest's caplog does not see them); `warning_once`'s memory is cleared first."""
+    from transformers.utils import logging as hf_logging
+
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    hf_logger = logging.getLogger("transformers")
+    hf_logger.addHandler(handler)
+    hf_logging.warning_once.cache_clear()
+    yield records
+    hf_logger.removeHandler(handler)

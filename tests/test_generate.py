@@ -1,11 +1,8 @@
 """ClipCapModel.generate: the LM's own generate over the prefix, checked against plain uncached loops."""
 
-import logging
-
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers.utils import logging as hf_logging
 
 from tests import tiny
 
@@ -191,24 +188,15 @@ def test_the_lms_own_generation_defaults_do_not_apply():
     assert torch.equal(model.generate(clip, max_new_tokens=10, do_sample=True, stop_token_id=None), a)
 
 
-def test_generate_is_quiet():
-    records = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = records.append
-    hf_logger = logging.getLogger("transformers")  # transformers' loggers do not propagate to the root
-    hf_logger.addHandler(handler)
-    try:
-        model = varied_model("gpt2")
-        model.generate(clip_batch(2), max_new_tokens=3)
-        model.generate(clip_batch(2), max_new_tokens=3, num_beams=2, stop_token_id=None)
-        # A row that stops first feeds its pad id back while the others decode: transformers' "pass an
-        # attention_mask" notice (logged once per process, hence the cache cleared) has nothing to act on.
-        clip = clip_batch(4)
-        stop = int(model.generate(clip, max_new_tokens=1, stop_token_id=None)[0, 0])
-        model.lm.config.pad_token_id = model.config.pad_token_id = stop
-        hf_logging.warning_once.cache_clear()
-        ids = model.generate(clip, max_new_tokens=4, stop_token_id=stop)
-        assert ids[0].tolist() == [stop] * 4 and (ids[:, 1] != stop).any()  # row 0 done, another one decoding
-    finally:
-        hf_logger.removeHandler(handler)
-    assert [r.getMessage() for r in records] == []  # e.g. no "both max_new_tokens and max_length set"
+def test_generate_is_quiet(hf_warnings):
+    model = varied_model("gpt2")
+    model.generate(clip_batch(2), max_new_tokens=3)
+    model.generate(clip_batch(2), max_new_tokens=3, num_beams=2, stop_token_id=None)
+    # A row that stops first feeds its pad id back while the others decode: transformers' "pass an
+    # attention_mask" notice (logged once per process, so the fixture clears that memory) has nothing to act on.
+    clip = clip_batch(4)
+    stop = int(model.generate(clip, max_new_tokens=1, stop_token_id=None)[0, 0])
+    model.lm.config.pad_token_id = model.config.pad_token_id = stop
+    ids = model.generate(clip, max_new_tokens=4, stop_token_id=stop)
+    assert ids[0].tolist() == [stop] * 4 and (ids[:, 1] != stop).any()  # row 0 done, another one decoding
+    assert [r.getMessage() for r in hf_warnings] == []  # e.g. no "both max_new_tokens and max_length set"
