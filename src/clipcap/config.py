@@ -253,13 +253,17 @@ class ClipCapConfig(PretrainedConfig):
         transformer_tokens = self.token_shape is not None and self.mapping == "transformer"
         return self.prefix_length + (self.token_shape[0] if transformer_tokens else 0)
 
+    @property
+    def mapper_input_shape(self) -> tuple[int, ...]:
+        """One input of the mapper without the batch: (clip_dim,), or (T, D) = token_shape for a model that reads
+        image tokens."""
+        return (self.clip_dim,) if self.token_shape is None else tuple(self.token_shape)
+
     def check_mapper_input(self, shape: tuple[int, ...]) -> None:
-        """Raise ClipCapError unless `shape` is (B, clip_dim), or (B, T, D) = (B, *token_shape) for a model that
-        reads image tokens."""
-        tokens = self.token_shape
-        expected = tuple(tokens) if tokens is not None else (self.clip_dim,)
+        """Raise ClipCapError unless `shape` is (B, *mapper_input_shape)."""
+        expected = self.mapper_input_shape
         if tuple(shape[1:]) != expected or len(shape) != len(expected) + 1:
-            what = "image tokens" if tokens is not None else "CLIP embeddings"
+            what = "image tokens" if self.token_shape is not None else "CLIP embeddings"
             raise ClipCapError(
                 f"this model reads {what} of shape (B, {', '.join(map(str, expected))}), got {tuple(shape)}"
             )

@@ -257,10 +257,8 @@ def _export_decoder(lm: nn.Module, layout: tuple[int, int, int], hidden: int, k:
 def _export_mapper(model: ClipCapModel, path: Path) -> float:
     from torch.export import Dim
 
-    config = model.config
-    shape = (config.clip_dim,) if config.token_shape is None else tuple(config.token_shape)
-    x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(0))
-    name = mapper_input_name(config)
+    x = torch.randn(3, *model.config.mapper_input_shape, generator=torch.Generator().manual_seed(0))
+    name = mapper_input_name(model.config)
     _export_graph(_PrefixGraph(model).eval(), (x,), {"inputs": {0: Dim("batch")}}, [name], ["prefix"], path)
     session = open_session(path, threads=torch.get_num_threads())
     with torch.no_grad():

@@ -1,6 +1,6 @@
 """The paper's two mapping networks: CLIP embedding (B, clip_dim) -> prefix (B, k, lm_hidden); and both reading image
 tokens (B, T, D) instead (beyond the paper): the MLP on the flattened tokens -> (B, k, lm_hidden), the Transformer
-mapper -> (B, T + k, lm_hidden).
+mapper -> (B, T + k, lm_hidden). `pool_tokens` pools a vision tower's patch grid into the tokens they read.
 
 Module and parameter names follow rmokady/CLIP_prefix_caption so original weights map one-to-one
 (docs/design.md §5): `model.0`/`model.2` for the MLP; `linear`, `prefix_const`, `transformer.layers.{i}.*` for the
