@@ -169,14 +169,18 @@ def complete_token_dir(token_run, tmp_path_factory):
 )
 def test_a_damaged_complete_token_dir_is_one_line_error(complete_token_dir, source, tmp_path, capsys, edit, words):
     """A complete captioning dir of a token model whose config.json was edited against its weights or itself."""
-    model_dir = tmp_path / "model"
-    shutil.copytree(complete_token_dir, model_dir)
-    config = json.loads((model_dir / "config.json").read_text())
-    (model_dir / "config.json").write_text(json.dumps(config | edit))
-    capsys.readouterr()
-    images = [str(source.parent / f"{n}.png") for n in SAID]
-    assert main(["caption", *images, "--model", str(model_dir), "--quiet"]) == 2
+    _caption_with_edited_config(complete_token_dir, edit, [source.parent / f"{n}.png" for n in SAID], tmp_path, capsys)
     _one_line_error(capsys, "caption", words)
+
+
+def _caption_with_edited_config(model_dir, edit: dict, images: list, tmp_path, capsys) -> None:
+    """`clipcap caption` with a copy of model_dir whose config.json got `edit`; it must fail (exit 2)."""
+    copy = tmp_path / "model"
+    shutil.copytree(model_dir, copy)
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps(config | edit))
+    capsys.readouterr()
+    assert main(["caption", *map(str, images), "--model", str(copy), "--quiet"]) == 2
 
 
 def test_evaluating_a_token_model_on_a_store_of_another_grid_is_refused(token_run, source, clip_dir, tmp_path):
@@ -267,12 +271,7 @@ def test_the_mlp_mapper_reads_the_flattened_tokens(token_run, mlp_token_run, sou
 def test_a_damaged_mlp_token_model_dir_is_one_line_error(mlp_token_run, source, tmp_path, capsys, edit, words):
     """An MLP-on-tokens model dir whose config.json was edited to disagree with its weights, or with itself:
     `clipcap caption` says so in one line."""
-    model_dir = tmp_path / "model"
-    shutil.copytree(mlp_token_run, model_dir)
-    config = json.loads((model_dir / "config.json").read_text())
-    (model_dir / "config.json").write_text(json.dumps(config | edit))
-    capsys.readouterr()
-    assert main(["caption", str(source.parent / "red.png"), "--model", str(model_dir), "--quiet"]) == 2
+    _caption_with_edited_config(mlp_token_run, edit, [source.parent / "red.png"], tmp_path, capsys)
     _one_line_error(capsys, "caption", words)
 
 
