@@ -242,8 +242,8 @@ def test_relations_ablation_scores_every_clip_variant_and_grid(tmp_path, clip_di
     from clipcap.demo import experiments
     from clipcap.demo.runner import VARIANTS, DemoRecipe
 
-    def tiny_recipe(quick):
-        variants = tuple(replace(v, epochs=1, batch_size=8) for v in VARIANTS.values())
+    def tiny_recipe(quick, epochs):
+        variants = tuple(replace(v, epochs=epochs, batch_size=8) for v in VARIANTS.values())
         return DemoRecipe(counts={"train": 10, "test": 6, "novel": 6}, variants=variants, num_beams=1, max_new_tokens=6)
 
     monkeypatch.setattr(experiments, "relations_recipe", tiny_recipe)
@@ -254,18 +254,20 @@ def test_relations_ablation_scores_every_clip_variant_and_grid(tmp_path, clip_di
         lm=str(lm_dir),
         clip_models=[f"a={clip_dir}"],
         token_grids=[0, 2],
-        variants=["mlp_tuned", "tokens_frozen", "tokens_mlp"],
+        variants=["mlp_tuned", "tokens_frozen"],
+        training_orders=["any", "reading"],
+        epochs=1,
     )
     results = run_experiment(cfg)
-    assert sorted(results["runs"]) == [
-        "a/mlp_tuned",
-        "a/tokens_frozen/grid2",
-        "a/tokens_frozen/gridall",
-        "a/tokens_mlp/grid2",
-        "a/tokens_mlp/gridall",
-    ]
+    runs = ["a/mlp_tuned", "a/tokens_frozen/grid2", "a/tokens_frozen/gridall"]
+    assert sorted(results["runs"]) == [f"{order}/{run}" for order in ("any", "reading") for run in runs]
+    # one world per order: the same scenes, the training captions of two-object scenes in their order
+    for order in ("any", "reading"):
+        world = json.loads((out / "world" / order / "dataset_coco.json").read_text())
+        assert world["training_order"] == order
+        assert all(r["training_order"] == order for n, r in results["runs"].items() if n.startswith(f"{order}/"))
     names = ("mlp_tuned", "tokens_frozen/gridall", "tokens_frozen/grid2")
-    pooled, every, grid = (results["runs"][f"a/{n}"] for n in names)
+    pooled, every, grid = (results["runs"][f"reading/a/{n}"] for n in names)
     assert (pooled["input"], every["input"], grid["input"]) == ("pooled", "tokens (grid all)", "tokens (grid 2)")
     # 16-d pooled rows; 17 tokens (class + 4 x 4 patches) of 32, or 5 with the grid: the stores grow accordingly
     assert pooled["store_mb"] < grid["store_mb"] < every["store_mb"]
@@ -276,8 +278,9 @@ def test_relations_ablation_scores_every_clip_variant_and_grid(tmp_path, clip_di
                                        "errors"}  # fmt: skip
     assert json.loads((out / "results.json").read_text())["runs"].keys() == results["runs"].keys()
     table = (out / "table.md").read_text().strip().splitlines()
-    assert results["runs"]["a/tokens_mlp/grid2"]["title"] == "MLP (tokens) + tuned LM"
-    assert len(table) == 2 + 5 and table[0].startswith("| CLIP | variant | input | single | pairs exact |")
+    assert results["runs"]["any/a/tokens_frozen/grid2"]["title"] == "Transformer (tokens) + frozen LM"
+    assert len(table) == 2 + 6 and table[0].startswith("| training captions | CLIP | variant | input | single |")
+    assert table[2].startswith("| any | a | MLP + tuned LM | pooled |")
     with pytest.raises(ClipCapError, match="`variants` must be among mlp_tuned, transformer_frozen"):
         ExperimentConfig(kind="relations", out=str(tmp_path / "x"), variants=["lstm"])
 
@@ -300,5 +303,8 @@ def test_cli_passes_the_relations_options(tmp_path, monkeypatch):
     assert main([*argv, "--token-grids", "0,3", "--variants", "mlp_tuned,tokens_tuned"]) == 0
     cfg = calls[0]
     assert cfg.kind == "relations" and cfg.clip_models == ["old=/a", "/b"] and cfg.token_grids == [0, 3]
-    assert cfg.variants == ["mlp_tuned", "tokens_tuned"] and cfg.quick
+    assert cfg.variants == ["mlp_tuned", "tokens_tuned"] and cfg.quick and cfg.training_orders == ["reading"]
+    assert main([*argv, "--training-orders", "reading,any", "--epochs", "3"]) == 0
+    assert calls[1].training_orders == ["reading", "any"] and calls[1].epochs == 3
     assert main([*argv, "--variants", "mlp_tuned,lstm"]) == 2
+    assert main([*argv, "--training-orders", "upper"]) == 2

@@ -68,8 +68,17 @@ def test_quick_demo_learns(tmp_path):
         assert variant["test"]["num_images"] == demo.DemoRecipe.quick().counts["test"]
     best = saved["variants"][saved["best"]]["test"]
     assert best["objects"] > 5 * chance and best["CIDEr"] > 0.3
+    # the training captions of two-object scenes name the upper / left object first; the test split's either
+    world = json.loads((out / "world" / "dataset_coco.json").read_text())
+    assert saved["world"]["training_order"] == world["training_order"] == "reading"
+    for split, orders in (("train", {"left of", "above"}), ("test", set(shapes.RELATIONS))):
+        texts = [
+            s["raw"] for e in world["images"] if e["split"] == split and len(e["objects"]) == 2 for s in e["sentences"]
+        ]
+        assert {shapes.read_caption(t).relation for t in texts} == orders
     html = (out / "report.html").read_text()
     assert html.count("class='card'") == len(saved["samples"]) > 0 and "Loss curves" in html
+    assert "The training captions of two-object scenes name the upper or left object first" in html
     captioner = Captioner.from_pretrained(out / "model")
     sample = saved["samples"][0]
     assert captioner.caption(sample["image"], num_beams=demo.DemoRecipe.quick().num_beams) == [sample["generated"]]

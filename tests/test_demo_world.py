@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -302,3 +303,60 @@ def test_plain_caption_never_fails_and_leaves_plain_text_alone(text):
     rewritten = shapes.plain_caption(text)
     assert isinstance(rewritten, str)
     assert shapes.plain_caption(rewritten) == rewritten
+
+
+def _first_is_upper_or_left(text: str) -> bool:
+    return shapes.read_caption(text).relation in ("left of", "above")
+
+
+@given(st.integers(0, 2**32 - 1), st.sampled_from(shapes.STYLES))
+def test_reading_order_names_the_upper_or_left_object_first_and_draws_what_any_order_draws(seed, style):
+    scene = shapes.sample_scene(np.random.default_rng(seed))
+    either, reading = np.random.default_rng(seed + 1), np.random.default_rng(seed + 1)
+    any_texts = shapes.captions(scene, either, n=5, style=style)
+    texts = shapes.captions(scene, reading, n=5, style=style, order="reading")
+    assert either.random() == reading.random()  # the same draws: the scenes after it do not change
+    assert len(set(texts)) == len(texts) and 1 <= len(texts) <= 5
+    assert all(shapes.caption_error(t, [t]) is None for t in texts)
+    if len(scene.objects) == 1:
+        assert texts == any_texts
+        return
+    assert all(_first_is_upper_or_left(t) for t in texts)
+    # each caption is one the order "any" drew, turned round where it named the other object first
+    assert [_skeleton(t) for t in texts] == list(dict.fromkeys(_skeleton(t) for t in any_texts))
+    assert set(texts) <= set(shapes.captions(scene, np.random.default_rng(0), n=16, style=style))
+
+
+def _skeleton(text: str) -> str:
+    """A caption's template and whether it gives sizes, without the objects and the relation."""
+    text = shapes._OBJECT_RE.sub(lambda m: "X+size" if m.group(1) else "X", shapes.plain_caption(text))
+    return shapes._RELATION_RE.sub("R", re.sub(r"\ban X", "a X", text))
+
+
+def test_a_reading_order_world_turns_round_only_its_training_captions(tmp_path, world):
+    data, out = world
+    reading = json.loads(
+        shapes.generate_world(tmp_path, COUNTS, seed=3, progress=False, training_order="reading").read_text()
+    )
+    assert (data["training_order"], reading["training_order"]) == ("any", "reading")
+    turned = 0
+    for plain, other in zip(data["images"], reading["images"], strict=True):
+        assert (other["objects"], other["layout"]) == (plain["objects"], plain["layout"])
+        assert (tmp_path / "images" / other["filename"]).read_bytes() == (
+            out / "images" / plain["filename"]
+        ).read_bytes()
+        texts = [s["raw"] for s in other["sentences"]]
+        if other["split"] not in ("train", "val") or len(other["objects"]) == 1:
+            assert other["sentences"] == plain["sentences"]
+            continue
+        assert all(_first_is_upper_or_left(t) for t in texts)
+        assert [s["sentid"] for s in other["sentences"]] == other["sentids"]
+        turned += texts != [s["raw"] for s in plain["sentences"]]
+    assert turned > 0
+    assert any(
+        not _first_is_upper_or_left(s["raw"]) for e in data["images"] for s in e["sentences"] if len(e["objects"]) == 2
+    )
+    with pytest.raises(ClipCapError, match="caption order must be one of any, reading, got 'random'"):
+        shapes.captions(shapes.sample_scene(np.random.default_rng(0)), np.random.default_rng(0), order="random")
+    with pytest.raises(ClipCapError, match="training caption order must be one of any, reading, got 'upper'"):
+        shapes.generate_world(Path("unused"), COUNTS, training_order="upper")

@@ -11,7 +11,8 @@
 - `relations_ablation` (beyond the paper): where things are. Each CLIP given (e.g. with and without
   relation-aware hard negatives) x each way of reading the image (the pooled embedding with the paper's two
   variants, or image tokens with the Transformer mapper, tuned or frozen LM, or with the MLP on the flattened
-  tokens), on the demo's shapes world: single objects, two-object scenes named exactly and their relation, CIDEr,
+  tokens) x each order of mention in the training captions (`world.ORDERS`: either object first, or the upper / left
+  one), on the demo's shapes world: single objects, two-object scenes named exactly and their relation, CIDEr,
   in-domain and novel; seconds of training and the size of what each setting reads from the store. Writes
   results.json and table.md.
 
@@ -22,6 +23,7 @@ on the world's novel split and read back for colour-on-shape binding (`world.bin
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import shutil
@@ -35,7 +37,7 @@ from ..errors import ClipCapError
 from ..files import output_dir
 from ..options import check_options, option
 from .runner import VARIANTS
-from .world import STYLES
+from .world import ORDERS, STYLES
 
 METRICS = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 BINDING = ("single", "objects", "pairs_exact", "relation_right")
@@ -66,7 +68,9 @@ class ExperimentConfig:
         choices=STYLES,
         help="quick: caption styles of the shapes world; the ablation runs once on each (relations: plain only)",
     )
-    epochs: int | None = option(None, min=1, help="epochs per run", default_text="3; 2 when quick")
+    epochs: int | None = option(
+        None, min=1, help="epochs per run", default_text="3; 2 when quick; relations: each variant's own, 2 when quick"
+    )
     batch_size: int = option(64, min=1, help="batch size")
     lr: float = option(2e-3, min=1e-12, help="learning rate of the mapper")
     lm_lr: float = option(2e-4, min=1e-12, help="learning rate of a tuned LM")
@@ -87,6 +91,12 @@ class ExperimentConfig:
     )
     variants: list[str] | None = option(
         None, help=f"relations: which variants, of {', '.join(VARIANTS)}", default_text="all of them"
+    )
+    training_orders: list[str] = option(
+        default_factory=lambda: ["reading"],
+        choices=ORDERS,
+        help="relations: which object the training captions of two-object scenes name first: any (either, as the "
+        "world's evaluation captions) or reading (the upper / left one, as the demo trains); one world per order",
     )
 
     def __post_init__(self) -> None:
@@ -371,8 +381,9 @@ def _dir_mb(path: Path) -> float:
     return round(sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20, 2)
 
 
-def relations_recipe(quick: bool):
-    """The demo's recipe (world, variants, decoding), or with `quick` a smaller world, two epochs, greedy."""
+def relations_recipe(quick: bool, epochs: int | None = None):
+    """The demo's recipe (world, variants, decoding), or with `quick` a smaller world, two epochs, greedy; `epochs`
+    (when given) for every variant."""
     from dataclasses import replace
 
     from .runner import VARIANTS, DemoRecipe
@@ -385,6 +396,8 @@ def relations_recipe(quick: bool):
             variants=tuple(replace(v, epochs=2) for v in recipe.variants),
             num_beams=1,
         )
+    if epochs is not None:
+        recipe = replace(recipe, variants=tuple(replace(v, epochs=epochs) for v in recipe.variants))
     return recipe
 
 
@@ -395,15 +408,18 @@ def relations_ablation(
     quick: bool = False,
     token_grids: list[int | None] | None = None,
     variants: list[str] | None = None,
+    orders: list[str] | None = None,
+    epochs: int | None = None,
 ) -> dict:
     """Every CLIP in `clips` (name -> dir) x every variant (default: all of runner.VARIANTS; token variants once per
-    grid in `token_grids`, None = every token), trained on one shapes world and scored on its test and novel splits.
-    Writes OUT/results.json (after every run) and OUT/table.md."""
+    grid in `token_grids`, None = every token) x every training caption order in `orders` (default: the demo's),
+    trained on a shapes world per order and scored on its test and novel splits (the same scenes and references
+    whatever the order). Writes OUT/results.json (after every run) and OUT/table.md."""
     from ..embed import EmbedConfig, embed
     from . import world as shapes
     from .runner import evaluate_variant, train_variant
 
-    recipe = relations_recipe(quick)
+    recipe = relations_recipe(quick, epochs)
     chosen = [v for v in recipe.variants if variants is None or v.name in variants]
     unknown = sorted(set(variants or ()) - {v.name for v in recipe.variants})
     if unknown or not chosen:
@@ -414,13 +430,14 @@ def relations_ablation(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     counts = {s: 0 for s in shapes.SPLITS} | recipe.counts
-    world = shapes.generate_world(out / "world", counts, seed=recipe.seed)
     results: dict = {"experiment": "relations", "quick": quick, "counts": recipe.counts, "runs": {}}
-    for clip_name, clip_dir in clips.items():
+    for order, clip_name in itertools.product(orders or [recipe.training_order], clips):
+        clip_dir = clips[clip_name]
+        world = shapes.generate_world(out / "world" / order, counts, seed=recipe.seed, training_order=order)
         stores = {}
         for grid in grids:
-            _say(f"{clip_name}: embedding the world with image tokens (grid {grid or 'all'})")
-            stores[grid] = out / "stores" / f"{clip_name}-grid{grid or 'all'}"
+            _say(f"{clip_name}: embedding the world ({order} order) with image tokens (grid {grid or 'all'})")
+            stores[grid] = out / "stores" / f"{order}-{clip_name}-grid{grid or 'all'}"
             shutil.rmtree(stores[grid], ignore_errors=True)
             embedding = EmbedConfig(
                 source=str(world),
@@ -434,13 +451,14 @@ def relations_ablation(
             embed(embedding)
         for v in chosen:
             for grid in grids if v.tokens else grids[:1]:
-                name = f"{clip_name}/{v.name}" + (f"/grid{grid or 'all'}" if v.tokens else "")
+                name = f"{order}/{clip_name}/{v.name}" + (f"/grid{grid or 'all'}" if v.tokens else "")
                 _say(f"{name}: training")
                 store = stores[grid]
                 start = time.perf_counter()
                 model_dir = train_variant(v, store, Path(lm), out / "runs" / name.replace("/", "-"), recipe.seed)
                 seconds = round(time.perf_counter() - start, 1)
                 row = {
+                    "training_order": order,
                     "clip": clip_name,
                     "variant": v.name,
                     "title": v.title,
@@ -469,10 +487,10 @@ def relations_ablation(
 def relations_table(results: dict) -> str:
     """A Markdown table: one row per (CLIP, variant, input); in-domain and novel scores, seconds, store size."""
     head = (
-        "| CLIP | variant | input | single | pairs exact | relation right | CIDEr | novel single | novel pairs exact "
-        "| novel relation right | novel CIDEr | train s | store MB |"
+        "| training captions | CLIP | variant | input | single | pairs exact | relation right | CIDEr | novel single "
+        "| novel pairs exact | novel relation right | novel CIDEr | train s | store MB |"
     )
-    lines = [head, "|---" * 13 + "|"]
+    lines = [head, "|---" * 14 + "|"]
     for r in results["runs"].values():
         cells = [
             f"{r[split][m]:.3f}"
@@ -480,7 +498,7 @@ def relations_table(results: dict) -> str:
             for m in ("single", "pairs_exact", "relation_right", "CIDEr")
         ]
         cells += [f"{r['train_s']:.0f}", f"{r['store_mb']}"]
-        lines.append(f"| {r['clip']} | {r['title']} | {r['input']} | {' | '.join(cells)} |")
+        lines.append(f"| {r['training_order']} | {r['clip']} | {r['title']} | {r['input']} | {' | '.join(cells)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -513,7 +531,8 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
 
         clips = dict(_named(c) for c in cfg.clip_models) if cfg.clip_models else {"shipped": str(ASSETS / "clip")}
         grids = [g or None for g in cfg.token_grids]
-        return relations_ablation(cfg.out, clips, cfg.lm or str(ASSETS / "lm"), cfg.quick, grids, cfg.variants)
+        lm = cfg.lm or str(ASSETS / "lm")
+        return relations_ablation(cfg.out, clips, lm, cfg.quick, grids, cfg.variants, cfg.training_orders, cfg.epochs)
     lengths = cfg.lengths
     updates = {}
     if cfg.quick and cfg.data is None:

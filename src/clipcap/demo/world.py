@@ -13,6 +13,11 @@ listing of the same facts in words and punctuation that text never uses ("triang
 (red)."): the stand-in for a dataset whose caption style is far from the LM's pretraining (the paper's Conceptual
 Captions against COCO). Both are scoreable: `plain_caption` rewrites a catalogue caption in plain words first.
 
+The captions of a two-object scene name either object first ("a red circle to the left of a blue square." / "a blue
+square to the right of a red circle."). With `training_order="reading"` the captioning training pairs (train, val)
+name the upper or left object first; the evaluation splits and the encoder-pretraining text keep both orders
+(docs/design.md §7.1: the demo's tiny LM states above/below at chance when it may name either object first).
+
 `object_pairs` and `binding_accuracy` read generated captions back into (colour, shape) pairs, so a caption that
 says "purple square ... triangle" does not count as naming a purple triangle. `relation_accuracy` also reads where
 things are: the relation a two-object caption states (in either order of mention) and a single object's position,
@@ -77,6 +82,8 @@ _PAIR_TEMPLATES = (
     "a {a} is {rel} a {b}.",
 )
 STYLES = ("plain", "catalogue")
+ORDERS = ("any", "reading")  # which object a two-object caption names first: either, or the upper / left one
+_READ_FIRST = ("left of", "above")  # layouts whose first object (objects[0]) is the upper / left one
 # The catalogue style: one template per plain template (same order), so a world's scenes and which caption variants
 # each image gets do not depend on the style; only the words do.
 _CATALOGUE_SINGLE = (
@@ -145,11 +152,16 @@ def _catalogue_phrase(obj: Shape, with_size: bool) -> str:
     return f"{obj.shape} ({obj.colour}, {obj.size})" if with_size else f"{obj.shape} ({obj.colour})"
 
 
-def captions(scene: Scene, rng: np.random.Generator, n: int = 5, style: str = "plain") -> list[str]:
+def captions(scene: Scene, rng: np.random.Generator, n: int = 5, style: str = "plain", order: str = "any") -> list[str]:
     """`n` distinct captions for `scene` (templates x with/without size words x both relation directions) in one of
-    STYLES. The style changes the words only: the same rng state picks the same variants in either style."""
+    STYLES. The style changes the words only: the same rng state picks the same variants in either style. With
+    `order="reading"` a two-object caption names the upper / left object first: the variants picked are turned
+    round where they name the other first, and repeats dropped (so fewer than `n` captions may come back); the rng
+    draws exactly what it draws in the order "any", so a world's scenes do not depend on the order."""
     if style not in STYLES:
         raise ClipCapError(f"caption style must be one of {', '.join(STYLES)}, got {style!r}")
+    if order not in ORDERS:
+        raise ClipCapError(f"caption order must be one of {', '.join(ORDERS)}, got {order!r}")
     plain = style == "plain"
     phrase = _phrase if plain else _catalogue_phrase
     options = []
@@ -170,6 +182,10 @@ def captions(scene: Scene, rng: np.random.Generator, n: int = 5, style: str = "p
                         template.format(a=phrase(first, with_size), b=phrase(second, with_size), rel=words[rel])
                     )
     picks = rng.choice(len(options), size=min(n, len(options)), replace=False)
+    if order == "reading" and len(scene.objects) == 2:
+        # options alternate direction: even = objects[0] first, odd = objects[1] first
+        first = 0 if scene.layout in _READ_FIRST else 1
+        picks = list(dict.fromkeys(i - i % 2 + first for i in picks))
     return [_with_article(options[i]) if plain else options[i] for i in picks]
 
 
@@ -264,14 +280,18 @@ def generate_world(
     captions_per_image: int = 5,
     progress: bool = True,
     style: str = "plain",
+    training_order: str = "any",
 ) -> Path:
     """Write `out/images/*.png` and `out/dataset_coco.json` (Karpathy format, splits per SPLITS); return the json.
 
     `counts` maps split -> number of images (missing splits: DEFAULT_COUNTS; 0 skips a split). The same seed gives
     the same world, split by split, whatever the other splits' counts. Each image entry also records its scene
-    (`objects`, `layout`) for scoring. `style` (one of STYLES) changes the captions' words only, not the scenes."""
+    (`objects`, `layout`) for scoring. `style` (one of STYLES) changes the captions' words only, not the scenes;
+    `training_order` (one of ORDERS) is the order of mention in the train and val splits' two-object captions."""
     if style not in STYLES:
         raise ClipCapError(f"caption style must be one of {', '.join(STYLES)}, got {style!r}")
+    if training_order not in ORDERS:
+        raise ClipCapError(f"training caption order must be one of {', '.join(ORDERS)}, got {training_order!r}")
     counts = {**DEFAULT_COUNTS, **(counts or {})}
     unknown = sorted(set(counts) - set(SPLITS))
     if unknown:
@@ -291,7 +311,8 @@ def generate_world(
                 filename = f"{split}_{i:06d}.png"
                 render(scene, image_size, rng).save(out / "images" / filename)
                 imgid = len(entries)
-                texts = captions(scene, rng, captions_per_image, style)
+                order = training_order if split in ("train", "val") else "any"
+                texts = captions(scene, rng, captions_per_image, style, order)
                 entries.append(
                     {
                         "filepath": "images",
@@ -310,7 +331,9 @@ def generate_world(
                 )
                 bar.update()
     path = out / DATASET_NAME
-    path.write_text(json.dumps({"dataset": "shapes", "style": style, "images": entries}))
+    path.write_text(
+        json.dumps({"dataset": "shapes", "style": style, "training_order": training_order, "images": entries})
+    )
     return path
 
 
