@@ -156,8 +156,9 @@ def captions(scene: Scene, rng: np.random.Generator, n: int = 5, style: str = "p
     """`n` distinct captions for `scene` (templates x with/without size words x both relation directions) in one of
     STYLES. The style changes the words only: the same rng state picks the same variants in either style. With
     `order="reading"` a two-object caption names the upper / left object first: the variants picked are turned
-    round where they name the other first, and repeats dropped (so fewer than `n` captions may come back); the rng
-    draws exactly what it draws in the order "any", so a world's scenes do not depend on the order."""
+    round where they name the other first, so two of the `n` may be the same words (kept: every image keeps `n`
+    captions, and a world's pairs differ from the order "any" in their order of mention only); the rng draws
+    exactly what it draws in the order "any", so a world's scenes do not depend on the order."""
     if style not in STYLES:
         raise ClipCapError(f"caption style must be one of {', '.join(STYLES)}, got {style!r}")
     if order not in ORDERS:
@@ -185,7 +186,7 @@ def captions(scene: Scene, rng: np.random.Generator, n: int = 5, style: str = "p
     if order == "reading" and len(scene.objects) == 2:
         # options alternate direction: even = objects[0] first, odd = objects[1] first
         first = 0 if scene.layout in _READ_FIRST else 1
-        picks = list(dict.fromkeys(i - i % 2 + first for i in picks))
+        picks = [i - i % 2 + first for i in picks]
     return [_with_article(options[i]) if plain else options[i] for i in picks]
 
 
