@@ -5,7 +5,7 @@ The renderer's own checks run always (fast). Scoring the demo's model needs that
 training it as the demo does takes minutes and the CI budget is seconds per test. `CLIPCAP_MUST_SHOW=1` trains it
 here with the demo's own recipe (DemoRecipe(): the same world, store and first variant that `clipcap demo` ships as
 DIR/model); `CLIPCAP_MUST_SHOW=DIR` scores a model dir `clipcap demo` wrote (DEMO_OUT/model). The figures measured
-and the targets not reached are in docs/results.md ("Spatial relations")."""
+are in docs/results.md ("Spatial relations")."""
 
 from __future__ import annotations
 
