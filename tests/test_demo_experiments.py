@@ -308,3 +308,15 @@ def test_cli_passes_the_relations_options(tmp_path, monkeypatch):
     assert calls[1].training_orders == ["reading", "any"] and calls[1].epochs == 3
     assert main([*argv, "--variants", "mlp_tuned,lstm"]) == 2
     assert main([*argv, "--training-orders", "upper"]) == 2
+
+
+def test_relations_recipe_is_the_demos_with_the_epochs_asked_for():
+    from clipcap.demo.experiments import relations_recipe
+    from clipcap.demo.runner import VARIANTS, DemoRecipe
+
+    full, quick = relations_recipe(False), relations_recipe(True)
+    assert [v.epochs for v in full.variants] == [v.epochs for v in VARIANTS.values()]
+    assert {v.epochs for v in quick.variants} == {2} and quick.num_beams == 1
+    assert full.training_order == DemoRecipe().training_order == "reading"
+    assert {v.epochs for v in relations_recipe(False, 3).variants} == {3}
+    assert {v.epochs for v in relations_recipe(True, 5).variants} == {5}
