@@ -485,7 +485,8 @@ def relations_ablation(
 
 
 def relations_table(results: dict) -> str:
-    """A Markdown table: one row per (CLIP, variant, input); in-domain and novel scores, seconds, store size."""
+    """A Markdown table: one row per (training caption order, CLIP, variant, input); in-domain and novel scores,
+    seconds, store size."""
     head = (
         "| training captions | CLIP | variant | input | single | pairs exact | relation right | CIDEr | novel single "
         "| novel pairs exact | novel relation right | novel CIDEr | train s | store MB |"
