@@ -33,7 +33,7 @@ import torch
 
 from .data.loading import image_loader
 from .data.sources import FORMATS, Record, detect_format, is_shard_pattern, printable, read_images, read_source
-from .data.store import EmbeddingStore, arrow, is_store, reason_class, replace_atomically, write_json
+from .data.store import EmbeddingStore, arrow, is_store, reason_class, write_json
 from .decoding import DecodingOptions, generate_kwargs
 from .devices import DEVICE_HELP
 from .encoder import fingerprint, same_encoder
@@ -42,6 +42,7 @@ from .hub import resolve_dir
 from .images import is_image_file
 from .jobs import check_job_dir, claim_job, rank_and_world, shards_of
 from .options import option
+from .outputs import CAPTIONS, claim_dir, replace_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ INPUT_KINDS = ("images", "store", *FORMATS)
 SHARD_FORMATS = ("parquet", "jsonl")
 COMMAND, KIND = "clipcap caption", "caption job"
 INFO, SKIPPED = "info.json", "skipped.jsonl"
+OUTPUT_ENTRIES = ("job.json", "captions", "skipped", INFO, SKIPPED)  # what a job writes in its output dir
 OWN_COLUMNS = ("key", "image", "caption", "captions")
 SOURCE_SUFFIXES = (".json", ".tsv", ".csv", ".jsonl", ".parquet")
 
@@ -69,6 +71,9 @@ class CaptionJobConfig(DecodingOptions):
         help="directory for sharded, resumable output (rerun the same command to finish an interrupted job; under "
         "torchrun each process takes its share of the shards)",
         default_text="none: records stream out as they are captioned",
+    )
+    overwrite: bool = option(
+        False, help="start the job in the output dir over: its earlier captions are deleted (other files kept)"
     )
     input_format: str = option(
         "auto",
@@ -538,10 +543,21 @@ def caption_job(cfg: CaptionJobConfig, progress: bool = False) -> CaptionJobResu
 
     if cfg.out is None:
         raise ClipCapError("a sharded job needs an output dir (`out`)")
-    out = Path(cfg.out)
-    check_job_dir(out, COMMAND, KIND)  # before minutes of reading and loading
-    inputs = open_inputs(cfg)
     rank, world = rank_and_world()
+    if cfg.overwrite and world > 1:
+        raise ClipCapError("`overwrite` starts a job over from one process: run it without torchrun first")
+    # Before minutes of reading and loading. The inputs are the existing paths among cfg.inputs and the model.
+    out = claim_dir(
+        cfg.out,
+        CAPTIONS,
+        COMMAND,
+        OUTPUT_ENTRIES,
+        inputs=[*cfg.inputs, cfg.model],
+        overwrite=cfg.overwrite,
+        resume=True,
+    )
+    check_job_dir(out, COMMAND, KIND)
+    inputs = open_inputs(cfg)
     captioner, decoding = load_captioner(cfg, inputs)
     columns = _Columns(inputs, cfg.num_captions)
     claim_job(out, _job_record(cfg, inputs, captioner, decoding), COMMAND, KIND)

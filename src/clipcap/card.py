@@ -17,6 +17,7 @@ from typing import Any
 from .config import ClipCapConfig
 from .errors import ClipCapError
 from .options import check_options, option
+from .outputs import check_file, write_file
 
 CARD_NAME = "README.md"
 METRICS_NAME = "metrics.json"
@@ -51,6 +52,7 @@ class CardConfig:
 
     model_dir: str = option(positional=True, help="model dir to describe")
     out: str | None = option(None, help="file to write the card to", default_text="README.md in the model dir")
+    overwrite: bool = option(False, help="replace the card an earlier `clipcap card` wrote there")
     repo_id: str | None = option(
         None, help="Hub repo id the usage examples load, e.g. you/clipcap-coco", default_text="the dir's name"
     )
@@ -227,13 +229,11 @@ def _body(config: ClipCapConfig, repo: str, results: _Results | None, training: 
 
 
 def write_card(cfg: CardConfig) -> Path:
-    """Write the model card (README.md in the model dir unless `cfg.out` says otherwise); returns its path."""
+    """Write the model card (README.md in the model dir unless `cfg.out` says otherwise); returns its path. The card
+    follows the output policy (`outputs.py`): a README.md the user wrote is never replaced, an earlier card only with
+    `overwrite`."""
     out = Path(cfg.out) if cfg.out else Path(cfg.model_dir) / CARD_NAME
-    if out.is_dir():
-        raise ClipCapError(f"{out} is a directory: the card needs a file path")
-    card = build_card(cfg)
-    try:
-        out.write_text(str(card), encoding="utf-8")
-    except OSError as e:
-        raise ClipCapError(f"cannot write {out}: {e.strerror or e}") from None
-    return out
+    where = dict(inputs=[cfg.metrics], hosts=[cfg.model_dir], overwrite=cfg.overwrite)
+    check_file(out, "clipcap card", **where)
+    card = str(build_card(cfg))
+    return write_file(out, "clipcap card", lambda tmp: tmp.write_text(card, encoding="utf-8"), **where)

@@ -22,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import ClipCapError
+from .outputs import writing
 
 CHECKPOINTS = "checkpoints"
 STATE = "trainer_state.json"
@@ -30,16 +31,21 @@ WEIGHTS = "model.safetensors"
 
 
 def save_model_dir(model, tokenizer, path: Path) -> None:
-    """Write a model dir next to `path` and swap it in, so `path` is never half-written."""
+    """Write a model dir next to `path` and swap it in, so `path` is never half-written (a failed write, disk full
+    included, is one ClipCapError and leaves no temporary dir)."""
     tmp = path.with_name(f".{path.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    old = path.with_name(f".{path.name}.old")
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+    try:
+        with writing(path):
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            old = path.with_name(f".{path.name}.old")
+            if path.exists():
+                os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def optimizer_to_safetensors(state: dict) -> tuple[dict[str, torch.Tensor], dict]:

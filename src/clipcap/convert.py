@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import _compat_pickle
 import dataclasses
-import os
 import pickletools
 import re
-import shutil
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -30,6 +28,9 @@ from .errors import ClipCapError
 from .hub import load_causal_lm, load_tokenizer, offline_hint
 from .model import ClipCapModel
 from .options import check_options, option
+from .outputs import MODEL_DIR, check_dir, write_dir
+
+COMMAND = "clipcap convert"
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"  # ViT-B/32: the encoder of the published MLP checkpoints
 DEFAULT_CLIP_DIM = 512
@@ -196,11 +197,12 @@ def convert_original(
     clip_dim: int | None = None,
     normalize_prefix: bool = False,
     clip_model: str | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Convert `checkpoint` to a model dir at `out_dir` (config.json, model.safetensors, tokenizer files)."""
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ClipCapError(f"{out} exists and is not a directory")
+    """Convert `checkpoint` to a model dir at `out_dir` (config.json, model.safetensors, tokenizer files), as the
+    output policy says (`outputs.py`: a model dir `convert` wrote earlier is replaced with `overwrite` only)."""
+    where = dict(inputs=[checkpoint, lm, clip_model], overwrite=overwrite)
+    check_dir(out_dir, MODEL_DIR, COMMAND, **where)
     state = load_original_state_dict(checkpoint)
     try:
         lm_config = AutoConfig.from_pretrained(lm)
@@ -256,19 +258,12 @@ def convert_original(
     if missing or unexpected:
         raise ClipCapError(f"checkpoint does not fit the LM {lm}: missing {missing[:3]}, unexpected {unexpected[:3]}")
     model.load_state_dict(renamed, strict=False)
-    out = Path(out_dir)
-    tmp = out.with_name(f".{out.name}.converting")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
-    except OSError as e:
-        raise ClipCapError(f"cannot write {out}: {e.strerror or e}") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+
+    def write(stage: Path) -> None:
+        model.save_pretrained(stage)
+        tokenizer.save_pretrained(stage)
+
+    return write_dir(out_dir, MODEL_DIR, COMMAND, write, **where)
 
 
 def tied_keys(model: ClipCapModel) -> set[str]:
@@ -288,7 +283,8 @@ class ConvertConfig:
     here that contradict them are errors)."""
 
     checkpoint: str = option(positional=True, help="original .pt file (read with weights_only=True, never executed)")
-    out_dir: str = option(positional=True, help="model dir to write")
+    out_dir: str = option(positional=True, help="model dir to write: new, empty, or one an earlier convert wrote")
+    overwrite: bool = option(False, help="replace the model dir an earlier convert wrote there (other files kept)")
     lm: str = option("gpt2", help="HF id or dir of the language model the checkpoint tuned")
     mapping: str | None = option(None, choices=MAPPINGS, help="mapping network", default_text="inferred")
     prefix_length: int | None = option(None, min=1, help="k", default_text="inferred")

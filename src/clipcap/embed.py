@@ -24,6 +24,10 @@ from .encoder import ImageEncoder, fingerprint
 from .errors import ClipCapError
 from .jobs import claim_job, rank_and_world, shards_of
 from .options import check_options, option
+from .outputs import STORE, claim_dir
+
+# What `embed` writes in a store dir (data/store.py's layout), deleted by `overwrite`.
+STORE_ENTRIES = ("job.json", "info.json", "skipped.jsonl", "skipped", "metadata", "img_emb", "text_emb", "tok_emb")
 
 
 def _clean(records: list[Record]) -> tuple[list[Record], dict[int, str], dict[int, list[dict]]]:
@@ -64,6 +68,7 @@ class EmbedConfig:
         "with .txt sidecars, or webdataset .tar shards (a dir, a glob or shard-{00000..00009}.tar)",
     )
     out: str = option(help="store directory to write (or resume)")
+    overwrite: bool = option(False, help="start the store over: its earlier contents are deleted (other files kept)")
     clip_model: str = option(help="HF id or dir of the CLIP-family encoder")
     format: str = option("auto", choices=("auto", *FORMATS), help="source format (auto: from the extension or content)")
     images: str | None = option(
@@ -127,7 +132,20 @@ def embed(cfg: EmbedConfig, progress: bool = False) -> EmbedResult:
     them. Rerunning after an interruption resumes."""
     from tqdm.auto import tqdm
 
-    out = Path(cfg.out)
+    rank, world = rank_and_world()
+    if cfg.overwrite and world > 1:
+        raise ClipCapError("`overwrite` starts a store over from one process: run it without torchrun first")
+    # The store may go inside the image root (`images`), not into the source or the encoder.
+    out = claim_dir(
+        cfg.out,
+        STORE,
+        "clipcap embed",
+        STORE_ENTRIES,
+        inputs=[cfg.source, cfg.clip_model],
+        hosts=[cfg.images],
+        overwrite=cfg.overwrite,
+        resume=True,
+    )
     fmt = detect_format(cfg.source) if cfg.format == "auto" else cfg.format
     records = list(
         read_source(
@@ -140,7 +158,6 @@ def embed(cfg: EmbedConfig, progress: bool = False) -> EmbedResult:
         )
     )
     records, bad, notes = _clean(records)
-    rank, world = rank_and_world()
     source = cfg.source
     job = {
         "source": str(Path(source).resolve()) if Path(source).exists() else str(source),

@@ -13,6 +13,7 @@ import csv
 import json
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -28,6 +29,9 @@ from .errors import ClipCapError
 from .images import IMAGE_EXTENSIONS, ImageLoadError
 from .metrics import CLIP_METRICS, NGRAM_METRICS, NOCAPS_DOMAINS, PYTHON_TOKENIZER, clip_score, compute_scores
 from .options import option
+from .outputs import check_file, write_file
+
+COMMAND = "clipcap evaluate"
 
 
 @dataclass(kw_only=True)
@@ -47,6 +51,7 @@ class EvalConfig(DecodingOptions):
         None, help="reference captions: COCO/nocaps annotation JSON, Karpathy JSON, JSONL/CSV, or {id: [captions]}"
     )
     out: str = option("metrics.json", help="metrics file; OUT.csv (and OUT.predictions.json) are written beside it")
+    overwrite: bool = option(False, help="replace the files an earlier evaluate wrote at OUT")
     split: str | None = option(
         None, help="split to evaluate; 'all' for every image", default_text="test with a model, all otherwise"
     )
@@ -442,30 +447,45 @@ def _coco_id(key: str):
     return int(key) if key.isdigit() else key
 
 
-def write_results(result: EvalResult, out: str | Path = "metrics.json") -> list[Path]:
+def result_paths(out: str | Path, generated: bool) -> list[Path]:
+    """The files `write_results` writes for `out`: OUT, OUT.csv and, after generation, OUT.predictions.json."""
+    out = Path(out)
+    return [out, out.with_suffix(".csv")] + ([out.with_name(out.stem + ".predictions.json")] if generated else [])
+
+
+def output_policy(cfg: EvalConfig) -> dict:
+    """How `cfg`'s result files meet the output policy (`outputs.py`): not one of the inputs nor inside a dataset
+    or store; into the model dir or the image root they may go (a model card reads the model dir's metrics.json)."""
+    return {
+        "inputs": [cfg.data, cfg.predictions, cfg.references, cfg.clip_model],
+        "hosts": [cfg.model, cfg.images],
+        "overwrite": cfg.overwrite,
+    }
+
+
+def check_out(cfg: EvalConfig) -> None:
+    """Refuse `cfg.out` (or a file beside it) as `write_results` would, before the evaluation starts."""
+    for path in result_paths(cfg.out, cfg.model is not None):
+        check_file(path, COMMAND, **output_policy(cfg))
+
+
+def write_results(
+    result: EvalResult,
+    out: str | Path = "metrics.json",
+    *,
+    inputs: Iterable = (),
+    hosts: Iterable = (),
+    overwrite: bool = False,
+) -> list[Path]:
     """Write `out` (metrics.json: everything but the per-image rows), OUT.csv (one row per image: prediction,
     references, per-image CIDEr, CLIPScore, ...) and, after generation, OUT.predictions.json (COCO results format,
-    ready to rescore or to submit to the nocaps server). Each file is written whole or not at all.
-    Returns the paths written."""
-    from .data.store import replace_atomically
-
-    out = Path(out)
-    if out.is_dir():
-        raise ClipCapError(f"{out} is a directory: name a metrics file (e.g. {out / 'metrics.json'})")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise ClipCapError(f"cannot write {out}: {out.parent} is not a directory") from None
-    written = []
-
-    def save(path: Path, write) -> None:
-        try:
-            replace_atomically(path, write)
-        except OSError as e:
-            raise ClipCapError(f"cannot write {path}: {e.strerror or e}") from None
-        written.append(path)
-
-    save(out, lambda tmp: tmp.write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n"))
+    ready to rescore or to submit to the nocaps server). The files follow the output policy (`outputs.py`: never
+    an input, an existing file only when an earlier evaluate wrote it and `overwrite` is set); each is written whole
+    or not at all. Returns the paths written."""
+    paths = result_paths(out, "model" in result.settings)
+    where = dict(inputs=list(inputs), hosts=list(hosts), overwrite=overwrite)
+    for path in paths:  # all of them before any is written
+        check_file(path, COMMAND, **where)
     columns = list(dict.fromkeys(c for row in result.rows for c in row))
 
     def write_csv(tmp: Path) -> None:
@@ -475,12 +495,13 @@ def write_results(result: EvalResult, out: str | Path = "metrics.json") -> list[
             for row in result.rows:
                 writer.writerow({**row, "references": json.dumps(row["references"], ensure_ascii=False)})
 
-    save(out.with_suffix(".csv"), write_csv)
-    if "model" in result.settings:
+    metrics = json.dumps(result.to_dict(), indent=2, default=str) + "\n"
+    writers = [lambda tmp: tmp.write_text(metrics), write_csv]
+    if len(paths) == 3:
         results = [{"image_id": _coco_id(r["image"]), "caption": r["prediction"]} for r in result.rows]
         text = json.dumps(results, indent=1, ensure_ascii=False) + "\n"
-        save(out.with_name(out.stem + ".predictions.json"), lambda tmp: tmp.write_text(text, encoding="utf-8"))
-    return written
+        writers.append(lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    return [write_file(path, COMMAND, write, **where) for path, write in zip(paths, writers, strict=True)]
 
 
 def format_table(result: EvalResult) -> str:

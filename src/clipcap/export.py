@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,11 +39,12 @@ from .exported import (
     mapper_input_name,
     open_session,
 )
-from .files import output_dir
 from .hub import load_tokenizer
 from .model import ClipCapModel
 from .options import check_options, option
+from .outputs import EXPORTED, check_dir, write_dir
 
+COMMAND = "clipcap export"
 GENERATION_CONFIG = "generation_config.json"
 # Exported fp32 logits must match PyTorch's to this, relative to the largest logit (1e-6 is typical).
 TOLERANCE = 1e-4
@@ -55,7 +55,8 @@ class ExportConfig:
     """What `clipcap export` takes."""
 
     model_dir: str = option(positional=True, help="ClipCap model dir to export (made by train or convert)")
-    out_dir: str = option(positional=True, help="dir to write the exported model to (new, or empty)")
+    out_dir: str = option(positional=True, help="dir to write the exported model to: new, empty, or an earlier export")
+    overwrite: bool = option(False, help="replace the exported model an earlier export wrote there (other files kept)")
     int8: bool = option(False, help="int8 weights for the language model: about 4x smaller, faster on the CPU")
 
     def __post_init__(self) -> None:
@@ -291,21 +292,24 @@ def _tokenizer(model_dir: Path, lm: str):
     return load_tokenizer(model_dir if has_tokenizer else lm)
 
 
-def export(model_dir: str | Path, out_dir: str | Path, int8: bool = False, progress: bool = True) -> Path:
+def export(
+    model_dir: str | Path, out_dir: str | Path, int8: bool = False, progress: bool = True, overwrite: bool = False
+) -> Path:
     """Export the model dir for ONNX Runtime on the CPU (see the module doc); `int8=True` for int8 LM weights.
+    `out_dir` follows the output policy (`outputs.py`): an earlier export there is replaced with `overwrite` only.
     Returns out_dir. Raises ClipCapError when the model cannot be read, exported or matched."""
     from tqdm.auto import tqdm
 
     for module in ("onnx", "onnxruntime", "onnxscript"):
         if importlib.util.find_spec(module) is None:
             raise ClipCapError(f"exporting needs the [cpu] extra: pip install 'clipcap-hf[cpu]' ({module} is missing)")
-    source, out = Path(model_dir).expanduser(), Path(out_dir).expanduser()
+    source = Path(model_dir).expanduser()
     if not source.is_dir():
         raise ClipCapError(f"model directory not found: {model_dir}")
     if is_exported(source):
         raise ClipCapError(f"{source} is already an exported model: export the model dir it was made from")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ClipCapError(f"{out} already exists and is not an empty directory")
+    where = dict(inputs=[source], overwrite=overwrite)
+    check_dir(out_dir, EXPORTED, COMMAND, **where)  # before minutes of exporting
     steps = ["loading", "mapper", "decoder"] + (["int8"] if int8 else []) + ["writing"]
     with tqdm(total=len(steps), desc="export", unit="step", disable=not progress) as bar:
 
@@ -318,9 +322,8 @@ def export(model_dir: str | Path, out_dir: str | Path, int8: bool = False, progr
         tokenizer = _tokenizer(source, model.config.lm)
         hidden = model.lm.get_input_embeddings().embedding_dim
         layout = _cache_layout(model.lm, hidden)  # before any export: an LM that cannot be exported fails fast
-        output_dir(out.parent)
-        work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-        try:
+
+        def write(work: Path) -> None:
             step(steps[1])
             prefix_diff = _export_mapper(model, work / MAPPER_FILE)
             step(steps[2])
@@ -347,11 +350,7 @@ def export(model_dir: str | Path, out_dir: str | Path, int8: bool = False, progr
                 "torch": torch.__version__,
             }
             (work / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-            if out.exists():
-                out.rmdir()  # checked empty above
-            work.rename(out)
-        except BaseException:
-            shutil.rmtree(work, ignore_errors=True)
-            raise
+
+        out = write_dir(out_dir, EXPORTED, COMMAND, write, **where)
         bar.update()
     return out

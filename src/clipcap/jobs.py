@@ -36,7 +36,13 @@ def check_job_dir(out: Path, command: str, kind: str) -> None:
         raise ClipCapError(f"{out} is a file, not a {kind} directory")
     # A job links job.json before it creates anything else, so other files without it are foreign (checked after
     # listing them: a process starting at the same moment may have linked it meanwhile).
-    others = [p for p in out.iterdir() if not p.name.startswith(f".{JOB}.tmp")] if out.is_dir() else []
+    # (The output manifest, outputs.MANIFEST, is written before the job claims the dir.)
+    ours = (".clipcap-output.json",)
+    others = (
+        [p for p in out.iterdir() if not p.name.startswith(f".{JOB}.tmp") and p.name not in ours]
+        if out.is_dir()
+        else []
+    )
     if others and not (out / JOB).is_file():
         raise ClipCapError(f"{out} exists and is not a {kind} started by `{command}`: use an empty or new dir")
 

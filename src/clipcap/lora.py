@@ -13,14 +13,14 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import save_model_dir
 from .errors import ClipCapError
-from .files import output_dir
 from .hub import load_tokenizer
 from .model import ClipCapModel
 from .options import check_options, option
+from .outputs import MODEL_DIR, check_dir, write_dir
 
 ADAPTER = "adapter"  # the model dir's folder for the adapter
+COMMAND = "clipcap merge-lora"
 
 
 def _peft():
@@ -84,6 +84,7 @@ class MergeLoraConfig:
 
     model_dir: str = option(positional=True, help="model dir with a LoRA adapter (trained with `lora_r`)")
     out: str = option(positional=True, help="model dir to write: the LM with the adapter merged into its weights")
+    overwrite: bool = option(False, help="replace the model dir an earlier merge-lora wrote there (other files kept)")
 
     def __post_init__(self) -> None:
         check_options(self)
@@ -93,15 +94,11 @@ def merge_lora(cfg: MergeLoraConfig) -> Path:
     """Write `cfg.model_dir`'s model to `cfg.out` as a plain model dir: the adapter merged into the LM's weights
     (saved in full, as a tuned LM), the mapper, tokenizer and encoder reference as they were. Returns `cfg.out`."""
     source = Path(cfg.model_dir)
+    where = dict(inputs=[source], overwrite=cfg.overwrite)
+    check_dir(cfg.out, MODEL_DIR, COMMAND, **where)
     model = ClipCapModel.from_pretrained(source)
     if model.config.adapter is None:
         raise ClipCapError(f"{source} has no LoRA adapter to merge")
-    out = Path(cfg.out)
-    if out.exists() and out.resolve() == source.resolve():
-        raise ClipCapError(f"{out} is the model dir being merged: write the merged model elsewhere")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ClipCapError(f"{out} already exists: choose a new or empty directory")
-    output_dir(out.parent)
     tokenizer = load_tokenizer(source)
     model.lm = model.lm.merge_and_unload()
     model.config.adapter = None
@@ -109,5 +106,9 @@ def merge_lora(cfg: MergeLoraConfig) -> Path:
     encoder = model.config.clip_model
     if encoder and not Path(encoder).is_absolute() and (source / encoder).is_dir():
         model.config.clip_model = str((source / encoder).resolve())  # the merged dir must still find it
-    save_model_dir(model, tokenizer, out)
-    return out
+
+    def write(stage: Path) -> None:
+        model.save_pretrained(stage)
+        tokenizer.save_pretrained(stage)
+
+    return write_dir(cfg.out, MODEL_DIR, COMMAND, write, **where)

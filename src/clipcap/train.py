@@ -39,6 +39,7 @@ from .errors import ClipCapError
 from .lora import add_lora, load_adapter_weights
 from .model import ClipCapModel
 from .options import check_options, option
+from .outputs import RUN, claim_dir, replace_atomically, writing
 from .start import (
     build_model,
     caption_budget,
@@ -55,6 +56,9 @@ logger = logging.getLogger("clipcap.train")
 METRICS = "metrics.jsonl"
 SKIPPED = "skipped.jsonl"
 CONFIG = "train_config.json"
+COMMAND = "clipcap train"
+# What a run writes in RUN_DIR, deleted by `overwrite`.
+RUN_ENTRIES = (ckpt.CHECKPOINTS, "final", "best", METRICS, "loss.png", SKIPPED, CONFIG, "tensorboard")
 REPORT_TO = ("none", "tensorboard", "wandb")
 WARMUP_FRACTION = 0.1  # the original's 5000 warm-up steps were 3.5 % of its run; never warm up for more than 10 %
 
@@ -65,6 +69,9 @@ class TrainConfig:
 
     data: str = option(help="embedding store to train on (made by `clipcap embed`)")
     out: str = option(help="run dir to write (RUN_DIR)")
+    overwrite: bool = option(
+        False, help="start the run in RUN_DIR over: its earlier checkpoints and models are deleted (other files kept)"
+    )
     lm: str = option("gpt2", help="HF id or dir of the causal LM and its tokenizer")
     mapping: str = option("mlp", choices=MAPPINGS, help="mapping network")
     prefix_length: int = option(10, min=1, help="prefix length k")
@@ -155,6 +162,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_options(self)
+        if self.resume and self.overwrite:
+            raise ClipCapError("`resume` continues the run in `out` and `overwrite` starts it over: choose one")
         if self.lora_r and self.tune_lm:
             raise ClipCapError("`lora_r` trains adapters on an LM that stays as it is: it excludes `tune_lm`")
         if self.lora_dropout >= 1:
@@ -226,8 +235,10 @@ def plot_losses(runs: dict[str, Path], png: Path, log_scale: bool = False) -> Pa
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
+    try:
+        replace_atomically(png, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    finally:
+        plt.close(fig)
     return png
 
 
@@ -291,11 +302,21 @@ class Trainer:
         self.last_checkpoint: Path | None = None
 
     def _check_run_dir(self) -> None:
-        if self.run_dir.exists() and not self.run_dir.is_dir():
-            raise ClipCapError(f"{self.run_dir} is a file, not a run directory")
-        started = any((self.run_dir / name).exists() for name in (ckpt.CHECKPOINTS, "final", METRICS, CONFIG))
-        if started and not self.cfg.resume:
-            raise ClipCapError(f"{self.run_dir} already holds a training run: resume it (`resume`) or choose another")
+        """Claim RUN_DIR as the output policy says (`outputs.py`), on the main process, before anything is loaded."""
+        cfg = self.cfg
+        if self.main:
+            inputs = [cfg.data, cfg.val_data, cfg.init_from, cfg.lm, cfg.lm_text]
+            claim_dir(
+                cfg.out,
+                RUN,
+                COMMAND,
+                RUN_ENTRIES,
+                inputs=inputs,
+                overwrite=cfg.overwrite,
+                resume=cfg.resume,
+                resumable=True,
+            )
+        self.accelerator.wait_for_everyone()
 
     def _val_pairs(self, progress: bool) -> CaptionPairs | None:
         from .data.store import EmbeddingStore
@@ -344,7 +365,7 @@ class Trainer:
 
     def record(self, row: dict) -> None:
         if self.main:
-            with open(self.run_dir / METRICS, "a") as f:
+            with writing(self.run_dir / METRICS), open(self.run_dir / METRICS, "a") as f:
                 f.write(json.dumps(row) + "\n")
         if self.cfg.report_to != "none" and row["type"] in ("train", "val"):
             scalars = {k: v for k, v in row.items() if k not in ("type", "step") and isinstance(v, (int, float))}
@@ -506,14 +527,26 @@ class Trainer:
                 "config": dataclasses.asdict(self.cfg),
             }
             model = self.accelerator.unwrap_model(self.objective).model
-            ckpt.write_checkpoint(tmp, model, self.tokenizer, self.optimizer.state_dict(), state)
+            with self._writing(tmp):
+                ckpt.write_checkpoint(tmp, model, self.tokenizer, self.optimizer.state_dict(), state)
         self.accelerator.wait_for_everyone()
-        save_file(ckpt.rng_state(), str(ckpt.rng_file(tmp, self.rank)))
+        with self._writing(tmp):
+            save_file(ckpt.rng_state(), str(ckpt.rng_file(tmp, self.rank)))
         self.accelerator.wait_for_everyone()
         if self.main:
             ckpt.commit_checkpoint(tmp, final, self.cfg.keep_checkpoints)
         self.last_checkpoint = final
         self.accelerator.wait_for_everyone()
+
+    @contextlib.contextmanager
+    def _writing(self, tmp: Path):
+        """A failed checkpoint write (disk full included) is one ClipCapError and leaves no temporary dir."""
+        try:
+            with writing(tmp.parent):
+                yield
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
     def load_checkpoint(self, path: Path) -> None:
         from safetensors.torch import load_model
@@ -560,7 +593,7 @@ class Trainer:
                 with contextlib.suppress(json.JSONDecodeError):  # a line cut short by the kill is dropped
                     if json.loads(line).get("step", 0) <= self.step:
                         kept.append(line)
-            metrics.write_text("".join(line + "\n" for line in kept))
+            replace_atomically(metrics, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
         self.accelerator.wait_for_everyone()
 
     # -- the run ----------------------------------------------------------------------------------------------
@@ -575,9 +608,11 @@ class Trainer:
             self.restore()
         self.start_tracker()
         if self.main and self.step == 0:
-            (self.run_dir / CONFIG).write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+            config = json.dumps(dataclasses.asdict(cfg), indent=2) + "\n"
+            replace_atomically(self.run_dir / CONFIG, lambda tmp: tmp.write_text(config))
             skipped = self.pairs.skipped + (self.val.skipped if self.val else [])
-            (self.run_dir / SKIPPED).write_text("".join(json.dumps(s) + "\n" for s in skipped))
+            text = "".join(json.dumps(s) + "\n" for s in skipped)
+            replace_atomically(self.run_dir / SKIPPED, lambda tmp: tmp.write_text(text))
         for name, pairs in (("training", self.pairs), ("validation", self.val)):
             if pairs is not None and pairs.skipped:
                 self.log(f"skipped {len(pairs.skipped)} {name} captions ({pairs.skip_summary()}): see {SKIPPED}")

@@ -16,6 +16,7 @@ import sys
 import warnings
 
 from ..errors import ClipCapError
+from ..outputs import disk_full, disk_full_error
 from ..version import __version__
 from .arguments import add_options, flags_of, parse_options
 from .commands import COMMANDS, Command
@@ -125,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if debug:
             raise
+        if disk_full(e):  # a write no library call wrapped, reported in the writer's own words: still the machine
+            print(f"clipcap {chosen}: error: {disk_full_error('the output')}", file=sys.stderr)
+            return 2
         name = type(e).__name__
         print(
             f"clipcap {chosen}: internal error: {name}: {_one_line(e, None)} "

@@ -81,8 +81,9 @@ def run_merge_lora(cfg, progress: bool) -> int:
 
 
 def run_evaluate(cfg, progress: bool) -> int:
-    from ..evaluate import evaluate, format_table, write_results
+    from ..evaluate import check_out, evaluate, format_table, output_policy, write_results
 
+    check_out(cfg)  # before the minutes of captioning and scoring
     result = evaluate(cfg, progress)
     if result.missing_predictions:
         say(f"{result.missing_predictions} reference images have no prediction; scored the {result.num_images} that do")
@@ -93,7 +94,7 @@ def run_evaluate(cfg, progress: bool) -> int:
             counts[reason] = counts.get(reason, 0) + 1
         summary = ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items()))
         say(f"skipped {len(result.skipped)} images: {summary} (listed under 'skipped' in {cfg.out})")
-    for path in write_results(result, cfg.out):
+    for path in write_results(result, cfg.out, **output_policy(cfg)):
         say(f"wrote {path}")
     print(format_table(result))
     return 0
@@ -102,7 +103,7 @@ def run_evaluate(cfg, progress: bool) -> int:
 def run_export(cfg, progress: bool) -> int:
     from ..export import export
 
-    say(f"wrote {export(cfg.model_dir, cfg.out_dir, int8=cfg.int8, progress=progress)}")
+    say(f"wrote {export(cfg.model_dir, cfg.out_dir, int8=cfg.int8, progress=progress, overwrite=cfg.overwrite)}")
     return 0
 
 

@@ -24,7 +24,6 @@ import io
 import json
 import os
 import re
-import secrets
 from functools import cached_property
 from pathlib import Path
 
@@ -32,6 +31,7 @@ import numpy as np
 
 from ..errors import ClipCapError
 from ..jobs import JOB
+from ..outputs import replace_atomically
 
 INFO = "info.json"
 SKIPPED = "skipped.jsonl"
@@ -48,17 +48,6 @@ def arrow(needed_for: str = "the embedding store"):
     except ImportError:
         raise ClipCapError(f"{needed_for} needs pyarrow: pip install 'clipcap-hf[train]'") from None
     return pa, pc, pq
-
-
-def replace_atomically(path: Path, write) -> None:
-    """Call write(tmp_path), then rename over `path`: readers and resumed jobs never see a half-written file."""
-    # Unique per write: ranks on several machines of a shared filesystem may share a pid.
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}-{secrets.token_hex(4)}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def utf8(text: str | None) -> str | None:

@@ -36,10 +36,13 @@ from ..config import MAPPINGS
 from ..errors import ClipCapError
 from ..files import output_dir
 from ..options import check_options, option
+from ..outputs import EXPERIMENT, claim_dir
 from .runner import VARIANTS
 from .world import ORDERS, STYLES
 
 METRICS = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
+# What an experiment writes in OUT (and OUT/STYLE for several styles), deleted by `overwrite`.
+EXPERIMENT_ENTRIES = ("runs", "quick", "world", "stores", "results.json", "table.md", "prefix_length.png", "styles.md")
 BINDING = ("single", "objects", "pairs_exact", "relation_right")
 
 
@@ -51,6 +54,7 @@ class ExperimentConfig:
         positional=True, choices=("prefix-length", "mapping", "tuning", "relations"), help="which ablation"
     )
     out: str = option(help="output directory (runs/, results.json, plots)")
+    overwrite: bool = option(False, help="replace the output of an earlier experiment in OUT (other files kept)")
     data: str | None = option(None, help="embedding store to train and test on (made by `clipcap embed`)")
     lm: str | None = option(None, help="HF id or dir of the language model")
     quick: bool = option(False, help="without data: a small shapes world and the shipped encoders")
@@ -513,6 +517,16 @@ def run_experiment(cfg: ExperimentConfig) -> dict:
     """Run the ablation `cfg.kind` on `cfg.data` (a store) with `cfg.lm`, or with `cfg.quick` on a small shapes world
     (store and LM made here; fewer lengths and epochs unless given). With several quick `styles`, the ablation runs
     once per style under OUT/STYLE, and a tuning ablation also writes OUT/styles.md (`styles_table`)."""
+    clips = [_named(c)[1] for c in cfg.clip_models or ()]
+    styles = tuple(dict.fromkeys(cfg.styles)) if len(cfg.styles) > 1 else ()
+    claim_dir(
+        cfg.out,
+        EXPERIMENT,
+        "clipcap experiment",
+        EXPERIMENT_ENTRIES + styles,
+        inputs=[cfg.data, cfg.lm, *clips],
+        overwrite=cfg.overwrite,
+    )
     if cfg.styles != ["plain"] and cfg.kind == "relations":
         raise ClipCapError(f"caption `styles` {cfg.styles} apply to the other ablations, not to relations (plain only)")
     if cfg.styles != ["plain"] and (not cfg.quick or cfg.data is not None):

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ClipCapError
-from ..files import output_dir
 from ..options import check_options, option
+from ..outputs import DEMO, claim_dir, replace_atomically
 from . import world as shapes
 from .encoders import ASSETS, EncoderRecipe, build_encoders
 
@@ -46,6 +46,8 @@ class Variant:
 
 
 # The paper's two variants on the pooled embedding, and both mappers reading image tokens instead.
+# What the demo writes in OUT, deleted by `overwrite`.
+DEMO_ENTRIES = ("encoders", "world", "store", "runs", "model", "loss.png", "metrics.json", "report.html")
 VARIANTS = {
     v.name: v
     for v in (
@@ -229,6 +231,7 @@ class DemoConfig:
         "instead of using the shipped ones (over an hour on 2 cores)",
     )
     encoders: str | None = option(None, help="a dir with clip/ and lm/ to use instead of the shipped encoders")
+    overwrite: bool = option(False, help="replace the output of an earlier demo in OUT (other files kept)")
 
     def __post_init__(self) -> None:
         check_options(self)
@@ -243,7 +246,7 @@ def run_demo(cfg: DemoConfig, recipe: DemoRecipe | None = None, progress: bool =
     from .report import table, write_report
 
     recipe = recipe or (DemoRecipe.quick() if quick else DemoRecipe())
-    out = output_dir(out)
+    out = claim_dir(out, DEMO, "clipcap demo", DEMO_ENTRIES, inputs=[cfg.encoders], overwrite=cfg.overwrite)
     timings: dict[str, float] = {}
     start = last = time.perf_counter()
 
@@ -336,7 +339,7 @@ def run_demo(cfg: DemoConfig, recipe: DemoRecipe | None = None, progress: bool =
         "timings_s": {**timings, "total": round(time.perf_counter() - start, 1)},
         "samples": [{k: s[k] for k in ("image", "generated", "references", "correct", "error")} for s in samples],
     }
-    (out / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    replace_atomically(out / "metrics.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2) + "\n"))
 
     columns = ["variant", "split", "single", "objects", "pairs_exact", "relation_right", "BLEU-4", "CIDEr"]
     rows = [
