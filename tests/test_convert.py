@@ -199,7 +199,7 @@ def test_output_path_that_is_a_file(tmp_path, lm_dir):
     ckpt = tmp_path / "orig.pt"
     make_original(lm_dir, "mlp", ckpt)
     (tmp_path / "out").write_text("x")
-    with pytest.raises(ClipCapError, match="exists and is not a directory"):
+    with pytest.raises(ClipCapError, match="is a file, not a directory"):
         convert_original(ckpt, tmp_path / "out", lm=str(lm_dir))
 
 
@@ -209,7 +209,7 @@ def test_converted_dir_is_in_the_current_format(tmp_path, lm_dir):
     out = convert_original(ckpt, tmp_path / "converted", lm=str(lm_dir))
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "clipcap" and "text_config" in config and "lm_config" not in config
-    assert not list(tmp_path.glob(".*converting"))  # written beside the target, then renamed into place
+    assert not list(out.glob(".clipcap-partial-*"))  # written inside the target, then renamed into place
 
 
 # -- property tests: the loader gives a state dict or one ClipCapError, whatever the bytes ------------------------

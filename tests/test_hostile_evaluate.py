@@ -81,10 +81,10 @@ def test_an_unusable_output_is_one_line(kind, files, tmp_path):
     out = tmp_path / "out"
     if kind == "a-dir":
         out.mkdir()
-        fragment = "is a directory: name a metrics file"
+        fragment = "is a directory: name a file"
     else:
         out.write_text("x")
-        out, fragment = out / "m.json", "is not a directory"
+        out, fragment = out / "m.json", "is a file, not a directory"
     one_line_error(score(*files, "--out", out), "clipcap evaluate: error:", fragment)
 
 

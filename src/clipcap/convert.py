@@ -202,8 +202,8 @@ def convert_original(
     """Convert `checkpoint` to a model dir at `out_dir` (config.json, model.safetensors, tokenizer files), as the
     output policy says (`outputs.py`: a model dir `convert` wrote earlier is replaced with `overwrite` only)."""
     where = dict(inputs=[checkpoint, lm, clip_model], overwrite=overwrite)
+    state = load_original_state_dict(checkpoint)  # a checkpoint that is no checkpoint is named first
     check_dir(out_dir, MODEL_DIR, COMMAND, **where)
-    state = load_original_state_dict(checkpoint)
     try:
         lm_config = AutoConfig.from_pretrained(lm)
     except (OSError, ValueError):

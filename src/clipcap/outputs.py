@@ -326,6 +326,11 @@ def check_file(
     path = Path(path).expanduser()
     if path.is_dir():
         raise ClipCapError(f"{path} is a directory: name a file to write")
+    for parent in path.parents:  # the nearest existing one must be a dir
+        if os.path.lexists(parent):
+            if not parent.is_dir():
+                raise ClipCapError(f"cannot write {path}: {parent} is a file, not a directory")
+            break
     check_inputs(path, inputs, hosts)
     if not os.path.lexists(path):
         return path
