@@ -110,10 +110,10 @@ def cases(tmp_path_factory, clip_dir, tokenizer, varied_model_dir):
         ),
         "out is a store from embed": (
             job(root / "d.jsonl", other),
-            [f"{other} holds the output of another command, not a caption job of `clipcap caption`"],
+            [f"{other} holds an embedding store (written by `clipcap embed`), not a caption job output"],
         ),
-        "out of someone else's files": (job(store, root / "foreign"), ["is not a caption job started by"]),
-        "out is a file": (job(store, root / "a-file"), ["a-file is a file, not a caption job directory"]),
+        "out of someone else's files": (job(store, root / "foreign"), ["is not empty (", "clipcap never replaces files it did not write"]),
+        "out is a file": (job(store, root / "a-file"), ["a-file is a file, not a directory"]),
         "a folder named as a store": (
             read(root, "--input-format", "store"),
             ["is not an embedding store"],

@@ -101,9 +101,9 @@ def test_a_damaged_webdataset_shard_keeps_what_precedes_the_damage(tmp_path, ima
 @pytest.mark.parametrize(
     "kind, fragments",
     [
-        ("a-file", ["is a file, not a store directory"]),
-        ("foreign-dir", ["is not a store started by `clipcap embed`"]),
-        ("under-a-file", ["cannot create the store"]),
+        ("a-file", ["is a file, not a directory"]),
+        ("foreign-dir", ["is not empty (", "clipcap never replaces files it did not write"]),
+        ("under-a-file", ["cannot create", "a part of it is a file"]),
         ("other-job", ["holds a store from a different `clipcap embed` command (differs in: normalize"]),
     ],
 )

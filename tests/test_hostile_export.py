@@ -134,10 +134,10 @@ def test_export_of_an_exported_dir(capsys, exported, tmp_path):
 def test_export_never_overwrites(capsys, model_dir, tmp_path):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
-    one_line_error(capsys, ["export", model_dir, tmp_path / "full", "--quiet"], "export", "not an empty directory")
+    one_line_error(capsys, ["export", model_dir, tmp_path / "full", "--quiet"], "export", "is not empty (keep.txt)")
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
     (tmp_path / "file").write_text("x")
-    one_line_error(capsys, ["export", model_dir, tmp_path / "file", "--quiet"], "export", "not an empty directory")
+    one_line_error(capsys, ["export", model_dir, tmp_path / "file", "--quiet"], "export", "is a file, not a directory")
 
 
 def test_export_of_a_damaged_model_dir(capsys, model_dir, tmp_path):

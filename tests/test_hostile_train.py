@@ -93,7 +93,7 @@ def test_bad_options_are_one_line(args, fragments, store, tmp_path, lm_dir):
 
 def test_an_unusable_output_is_one_line(store, tmp_path, lm_dir):
     (tmp_path / "file").write_text("x")
-    one_line_error(train(store, tmp_path / "file", lm_dir), "is a file, not a run directory")
+    one_line_error(train(store, tmp_path / "file", lm_dir), "is a file, not a directory")
     assert train(store, tmp_path / "run", lm_dir, "--epochs", 1).returncode == 0
     one_line_error(train(store, tmp_path / "run", lm_dir, "--epochs", 1), "already holds a training run")
 

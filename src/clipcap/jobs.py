@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 from .errors import ClipCapError
+from .outputs import MANIFEST, disk_full, disk_full_error
 
 JOB = "job.json"
 
@@ -36,8 +37,8 @@ def check_job_dir(out: Path, command: str, kind: str) -> None:
         raise ClipCapError(f"{out} is a file, not a {kind} directory")
     # A job links job.json before it creates anything else, so other files without it are foreign (checked after
     # listing them: a process starting at the same moment may have linked it meanwhile).
-    # (The output manifest, outputs.MANIFEST, is written before the job claims the dir.)
-    ours = (".clipcap-output.json",)
+    # (The output manifest is written before the job claims the dir.)
+    ours = (MANIFEST,)
     others = (
         [p for p in out.iterdir() if not p.name.startswith(f".{JOB}.tmp") and p.name not in ours]
         if out.is_dir()
@@ -53,13 +54,16 @@ def claim_job(out: Path, job: dict, command: str, kind: str) -> None:
     check_job_dir(out, command, kind)
     job_file = out / JOB
     if not job_file.is_file():
+        tmp = out / f".{JOB}.tmp{os.getpid()}"
         try:
             out.mkdir(parents=True, exist_ok=True)
-            tmp = out / f".{JOB}.tmp{os.getpid()}"
             tmp.write_text(json.dumps(job, indent=2) + "\n", encoding="utf-8")
         except (FileExistsError, NotADirectoryError):
             raise ClipCapError(f"cannot create the {kind} {out}: a part of it is a file, not a directory") from None
         except OSError as e:
+            tmp.unlink(missing_ok=True)
+            if disk_full(e):
+                raise disk_full_error(job_file) from None
             raise ClipCapError(f"cannot create the {kind} {out}: {e.strerror or e}") from None
         try:
             os.link(tmp, job_file)

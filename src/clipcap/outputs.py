@@ -182,14 +182,15 @@ def check_inputs(out: str | Path, inputs: Iterable = (), hosts: Iterable = ()) -
 def _prepare(out: Path, kind: str, command: str, inputs, hosts, overwrite: bool, resume: bool, resumable=False):
     """Check that `out` may take this command's `kind` of output; returns (manifest to write, earlier entries of
     this kind to delete before writing)."""
+    check_inputs(out, inputs, hosts)
     if out.exists() and not out.is_dir():
         raise ClipCapError(f"{out} is a file, not a directory")
-    check_inputs(out, inputs, hosts)
     manifest = read_manifest(out) if out.is_dir() else None
     if manifest is None or not manifest.get("kind"):
         present = _present(out) if out.is_dir() else []
         found = kind_of(out) if present else None
-        adopt = resume and ((out / JOB).is_file() or found == kind)  # a resumable job's dir from before manifests
+        # A resumable command's dir from before manifests: a run dir, or a job's (jobs.py then checks its record).
+        adopt = resume and (found == kind or (found is None and (out / JOB).is_file()))
         if present and not adopt:
             what = _a(found) if found else f"not empty ({_listing(present)})"
             raise ClipCapError(
