@@ -40,7 +40,7 @@ from .encoder import fingerprint, same_encoder
 from .errors import ClipCapError
 from .hub import resolve_dir
 from .images import is_image_file
-from .jobs import check_job_dir, claim_job, rank_and_world, shards_of
+from .jobs import claim_job, rank_and_world, shards_of
 from .options import option
 from .outputs import CAPTIONS, claim_dir, replace_atomically
 
@@ -555,8 +555,8 @@ def caption_job(cfg: CaptionJobConfig, progress: bool = False) -> CaptionJobResu
         inputs=[*cfg.inputs, cfg.model],
         overwrite=cfg.overwrite,
         resume=True,
+        legacy="job.json",
     )
-    check_job_dir(out, COMMAND, KIND)
     inputs = open_inputs(cfg)
     captioner, decoding = load_captioner(cfg, inputs)
     columns = _Columns(inputs, cfg.num_captions)

@@ -145,6 +145,7 @@ def embed(cfg: EmbedConfig, progress: bool = False) -> EmbedResult:
         hosts=[cfg.images],
         overwrite=cfg.overwrite,
         resume=True,
+        legacy="job.json",
     )
     fmt = detect_format(cfg.source) if cfg.format == "auto" else cfg.format
     records = list(

@@ -42,7 +42,7 @@ from .exported import (
 from .hub import load_tokenizer
 from .model import ClipCapModel
 from .options import check_options, option
-from .outputs import EXPORTED, check_dir, write_dir
+from .outputs import EXPORTED, check_dir, copy_tree, write_dir
 
 COMMAND = "clipcap export"
 GENERATION_CONFIG = "generation_config.json"
@@ -284,7 +284,7 @@ def _quantize_int8(path: Path) -> None:
 def _copy_encoder(model_dir: Path, clip_model: str | None, dst: Path) -> None:
     """Copy the encoder dir when the config names one inside the model dir (as the demo and tests ship it)."""
     if clip_model and not Path(clip_model).is_absolute() and (model_dir / clip_model).is_dir():
-        shutil.copytree(model_dir / clip_model, dst / clip_model)
+        copy_tree(model_dir / clip_model, dst / clip_model)
 
 
 def _tokenizer(model_dir: Path, lm: str):

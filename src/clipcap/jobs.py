@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from .errors import ClipCapError
-from .outputs import MANIFEST, disk_full, disk_full_error
+from .outputs import disk_full, disk_full_error
 
 JOB = "job.json"
 
@@ -31,27 +31,10 @@ def rank_and_world() -> tuple[int, int]:
     return rank, world
 
 
-def check_job_dir(out: Path, command: str, kind: str) -> None:
-    """Refuse an `out` that cannot hold a job of `command` (a file, or a dir of other files), before any work."""
-    if out.exists() and not out.is_dir():
-        raise ClipCapError(f"{out} is a file, not a {kind} directory")
-    # A job links job.json before it creates anything else, so other files without it are foreign (checked after
-    # listing them: a process starting at the same moment may have linked it meanwhile).
-    # (The output manifest is written before the job claims the dir.)
-    ours = (MANIFEST,)
-    others = (
-        [p for p in out.iterdir() if not p.name.startswith(f".{JOB}.tmp") and p.name not in ours]
-        if out.is_dir()
-        else []
-    )
-    if others and not (out / JOB).is_file():
-        raise ClipCapError(f"{out} exists and is not a {kind} started by `{command}`: use an empty or new dir")
-
-
 def claim_job(out: Path, job: dict, command: str, kind: str) -> None:
     """Start a job at `out` for `job`, or check that the job there was started by the same command; `command` and
-    `kind` name the job in messages ("clipcap embed", "store")."""
-    check_job_dir(out, command, kind)
+    `kind` name the job in messages ("clipcap embed", "store"). The dir has been claimed by the output policy
+    (`outputs.claim_dir`) before: it holds nothing of anyone else's that the job could overwrite."""
     job_file = out / JOB
     if not job_file.is_file():
         tmp = out / f".{JOB}.tmp{os.getpid()}"

@@ -32,7 +32,6 @@ from .files import output_dir
 
 MANIFEST = ".clipcap-output.json"
 PARTIAL = ".clipcap-partial-"  # a dir output being written (inside the output dir, so on its filesystem)
-JOB = "job.json"  # a resumable job's record (jobs.py): a dir holding it is a job's, from before manifests
 
 MODEL_DIR, EXPORTED, STORE, RUN, CAPTIONS, DEMO, EXPERIMENT = (
     "model dir",
@@ -74,7 +73,9 @@ def writing(path: str | Path):
     """Report a failed write under `path` as one ClipCapError: disk full says so, another OSError says why."""
     try:
         yield
-    except ClipCapError:
+    except ClipCapError as e:
+        if disk_full(e.__cause__ or e.__context__):  # a library's own message over the machine's
+            raise disk_full_error(path) from None
         raise
     except Exception as e:
         if disk_full(e):
@@ -96,6 +97,17 @@ def replace_atomically(path: str | Path, write: Callable[[Path], object]) -> Non
             os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def copy_tree(source: str | Path, target: str | Path) -> None:
+    """Copy the dir `source` to the new `target` with the permissions the umask gives (shutil.copytree would copy
+    the source's, such as a temporary dir's 0700)."""
+    source, target = Path(source), Path(target)
+    for root, _, names in os.walk(source, followlinks=True):
+        here = target / Path(root).relative_to(source)
+        here.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            shutil.copyfile(Path(root) / name, here / name)
 
 
 # -- what is there --------------------------------------------------------------------------------------------------
@@ -123,7 +135,8 @@ def _present(directory: Path) -> list[str]:
     return sorted(
         p.name
         for p in directory.iterdir()
-        if p.name != MANIFEST and not p.name.startswith(PARTIAL) and not p.name.startswith(f".{JOB}.tmp")
+        # (".job.json.tmp": a job record being claimed, jobs.py)
+        if p.name != MANIFEST and not p.name.startswith(PARTIAL) and not p.name.startswith(".job.json.tmp")
     )
 
 
@@ -179,7 +192,7 @@ def check_inputs(out: str | Path, inputs: Iterable = (), hosts: Iterable = ()) -
 
 
 # -- dir outputs ----------------------------------------------------------------------------------------------------
-def _prepare(out: Path, kind: str, command: str, inputs, hosts, overwrite: bool, resume: bool, resumable=False):
+def _prepare(out: Path, kind: str, command: str, inputs, hosts, overwrite, resume, resumable=False, legacy=None):
     """Check that `out` may take this command's `kind` of output; returns (manifest to write, earlier entries of
     this kind to delete before writing)."""
     check_inputs(out, inputs, hosts)
@@ -189,8 +202,9 @@ def _prepare(out: Path, kind: str, command: str, inputs, hosts, overwrite: bool,
     if manifest is None or not manifest.get("kind"):
         present = _present(out) if out.is_dir() else []
         found = kind_of(out) if present else None
-        # A resumable command's dir from before manifests: a run dir, or a job's (jobs.py then checks its record).
-        adopt = resume and (found == kind or (found is None and (out / JOB).is_file()))
+        # A resumable command's own dir from before manifests, known by its `legacy` file (a job's record, which
+        # jobs.py then compares; a run's config).
+        adopt = resume and legacy is not None and (out / legacy).is_file() and found in (kind, None)
         if present and not adopt:
             what = _a(found) if found else f"not empty ({_listing(present)})"
             raise ClipCapError(
@@ -244,13 +258,15 @@ def claim_dir(
     overwrite: bool = False,
     resume: bool = False,
     resumable: bool = False,
+    legacy: str | None = None,
 ) -> Path:
     """Make `out` the output dir of a command that writes into it as it goes (a job, a run, the demo) and return it:
     checked as the module doc says, created if missing, its manifest recording `entries` (the names the command may
     write there) as the command's. With `overwrite`, the command's earlier entries are deleted first; `resume`
-    continues them (a job that resumes whenever it is rerun passes it always; `resumable` only names it in errors)."""
+    continues them (a job that resumes whenever it is rerun passes it always; `resumable` only names it in errors),
+    also in a dir written before manifests existed that holds the file `legacy`."""
     out = Path(out).expanduser()
-    manifest, earlier = _prepare(out, kind, command, inputs, hosts, overwrite, resume, resumable)
+    manifest, earlier = _prepare(out, kind, command, inputs, hosts, overwrite, resume, resumable, legacy)
     output_dir(out)
     with writing(out):
         for name in earlier:

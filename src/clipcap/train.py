@@ -315,6 +315,7 @@ class Trainer:
                 overwrite=cfg.overwrite,
                 resume=cfg.resume,
                 resumable=True,
+                legacy=CONFIG,
             )
         self.accelerator.wait_for_everyone()
 

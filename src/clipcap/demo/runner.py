@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ..errors import ClipCapError
 from ..options import check_options, option
-from ..outputs import DEMO, claim_dir, replace_atomically
+from ..outputs import DEMO, claim_dir, copy_tree, replace_atomically
 from . import world as shapes
 from .encoders import ASSETS, EncoderRecipe, build_encoders
 
@@ -161,8 +161,8 @@ def evaluate_variant(model_dir: Path, store: Path, split: str, recipe: DemoRecip
 def _portable_model(src: Path, dst: Path, clip_dir: Path) -> Path:
     """Copy a model dir and its encoder (as dst/clip, named relatively in config.json) so dst works anywhere."""
     shutil.rmtree(dst, ignore_errors=True)
-    shutil.copytree(src, dst)
-    shutil.copytree(clip_dir, dst / "clip")
+    copy_tree(src, dst)
+    copy_tree(clip_dir, dst / "clip")
     config = json.loads((dst / "config.json").read_text())
     config["clip_model"] = "clip"
     (dst / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
