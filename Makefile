@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 install: $(STAMP)
 
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/clipcap demo --out demo-out
+	HF_HUB_OFFLINE=1 $(BIN)/clipcap demo --out demo-out --overwrite
 
 # Debian's Chromium for the upload-page browser test (Playwright drives it; no `playwright install`).
 # Idempotent; where it cannot be installed (not root, no apt) the browser test skips and says why.
