@@ -268,6 +268,10 @@ def test_card_keeps_a_readme_the_user_wrote_and_replaces_its_own_only_when_asked
     one_line_error(clipcap("card", model, "--metrics", metrics, "--out", metrics), "is the input")
 
 
+def test_overwrite_without_an_output_dir_is_refused(w):
+    one_line_error(clipcap("caption", w.images, "--model", w.model, "--overwrite"), "--overwrite", "needs --out")
+
+
 # -- class 6: disk full and the umask ------------------------------------------------------------------------------
 def fresh(*args, cwd: Path, fsize: int | None = None, umask: int | None = None) -> subprocess.CompletedProcess:
     """The real CLI in a new process under a file size limit (writes past it fail with EFBIG, SIGXFSZ being ignored

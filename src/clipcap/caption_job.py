@@ -103,6 +103,11 @@ class CaptionJobConfig(DecodingOptions):
         default_text="as saved",
     )
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.overwrite and self.out is None:
+            raise ClipCapError("`overwrite` starts an output dir over: it needs `out` (without it nothing is written)")
+
 
 # -- inputs ------------------------------------------------------------------------------------------------------
 def input_kind(cfg: CaptionJobConfig) -> str:
