@@ -120,7 +120,7 @@ def test_split_normalize_and_resume_when_complete(tmp_path, dataset, clip_dir, e
         run_embed(dataset, out, clip_dir, workers=0)
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("y")
-    with pytest.raises(ClipCapError, match="is not a store started by"):
+    with pytest.raises(ClipCapError, match="is not empty"):
         run_embed(dataset, tmp_path / "full", clip_dir)
 
 

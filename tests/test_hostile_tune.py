@@ -120,9 +120,9 @@ EXPECTED = {
     "merge-plain": ("merge-lora", ["has no LoRA adapter to merge"]),
     "merge-bad-adapter": ("merge-lora", ["cannot load the LoRA adapter"]),
     "merge-no-adapter": ("merge-lora", ["has no LoRA adapter in adapter/"]),
-    "merge-out-full": ("merge-lora", ["full-out already exists"]),
-    "merge-out-file": ("merge-lora", ["a-file already exists"]),
-    "merge-onto-itself": ("merge-lora", ["is the model dir being merged"]),
+    "merge-out-full": ("merge-lora", ["full-out is not empty (x)"]),
+    "merge-out-file": ("merge-lora", ["a-file is a file, not a directory"]),
+    "merge-onto-itself": ("merge-lora", ["is the input"]),
 }
 
 
