@@ -369,7 +369,7 @@ HANG = textwrap.dedent(
     from pathlib import Path
 
     if "HANG_FLAG" in os.environ and os.environ.get("RANK") == os.environ["HANG_RANK"]:
-        import clipcap.data.store as store
+        import clipcap.outputs as store  # where caption_job takes replace_atomically from
 
         rename, written = store.replace_atomically, []
 
