@@ -18,7 +18,6 @@ from .limits import (
     MAX_TOP_P,
     MIN_REPETITION_PENALTY,
     MIN_TEMPERATURE,
-    check_range,
 )
 from .options import check_options, option
 
@@ -85,8 +84,8 @@ class DecodingOptions:
 
 def check_prompt(prompt: str | None) -> None:
     """ClipCapError for a prompt longer than MAX_PROMPT_CHARS (its tokens are checked against the context later)."""
-    if prompt is not None:
-        check_range("prompt length", len(prompt), high=MAX_PROMPT_CHARS)
+    if prompt is not None and len(prompt) > MAX_PROMPT_CHARS:
+        raise ClipCapError(f"`prompt` must be at most {MAX_PROMPT_CHARS} characters, got {len(prompt)}")
 
 
 def model_defaults(model_dir: str | Path) -> dict:
