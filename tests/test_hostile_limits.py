@@ -404,3 +404,15 @@ def test_any_integers_are_refused_or_generate(captioner, beams, captions, tokens
     assert 4 + len(captioner._prompt_ids(kwargs["prompt"])) + settings_["max_new_tokens"] <= 128
     out = captioner.caption_embeddings(torch.randn(1, 16), **kwargs)
     assert len(out) == 1 and (captions == 1 or len(out[0]) == captions)
+
+
+def test_the_pipeline_processor_checks_the_resize_too(captioner):
+    from clipcap.processing import ClipCapProcessor
+
+    image_processor = type(captioner.encoder.processor).from_dict(
+        {**captioner.encoder.processor.to_dict(), "size": {"shortest_edge": 2000}}
+    )
+    processor = ClipCapProcessor(image_processor, captioner.tokenizer)
+    with pytest.raises(ImageLoadError, match="resized for the encoder, 1000x90 would be 22222x2000"):
+        processor(images=[Image.new("RGB", (1000, 90))])
+    assert processor(images=[Image.new("RGB", (90, 90))])["pixel_values"].shape[-1] == 32  # its crop size

@@ -25,7 +25,7 @@ from .data.store import is_store
 from .decoding import DecodingOptions
 from .devices import DEVICE_HELP
 from .errors import ClipCapError
-from .images import IMAGE_EXTENSIONS, ImageLoadError
+from .images import IMAGE_EXTENSIONS, ImageLoadError, check_resize
 from .limits import MAX_BATCH_SIZE
 from .metrics import CLIP_METRICS, NGRAM_METRICS, NOCAPS_DOMAINS, PYTHON_TOKENIZER, clip_score, compute_scores
 from .options import option
@@ -179,7 +179,9 @@ def _encode_images(encoder, sources: list, open_image, batch_size: int, desc: st
             batch = []
             for i in range(start, min(start + batch_size, len(sources))):
                 try:
-                    batch.append(open_image(sources[i]))
+                    image = open_image(sources[i])
+                    check_resize([image], encoder.processor, [str(getattr(sources[i], "key", sources[i]))])
+                    batch.append(image)
                     kept.append(i)
                 except ImageLoadError as e:
                     skipped.append({"image": e.source, "reason": e.reason})

@@ -67,8 +67,8 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         text = _escape(meta.get("help", ""))
         if meta.get("max") is not None:
-            low = "" if meta.get("min") is None else f"{meta['min']:g} to "
-            text += f" ({low}at most {meta['max']:g})"
+            low = meta.get("min")
+            text += f" (at most {meta['max']:g})" if low is None else f" ({low:g} to {meta['max']:g})"
         if not required:
             text += f" (default: {_escape(show_default(f))})"
         kwargs: dict[str, Any] = {"dest": f.name, "help": text}
