@@ -113,6 +113,7 @@ def short_model_dir(tmp_path_factory, tokenizer, clip_dir):
         (["--do-sample", "--repetition-penalty", "1e-30"], "--repetition-penalty must be at least 0.01"),
         (["--do-sample", "--top-p", "1.5"], "--top-p must be at most 1, got 1.5"),
         (["--batch-size", "1000000"], "--batch-size must be at most 1024, got 1000000"),
+        (["--workers", "100000"], "--workers must be at most 64, got 100000"),
         (["--length-penalty", "0.5"], "--length-penalty only applies to beam search"),
         (["--length-penalty", "0.5", "--beams", "1"], "--length-penalty only applies to beam search"),
         (["--temperature", "0.5"], "--temperature only applies when sampling"),
@@ -161,6 +162,19 @@ def test_a_1xn_and_an_nx1_png_are_skipped_from_their_header(strips, model_dir):
     ]
 
 
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--batch-size", "1000000"], "--batch-size must be at most 1024, got 1000000"),
+        (["--workers", "100000"], "--workers must be at most 64, got 100000"),
+    ],
+)
+def test_embed_refuses_out_of_bounds_settings(args, fragment, strips, clip_dir, tmp_path):
+    done = clipcap("embed", strips, "--out", tmp_path / "store", "--clip-model", clip_dir, "--quiet", *args)
+    one_line_error(done, "clipcap embed: error:", fragment)
+    assert not (tmp_path / "store").exists()
+
+
 # -- the server's own settings -----------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "args, fragment",
@@ -178,6 +192,8 @@ def test_a_1xn_and_an_nx1_png_are_skipped_from_their_header(strips, model_dir):
         (["--max-images", "100000"], "--max-images must be at most 256"),
         (["--max-batch-size", "100000"], "--max-batch-size must be at most 1024"),
         (["--max-queue", "10000000"], "--max-queue must be at most 100000"),
+        (["--decode-workers", "1000000"], "--decode-workers must be at most 64"),
+        (["--max-wait-ms", "1e12"], "--max-wait-ms must be at most 3.6e+06"),
         (["--max-pixels", "1000000000"], "--max-pixels must be at most 6.4e+07"),
         (["--do-sample", "--temperature", "1e-30"], "--temperature must be at least 0.01"),
         (["--length-penalty", "0.5"], "--length-penalty only applies to beam search"),

@@ -41,7 +41,7 @@ from .errors import ClipCapError
 from .hub import resolve_dir
 from .images import is_image_file
 from .jobs import check_job_dir, claim_job, rank_and_world, shards_of
-from .limits import MAX_BATCH_SIZE, MAX_CAPTIONS
+from .limits import MAX_BATCH_SIZE, MAX_CAPTIONS, MAX_WORKERS
 from .options import option
 
 logger = logging.getLogger(__name__)
@@ -87,7 +87,9 @@ class CaptionJobConfig(DecodingOptions):
         1, min=1, max=MAX_CAPTIONS, help="captions per image: the best beams (needs beams >= N) or samples"
     )
     batch_size: int = option(32, min=1, max=MAX_BATCH_SIZE, help="images (or stored embeddings) captioned together")
-    workers: int = option(2, min=0, help="image-decoding worker processes, ahead of generation; 0 decodes in-process")
+    workers: int = option(
+        2, min=0, max=MAX_WORKERS, help="image-decoding worker processes, ahead of generation; 0 decodes in-process"
+    )
     shard_size: int = option(10_000, min=1, help="items per output shard (with an output dir)")
     shard_format: str = option(
         "parquet", choices=SHARD_FORMATS, help="output shard files (with an output dir): parquet or JSON lines"

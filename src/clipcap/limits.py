@@ -39,6 +39,9 @@ MAX_TOP_P = 1.0
 # Images (or stored embeddings) preprocessed and decoded together: 1024 224x224 images are 600 MB of pixels, and each
 # is then multiplied by its beams or captions in the decode.
 MAX_BATCH_SIZE = 1024
+# Processes (or threads) opening and preprocessing images: each process holds its own copy of the image pipeline, and
+# past the machine's cores more only add memory; 64 covers the largest single machines.
+MAX_WORKERS = 64
 # Pixels of an image as stored, read from its header before anything is decoded (PIL's own bomb limit is a warning up
 # to twice its 89 M): a 64-megapixel photo is the largest a phone takes.
 MAX_IMAGE_PIXELS = 64_000_000

@@ -37,6 +37,7 @@ from .limits import (
     MAX_REQUEST_SECONDS,
     MAX_TOP_P,
     MAX_UPLOAD_MB,
+    MAX_WORKERS,
     MIN_REPETITION_PENALTY,
     MIN_TEMPERATURE,
     context_length,
@@ -66,7 +67,12 @@ class ServerLimits(DecodingOptions):
     """Limits on every request, batching knobs, and the decoding defaults for requests that do not say."""
 
     max_batch_size: int = option(32, min=1, max=MAX_BATCH_SIZE, help="images per batched model run")
-    max_wait_ms: float = option(10.0, min=0.001, help="how long a request waits for others to share its batch")
+    max_wait_ms: float = option(
+        10.0,
+        min=0.001,
+        max=MAX_REQUEST_SECONDS * 1000,
+        help="how long a request waits for others to share its batch",
+    )
     max_queue: int = option(256, min=1, max=MAX_QUEUE, help="requests waiting for the model before 503")
     max_images: int = option(16, min=1, max=MAX_IMAGES_PER_REQUEST, help="images per request")
     max_upload_mb: float = option(10.0, min=0.001, max=MAX_UPLOAD_MB, help="request body size limit in MB")
@@ -84,7 +90,9 @@ class ServerLimits(DecodingOptions):
         help="the longest caption (in tokens) a request may ask for; with the prefix it must fit the LM's context",
         default_text=f"{DEFAULT_MAX_TOKENS}, cut to what the LM's context leaves",
     )
-    decode_workers: int = option(os.cpu_count() or 1, min=1, help="images opened and preprocessed at once")
+    decode_workers: int = option(
+        min(os.cpu_count() or 1, MAX_WORKERS), min=1, max=MAX_WORKERS, help="images opened and preprocessed at once"
+    )
 
     def __post_init__(self) -> None:
         check_options(self)
