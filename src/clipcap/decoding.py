@@ -2,7 +2,8 @@
 
 Each option left unset takes the model dir's own default (its generation_config.json) and, failing that, the
 original implementation's: greedy, at most 67 new tokens, length penalty 1.0. So `caption`, `serve` and `evaluate`
-decode a model the same way unless told otherwise.
+decode a model the same way unless told otherwise. Every bound comes from `limits`; `Captioner.decoding` checks the
+resolved settings against the model (its LM's context) and cuts a default caption length to fit.
 """
 
 from __future__ import annotations
