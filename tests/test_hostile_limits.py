@@ -432,3 +432,19 @@ def test_the_pipeline_processor_checks_the_resize_too(captioner):
     with pytest.raises(ImageLoadError, match="resized for the encoder, 1000x90 would be 22222x2000"):
         processor(images=[Image.new("RGB", (1000, 90))])
     assert processor(images=[Image.new("RGB", (90, 90))])["pixel_values"].shape[-1] == 32  # its crop size
+
+
+def test_batch_times_beams_is_decoded_in_runs_of_bounded_sequences(captioner, monkeypatch):
+    embeds = torch.randn(5, 16)
+    whole = captioner.caption_embeddings(embeds, num_beams=4, num_return_sequences=2, max_new_tokens=5)
+    monkeypatch.setattr(L, "MAX_SEQUENCES", 8)
+    sequences, generate = [], captioner.model.generate
+
+    def counting(chunk, **kwargs):
+        sequences.append(len(chunk) * max(kwargs["num_beams"], kwargs["num_return_sequences"]))
+        return generate(chunk, **kwargs)
+
+    monkeypatch.setattr(captioner.model, "generate", counting)
+    split = captioner.caption_embeddings(embeds, num_beams=4, num_return_sequences=2, max_new_tokens=5)
+    assert sequences == [8, 8, 4]  # 2 + 2 + 1 images at 4 beams
+    assert split == whole

@@ -12,7 +12,7 @@ from .devices import resolve_device, resolve_dtype
 from .errors import ClipCapError
 from .exported import ExportedModel, is_exported
 from .hub import load_tokenizer, resolve_dir
-from .limits import MAX_BATCH_SIZE, check_decoding, check_range, context_length, fit_new_tokens
+from .limits import MAX_BATCH_SIZE, check_decoding, check_range, context_length, fit_new_tokens, images_per_run
 from .model import ClipCapModel
 
 
@@ -220,12 +220,13 @@ class Captioner:
         self, clip_embeds: torch.Tensor, settings: dict, num_return_sequences: int = 1
     ) -> list[str] | list[list[str]]:
         """`caption_embeddings` with settings already resolved and checked by `decoding` (jobs and the server resolve
-        them once, before any work)."""
+        them once, before any work). Each `generate` run decodes at most `limits.MAX_SEQUENCES` sequences."""
         kwargs = dict(settings)
         prompt_ids = self._prompt_ids(kwargs.pop("prompt", None))
+        step = images_per_run(self.batch_size, kwargs["num_beams"], num_return_sequences)
         out: list = []
-        for i in range(0, len(clip_embeds), self.batch_size):
-            chunk = clip_embeds[i : i + self.batch_size].to(self.device)
+        for i in range(0, len(clip_embeds), step):
+            chunk = clip_embeds[i : i + step].to(self.device)
             prompts = torch.tensor([prompt_ids] * len(chunk), dtype=torch.long) if prompt_ids else None
             ids = self.model.generate(chunk, num_return_sequences=num_return_sequences, input_ids=prompts, **kwargs)
             texts = self.decode(ids, prompt_ids)

@@ -39,6 +39,10 @@ MAX_TOP_P = 1.0
 # Images (or stored embeddings) preprocessed and decoded together: 1024 224x224 images are 600 MB of pixels, and each
 # is then multiplied by its beams or captions in the decode.
 MAX_BATCH_SIZE = 1024
+# Sequences decoded in one `generate` run: images x max(beams, captions per image), each with its key/value cache.
+# A larger batch is decoded in several runs (the captions are the same), so batch size and beams never multiply
+# past it: 1024 is a batch of 64 images at 16 beams.
+MAX_SEQUENCES = 1024
 # Processes (or threads) opening and preprocessing images: each process holds its own copy of the image pipeline, and
 # past the machine's cores more only add memory; 64 covers the largest single machines.
 MAX_WORKERS = 64
@@ -57,6 +61,11 @@ MAX_UPLOAD_MB = 1024.0  # one request's body; it is held in memory while its ima
 MAX_REQUEST_SECONDS = 3600.0  # a request's time limit, queueing included: past an hour a client has gone
 MAX_IMAGES_PER_REQUEST = 256  # each image is opened and preprocessed before the request is queued
 MAX_QUEUE = 100_000  # requests waiting for the model; each holds its preprocessed images
+
+
+def images_per_run(batch_size: int, num_beams: int, num_return_sequences: int = 1) -> int:
+    """How many images one `generate` run takes: `batch_size`, fewer when their sequences would pass MAX_SEQUENCES."""
+    return max(1, min(batch_size, MAX_SEQUENCES // max(num_beams, num_return_sequences, 1)))
 
 
 def check_range(name: str, value, low=None, high=None) -> None:
