@@ -165,6 +165,21 @@ def test_a_1xn_and_an_nx1_png_are_skipped_from_their_header(strips, model_dir):
 @pytest.mark.parametrize(
     "args, fragment",
     [
+        (["--max-new-tokens", "200"], "--max-new-tokens 200 does not fit the language model's context of 128 tokens"),
+        (["--beams", "100"], "--beams must be at most 16, got 100"),
+        (["--batch-size", "5000"], "--batch-size must be at most 1024, got 5000"),
+        (["--do-sample", "--temperature", "0"], "--temperature must be at least 0.01, got 0.0"),
+    ],
+)
+def test_evaluate_refuses_before_reading_its_data(args, fragment, model_dir, tmp_path):
+    # the data does not exist: the settings are refused first
+    done = clipcap("evaluate", "--model", model_dir, "--data", tmp_path / "nope.json", "--quiet", *args)
+    one_line_error(done, "clipcap evaluate: error:", fragment)
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
         (["--batch-size", "1000000"], "--batch-size must be at most 1024, got 1000000"),
         (["--workers", "100000"], "--workers must be at most 64, got 100000"),
     ],
