@@ -330,6 +330,8 @@ def test_form_bounds_are_the_decoding_options_bounds(captioner):
         ({"prompt": "a " * 130}, "`prompt` must be at most 200 characters, got 260"),
         ({"prompt": words(100), "max_new_tokens": 30}, "and the prompt (100): at most 24"),
         ({"do_sample": True, "temperature": 1e-30}, "`temperature` must be at least 0.01, got 1e-30"),
+        ({"do_sample": True, "top_p": 1.5}, "`top_p` must be at most 1, got 1.5"),
+        ({"repetition_penalty": 1e-45}, "`repetition_penalty` must be at least 0.01, got 1e-45"),
         ({"temperature": 0.5}, "`temperature` only applies when sampling"),
         ({"length_penalty": 0.5}, "`length_penalty` only applies to beam search"),
         ({"num_return_sequences": 3}, "3 captions per image need at least 3 beams or sampling"),
@@ -354,6 +356,8 @@ def test_exported_models_are_bounded_by_their_context_too(exported):
 
 def test_the_model_itself_refuses_past_its_context(captioner):
     # below Captioner: the backstop in generation.py, for callers of the model (and the pipeline) directly
+    with pytest.raises(ClipCapError, match="`temperature` must be at least 0.01, got 1e-45"):
+        captioner.model.generate(torch.randn(1, 16), do_sample=True, temperature=1e-45)  # was a NaN crash
     with pytest.raises(ClipCapError, match="after the prefix \\(4 tokens\\): at most 124"):
         captioner.model.generate(torch.randn(1, 16), max_new_tokens=125)
     prompt = torch.ones(1, 30, dtype=torch.long)

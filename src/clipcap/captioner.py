@@ -190,6 +190,8 @@ class Captioner:
             num_return_sequences=num_return_sequences,
             do_sample=kwargs.get("do_sample", False),
             temperature=kwargs.get("temperature"),
+            top_p=kwargs.get("top_p"),
+            repetition_penalty=kwargs.get("repetition_penalty"),
             context=context,
             prefix_tokens=prefix,
             prompt_tokens=prompt_tokens,

@@ -67,6 +67,8 @@ def generate_from_prefix(
         num_return_sequences=num_return_sequences,
         do_sample=do_sample,
         temperature=generate_kwargs.get("temperature"),
+        top_p=generate_kwargs.get("top_p"),
+        repetition_penalty=generate_kwargs.get("repetition_penalty"),
         context=context_length(lm.config),
         prefix_tokens=prefix.shape[1],
     )

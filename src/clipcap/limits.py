@@ -28,7 +28,7 @@ MAX_NEW_TOKENS = 512
 # tokens then against the LM's context with the prefix and the new tokens.
 MAX_PROMPT_CHARS = 200
 # Below 0.01 sampling is greedy decoding in all but name, and scores divided by a tiny temperature overflow to inf,
-# which makes the sampling probabilities NaN (a crash).
+# which makes the sampling probabilities NaN: a crash inside `generate` (at 1e-45 with the tests' tiny GPT-2).
 MIN_TEMPERATURE = 0.01
 # Dividing (or multiplying) scores by a penalty near 0 overflows in the same way; 0.01 already inverts preferences.
 MIN_REPETITION_PENALTY = 0.01
@@ -112,18 +112,24 @@ def check_decoding(
     num_return_sequences: int = 1,
     do_sample: bool = False,
     temperature: float | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float | None = None,
     context: int | None = None,
     prefix_tokens: int = 0,
     prompt_tokens: int = 0,
 ) -> None:
-    """ClipCapError unless the decoding settings are within bounds: beams, captions and new tokens each, and prefix
-    + prompt + new tokens within the LM's `context` (None: unknown). Called before any image is opened and again
-    just before `generate` (for callers of the models themselves)."""
+    """ClipCapError unless the decoding settings are within bounds: beams, captions, new tokens and the sampling
+    settings each, and prefix + prompt + new tokens within the LM's `context` (None: unknown). Called before any
+    image is opened and again just before `generate` (for callers of the models themselves)."""
     check_range("num_beams", num_beams, 1, MAX_BEAMS)
     check_range("num_return_sequences", num_return_sequences, 1, MAX_CAPTIONS)
     check_range("max_new_tokens", max_new_tokens, 1, MAX_NEW_TOKENS)
     if temperature is not None and do_sample:
         check_range("temperature", temperature, MIN_TEMPERATURE)
+    if top_p is not None and do_sample:
+        check_range("top_p", top_p, 0.0, MAX_TOP_P)
+    if repetition_penalty is not None:
+        check_range("repetition_penalty", repetition_penalty, MIN_REPETITION_PENALTY)
     if not do_sample and num_return_sequences > num_beams:
         raise ClipCapError(
             f"{num_return_sequences} captions per image need at least {num_return_sequences} beams or sampling"
