@@ -38,8 +38,8 @@ def option(
 ) -> Any:
     """A dataclass field with its help text and constraints.
 
-    `choices` / `min` / `max` constrain the value (bounds inclusive; `max` is shown in the help); `positional`
-    makes it a positional argument on the command line; `flag`
+    `choices` / `min` / `max` constrain the value (bounds inclusive, from `clipcap.limits` where they protect the
+    machine; `max` is shown in the help); `positional` makes it a positional argument on the command line; `flag`
     renames its flag; `negate` gives a True-by-default boolean its turning-off flag (e.g. "no-spice"); `pair` gives a
     None/True/False boolean its two flags (e.g. ("tune-lm", "frozen-lm")); `default_text` says what a None default
     means; `cli=False` keeps a field out of the command line (set by the application itself)."""
