@@ -369,8 +369,9 @@ def test_the_model_itself_refuses_past_its_context(captioner):
 def test_the_default_length_is_cut_for_a_short_context(short_model_dir):
     short = Captioner.from_pretrained(short_model_dir)
     assert short.decoding()["max_new_tokens"] == 20  # 24 positions - 4 prefix, not the default 67
-    (caption,) = short.caption_embeddings(torch.randn(1, 16))
-    assert caption  # stop_token_id is None: all 20 tokens are generated
+    assert len(short.caption_embeddings(torch.randn(1, 16))) == 1
+    ids = short.model.generate(torch.randn(1, 16), **short.decoding())
+    assert ids.shape == (1, 20)  # stop_token_id is None: every token the context leaves is generated
     with pytest.raises(ClipCapError, match="at most 20"):
         short.caption_embeddings(torch.randn(1, 16), max_new_tokens=21)
     with pytest.raises(ClipCapError, match="leave no room for a caption in the language model's context of 24"):
