@@ -23,7 +23,7 @@ FLAG = __import__("re").compile(r"(?<![\w-])--[a-z][a-z0-9]*(-[a-z0-9]+)*")
 
 # Which library modules may import which: a module may import from its own layer and the layers below it.
 LAYERS = [
-    {"errors", "version", "options", "devices", "images", "files", "hub", "jobs", "outputs"},
+    {"errors", "version", "limits", "options", "devices", "images", "files", "hub", "jobs", "outputs"},
     {"config", "mapping", "decoding", "generation"},
     {"model", "processing", "data", "encoder", "exported", "ort_lm"},
     {"captioner", "convert", "checkpoint", "metrics", "export", "auto", "card", "lora"},

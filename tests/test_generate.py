@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from clipcap.errors import ClipCapError
 from tests import tiny
 
 LMS = {"gpt2": tiny.tiny_gpt2, "opt": tiny.tiny_opt, "llama": tiny.tiny_llama}
@@ -133,7 +134,7 @@ def test_sampling_kwargs_reach_the_lm_generate():
             clip, max_new_tokens=10, do_sample=True, temperature=temperature, top_k=0, stop_token_id=None
         )
     assert not torch.equal(runs[1.0], runs[1e4])
-    with pytest.raises(ValueError, match="temperature"):
+    with pytest.raises(ClipCapError, match="`temperature` must be at least 0.01, got -1.0"):  # clipcap.limits
         model.generate(clip, max_new_tokens=3, do_sample=True, temperature=-1.0)
 
 

@@ -16,7 +16,7 @@ from tests.hostile import clipcap, one_line_error
         (["--max-upload-mb", "0"], ["--max-upload-mb must be at least 0.001"]),
         (["--max-images", "0"], ["--max-images must be at least 1"]),
         (["--beams", "12"], ["the default --beams 12 exceeds --max-beams 8"]),
-        (["--max-new-tokens", "500"], ["the default --max-new-tokens 500 exceeds --max-tokens"]),
+        (["--max-new-tokens", "120", "--max-tokens", "110"], ["the default --max-new-tokens 120 exceeds --max-tokens"]),
         (["--timeout", "nan"], ["--timeout must be float, got nan"]),
         (["--device", "cuda"], ["device 'cuda' is not available here"]),
         (["--temperature", "0.7"], ["--temperature only applies when sampling"]),

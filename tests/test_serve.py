@@ -195,7 +195,7 @@ def test_generate_failure_is_a_500_without_traceback(client, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("simulated CUDA out of memory")
 
-    monkeypatch.setattr(client.app.state.batcher.captioner, "caption_embeddings", broken)
+    monkeypatch.setattr(client.app.state.batcher.captioner, "caption_with", broken)
     r = client.post("/v1/captions", files=files(("a.png", png())))
     assert r.status_code == 500
     assert r.json() == {"detail": "internal server error: captioning failed"}

@@ -34,13 +34,14 @@ import torch
 from .data.loading import image_loader
 from .data.sources import FORMATS, Record, detect_format, is_shard_pattern, printable, read_images, read_source
 from .data.store import EmbeddingStore, arrow, is_store, reason_class, write_json
-from .decoding import DecodingOptions, generate_kwargs
+from .decoding import DecodingOptions
 from .devices import DEVICE_HELP
 from .encoder import fingerprint, same_encoder
 from .errors import ClipCapError
 from .hub import resolve_dir
 from .images import is_image_file
 from .jobs import claim_job, rank_and_world, shards_of
+from .limits import MAX_BATCH_SIZE, MAX_CAPTIONS, MAX_WORKERS
 from .options import option
 from .outputs import CAPTIONS, claim_dir, replace_atomically
 
@@ -87,9 +88,13 @@ class CaptionJobConfig(DecodingOptions):
     )
     split: str | None = option(None, help="only this split of a dataset source or store")
     image_column: str | None = option(None, help="CSV/JSONL/parquet column holding the image path (default: guessed)")
-    num_captions: int = option(1, min=1, help="captions per image: the best beams (needs beams >= N) or samples")
-    batch_size: int = option(32, min=1, help="images (or stored embeddings) captioned together")
-    workers: int = option(2, min=0, help="image-decoding worker processes, ahead of generation; 0 decodes in-process")
+    num_captions: int = option(
+        1, min=1, max=MAX_CAPTIONS, help="captions per image: the best beams (needs beams >= N) or samples"
+    )
+    batch_size: int = option(32, min=1, max=MAX_BATCH_SIZE, help="images (or stored embeddings) captioned together")
+    workers: int = option(
+        2, min=0, max=MAX_WORKERS, help="image-decoding worker processes, ahead of generation; 0 decodes in-process"
+    )
     shard_size: int = option(10_000, min=1, help="items per output shard (with an output dir)")
     shard_format: str = option(
         "parquet", choices=SHARD_FORMATS, help="output shard files (with an output dir): parquet or JSON lines"
@@ -269,13 +274,7 @@ def load_captioner(cfg: CaptionJobConfig, inputs: Inputs):
     )
     if inputs.store is not None:
         check_store(inputs.store, captioner)
-    decoding = generate_kwargs(cfg, captioner.decoding_defaults)
-    if cfg.num_captions > decoding["num_beams"] and not decoding["do_sample"]:
-        raise ClipCapError(
-            f"{cfg.num_captions} captions per image need at least {cfg.num_captions} beams (`num_beams`) or "
-            "sampling (`do_sample`)"
-        )
-    return captioner, decoding
+    return captioner, captioner.decoding(cfg, cfg.num_captions)
 
 
 def _caption_batches(captioner, inputs: Inputs, batches: list[list[int]], decoding: dict, num: int, workers: int):
@@ -283,7 +282,7 @@ def _caption_batches(captioner, inputs: Inputs, batches: list[list[int]], decodi
     straight from the store; images are decoded by `workers` DataLoader processes ahead of generation."""
 
     def generate(embeds: torch.Tensor) -> list[list[str]]:
-        out = captioner.caption_embeddings(embeds, num_return_sequences=num, **decoding)
+        out = captioner.caption_with(embeds, decoding, num)
         return [[c] for c in out] if num == 1 else out
 
     if inputs.store is not None:

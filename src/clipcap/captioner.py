@@ -7,11 +7,12 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .decoding import generate_kwargs, model_defaults
+from .decoding import DEFAULTS, SAMPLING, check_prompt, generate_kwargs, model_defaults
 from .devices import resolve_device, resolve_dtype
 from .errors import ClipCapError
 from .exported import ExportedModel, is_exported
 from .hub import load_tokenizer, resolve_dir
+from .limits import MAX_BATCH_SIZE, check_decoding, check_range, context_length, fit_new_tokens, images_per_run
 from .model import ClipCapModel
 
 
@@ -19,7 +20,9 @@ class Captioner:
     """`Captioner.from_pretrained(model_dir).caption(images)` -> list of captions.
 
     Decoding settings left unset (None) take the model dir's defaults (`decoding_defaults`, from its
-    generation_config.json), then greedy / 67 tokens / length penalty 1.0."""
+    generation_config.json), then greedy / 67 tokens / length penalty 1.0; a default caption length is cut to what
+    the LM's context leaves after the prefix and the prompt. Every setting is checked against `clipcap.limits`
+    before any image is opened."""
 
     def __init__(
         self,
@@ -34,6 +37,7 @@ class Captioner:
         self.tokenizer = tokenizer
         self.encoder = encoder
         self.clip_model = clip_model or (encoder.name if encoder is not None else None)  # the encoder it expects
+        check_range("batch_size", batch_size, 1, MAX_BATCH_SIZE)
         self.batch_size = batch_size
         self.decoding_defaults = dict(decoding_defaults or {})
         if encoder is not None and encoder.dim != model.config.clip_dim:
@@ -142,6 +146,61 @@ class Captioner:
             texts.append(self.tokenizer.decode((prompt_ids or []) + row, skip_special_tokens=True).strip())
         return texts
 
+    def decoding(
+        self,
+        options=None,
+        num_return_sequences: int = 1,
+        num_beams: int | None = None,
+        max_new_tokens: int | None = None,
+        **generate_options,
+    ) -> dict:
+        """The checked `generate` settings (prompt included) for `caption_with`: given values, then `options` (a
+        DecodingOptions), then the model's defaults, then DEFAULTS; a default `max_new_tokens` is cut to what the
+        LM's context leaves. ClipCapError for a value outside `clipcap.limits`, prefix + prompt + new tokens past the
+        context, or a setting that would do nothing (sampling settings without sampling, a length penalty with one
+        beam, a prompt for an exported model). Cheap: called before any image is opened."""
+        given = {"num_beams": num_beams, "max_new_tokens": max_new_tokens, **generate_options}
+        chosen = {k for k, v in given.items() if v is not None}
+        optional = (*DEFAULTS, *SAMPLING, "prompt")
+        from_options = {k for k in optional if getattr(options, k, None) is not None} - chosen
+        kwargs = generate_kwargs(options, self.decoding_defaults, **given)
+        kwargs.update({k: v for k, v in generate_options.items() if k not in kwargs and v is not None})
+        # A setting that would do nothing is an error when given here; one from `options` that a given value turns
+        # off (a request asking for greedy decoding from a sampling server) is dropped.
+        if not kwargs.get("do_sample"):
+            unused = [k for k in ("temperature", "top_p", "top_k") if k in kwargs]
+            if unused and unused[0] in chosen:
+                raise ClipCapError(f"`{unused[0]}` only applies when sampling: set `do_sample` too")
+            kwargs = {k: v for k, v in kwargs.items() if k not in unused}
+        if kwargs["num_beams"] == 1 and (
+            "length_penalty" in chosen or ("length_penalty" in from_options and "num_beams" not in chosen)
+        ):
+            raise ClipCapError("`length_penalty` only applies to beam search: `num_beams` is 1")
+        prompt = kwargs.get("prompt")
+        check_prompt(prompt)
+        if prompt and isinstance(self.model, ExportedModel):
+            raise ClipCapError("an exported model cannot continue a prompt: caption with the model dir it came from")
+        prompt_tokens = len(self._prompt_ids(prompt))
+        context, prefix = context_length(self.model.lm.config), self.model.config.prefix_tokens
+        if "max_new_tokens" not in chosen | from_options:  # a default never fails: it is cut to the room left
+            kwargs["max_new_tokens"] = fit_new_tokens(kwargs["max_new_tokens"], context, prefix, prompt_tokens)
+        check_decoding(
+            num_beams=kwargs["num_beams"],
+            max_new_tokens=kwargs["max_new_tokens"],
+            num_return_sequences=num_return_sequences,
+            do_sample=kwargs.get("do_sample", False),
+            temperature=kwargs.get("temperature"),
+            top_p=kwargs.get("top_p"),
+            repetition_penalty=kwargs.get("repetition_penalty"),
+            context=context,
+            prefix_tokens=prefix,
+            prompt_tokens=prompt_tokens,
+        )
+        return kwargs
+
+    def _prompt_ids(self, prompt: str | None) -> list[int]:
+        return self.tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+
     def caption_embeddings(
         self,
         clip_embeds: torch.Tensor,
@@ -154,18 +213,22 @@ class Captioner:
         """Captions for precomputed CLIP embeddings (B, clip_dim), or image tokens (B, T, D) for a model that reads
         them, in batches of `batch_size`. With `prompt` (e.g. "a picture of"), each caption continues it and starts
         with it. Other keyword arguments (length_penalty, do_sample, temperature, top_p, ...) go to `generate`."""
-        kwargs = generate_kwargs(
-            defaults=self.decoding_defaults, num_beams=num_beams, max_new_tokens=max_new_tokens, **generate_options
+        settings = self.decoding(
+            None, num_return_sequences, num_beams, max_new_tokens, prompt=prompt, **generate_options
         )
-        kwargs.update({k: v for k, v in generate_options.items() if k not in kwargs and v is not None})
-        if num_return_sequences > kwargs["num_beams"] and not kwargs.get("do_sample"):
-            raise ClipCapError(
-                f"{num_return_sequences} captions per image need at least {num_return_sequences} beams or sampling"
-            )
-        prompt_ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
+        return self.caption_with(clip_embeds, settings, num_return_sequences)
+
+    def caption_with(
+        self, clip_embeds: torch.Tensor, settings: dict, num_return_sequences: int = 1
+    ) -> list[str] | list[list[str]]:
+        """`caption_embeddings` with settings already resolved and checked by `decoding` (jobs and the server resolve
+        them once, before any work). Each `generate` run decodes at most `limits.MAX_SEQUENCES` sequences."""
+        kwargs = dict(settings)
+        prompt_ids = self._prompt_ids(kwargs.pop("prompt", None))
+        step = images_per_run(self.batch_size, kwargs["num_beams"], num_return_sequences)
         out: list = []
-        for i in range(0, len(clip_embeds), self.batch_size):
-            chunk = clip_embeds[i : i + self.batch_size].to(self.device)
+        for i in range(0, len(clip_embeds), step):
+            chunk = clip_embeds[i : i + step].to(self.device)
             prompts = torch.tensor([prompt_ids] * len(chunk), dtype=torch.long) if prompt_ids else None
             ids = self.model.generate(chunk, num_return_sequences=num_return_sequences, input_ids=prompts, **kwargs)
             texts = self.decode(ids, prompt_ids)
@@ -191,13 +254,15 @@ class Captioner:
 
         if isinstance(images, (str, Path, Image.Image)):
             images = [images]
+        # every setting is checked before the first image is opened
+        settings = self.decoding(
+            None, num_return_sequences, num_beams, max_new_tokens, prompt=prompt, **generate_options
+        )
         out: list = []
         for i in range(0, len(images), self.batch_size):
-            chunk = [open_image(im) for im in images[i : i + self.batch_size]]
-            embeds = self.model_inputs(self.encoder.preprocess(chunk))
-            out.extend(
-                self.caption_embeddings(
-                    embeds, num_beams, max_new_tokens, num_return_sequences, prompt=prompt, **generate_options
-                )
-            )
+            sources = images[i : i + self.batch_size]
+            chunk = [open_image(im) for im in sources]
+            names = [im if isinstance(im, (str, Path)) else "<PIL image>" for im in sources]
+            embeds = self.model_inputs(self.encoder.preprocess(chunk, [str(n) for n in names]))
+            out.extend(self.caption_with(embeds, settings, num_return_sequences))
         return out

@@ -23,6 +23,7 @@ from .devices import DEVICE_HELP, resolve_device
 from .encoder import ImageEncoder, fingerprint
 from .errors import ClipCapError
 from .jobs import claim_job, rank_and_world, shards_of
+from .limits import MAX_BATCH_SIZE, MAX_WORKERS
 from .options import check_options, option
 from .outputs import STORE, claim_dir
 
@@ -77,8 +78,8 @@ class EmbedConfig:
         "for cc, the img2dataset output (folder or .tar shards) whose .json sidecars map URLs to images",
     )
     split: str | None = option(None, help="only this split (Karpathy: train, val, test, ...; restval counts as train)")
-    batch_size: int = option(64, min=1, help="images per encoder forward pass")
-    workers: int = option(2, min=0, help="image-decoding worker processes; 0 decodes in-process")
+    batch_size: int = option(64, min=1, max=MAX_BATCH_SIZE, help="images per encoder forward pass")
+    workers: int = option(2, min=0, max=MAX_WORKERS, help="image-decoding worker processes; 0 decodes in-process")
     text_only: bool = option(
         False,
         help="store CLIP text embeddings of the captions instead (one row per caption; for text-only training)",

@@ -14,7 +14,7 @@ from PIL import Image
 from .devices import resolve_device
 from .errors import ClipCapError
 from .hub import offline_hint, transformers_quiet
-from .images import open_image
+from .images import check_resize, open_image
 from .mapping import pool_tokens
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer_config.json", "spiece.model", "sentencepiece.bpe.model")
@@ -82,8 +82,10 @@ class ImageEncoder:
         config = self.model.config
         return int(getattr(config, "projection_dim", None) or config.vision_config.hidden_size)
 
-    def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
-        """RGB PIL images -> pixel_values (B, 3, H, W); safe to run in DataLoader workers."""
+    def preprocess(self, images: list[Image.Image], names: list[str] | None = None) -> torch.Tensor:
+        """RGB PIL images -> pixel_values (B, 3, H, W); safe to run in DataLoader workers. An image the processor
+        would resize past `limits.MAX_RESIZED_PIXELS` is an ImageLoadError (named by `names`) before it runs."""
+        check_resize(images, self.processor, names)
         return self.processor(images=images, return_tensors="pt")["pixel_values"]
 
     @property

@@ -23,10 +23,11 @@ import torch
 from .data.references import load_predictions, load_references, match_predictions
 from .data.sources import FORMATS, Record, open_record_image, read_source
 from .data.store import is_store
-from .decoding import DecodingOptions, generate_kwargs
+from .decoding import DecodingOptions
 from .devices import DEVICE_HELP
 from .errors import ClipCapError
-from .images import IMAGE_EXTENSIONS, ImageLoadError
+from .images import IMAGE_EXTENSIONS, ImageLoadError, check_resize
+from .limits import MAX_BATCH_SIZE
 from .metrics import CLIP_METRICS, NGRAM_METRICS, NOCAPS_DOMAINS, PYTHON_TOKENIZER, clip_score, compute_scores
 from .options import option
 from .outputs import check_file, write_file
@@ -61,7 +62,7 @@ class EvalConfig(DecodingOptions):
         help="image root for sources that name images by relative path (default: the source file's folder); with "
         "predictions, where CLIPScore looks for the images (ID.jpg or the references' file names)",
     )
-    batch_size: int = option(32, min=1, help="images per batch for CLIP and decoding")
+    batch_size: int = option(32, min=1, max=MAX_BATCH_SIZE, help="images per batch for CLIP and decoding")
     limit: int | None = option(None, min=1, help="evaluate only the first N images of the split (quick checks)")
     clip_model: str | None = option(
         None,
@@ -183,7 +184,9 @@ def _encode_images(encoder, sources: list, open_image, batch_size: int, desc: st
             batch = []
             for i in range(start, min(start + batch_size, len(sources))):
                 try:
-                    batch.append(open_image(sources[i]))
+                    image = open_image(sources[i])
+                    check_resize([image], encoder.processor, [str(getattr(sources[i], "key", sources[i]))])
+                    batch.append(image)
                     kept.append(i)
                 except ImageLoadError as e:
                     skipped.append({"image": e.source, "reason": e.reason})
@@ -257,6 +260,7 @@ def evaluate_model(cfg: EvalConfig, progress: bool = False) -> EvalResult:
     captioner = Captioner.from_pretrained(
         cfg.model, clip_model=cfg.clip_model, device=cfg.device, batch_size=cfg.batch_size
     )
+    decoding = captioner.decoding(cfg)  # checked before any image is read
     encoder = captioner.encoder
     tokens = captioner.model.config.token_shape  # a model that reads image tokens is given them
     skipped: list[dict] = []
@@ -311,12 +315,11 @@ def evaluate_model(cfg: EvalConfig, progress: bool = False) -> EvalResult:
         raise ClipCapError(f"no images to evaluate in {cfg.data}" + (f" (split {split!r})" if split else ""))
 
     encoded = time.perf_counter()
-    decoding = generate_kwargs(cfg, captioner.decoding_defaults)
     captions: list[str] = []
     with tqdm(total=len(records), desc="captioning", unit="img", disable=not progress) as bar:
         for i in range(0, len(records), cfg.batch_size):
             chunk = inputs[i : i + cfg.batch_size]
-            captions += captioner.caption_embeddings(chunk, **decoding)
+            captions += captioner.caption_with(chunk, decoding)
             bar.update(len(chunk))
     generated = time.perf_counter()
 

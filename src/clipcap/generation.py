@@ -12,6 +12,8 @@ import logging
 import torch
 from transformers import GenerationConfig
 
+from .limits import check_decoding, context_length
+
 FROM_CONFIG = object()  # sentinel for stop_token_id: "use config.stop_token_id"
 
 
@@ -56,7 +58,20 @@ def generate_from_prefix(
 ) -> torch.LongTensor:
     """Caption token ids (B*num_return_sequences, T_new) continuing `prefix` (B, T, hidden) with `lm.generate`:
     new tokens only, rows padded with `pad` after their `stop` token (`stop=None`: never stop). `attention_mask`
-    (B, T) marks left padding in a prefix followed by prompts of different lengths."""
+    (B, T) marks left padding in a prefix followed by prompts of different lengths. Settings outside
+    `limits` (beams, sequences, tokens, the prefix and new tokens past the LM's context) are one ClipCapError
+    before anything is generated."""
+    check_decoding(
+        num_beams=num_beams,
+        max_new_tokens=max_new_tokens,
+        num_return_sequences=num_return_sequences,
+        do_sample=do_sample,
+        temperature=generate_kwargs.get("temperature"),
+        top_p=generate_kwargs.get("top_p"),
+        repetition_penalty=generate_kwargs.get("repetition_penalty"),
+        context=context_length(lm.config),
+        prefix_tokens=prefix.shape[1],
+    )
     mask = attention_mask
     if mask is None:
         mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)

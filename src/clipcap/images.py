@@ -2,8 +2,9 @@
 
 `open_image` applies EXIF orientation, converts every mode to RGB (transparency shown on white, 16-bit scaled),
 reduces animated images to their first frame, and refuses unusable input (missing, empty, not an image, a format not
-allowed, truncated, too many pixels) with one per-item error, `ImageLoadError`, whose `kind` says which — before PIL
-allocates anything large (the pixel count is read from the header).
+allowed, truncated, too many pixels, too elongated) with one per-item error, `ImageLoadError`, whose `kind` says which —
+before PIL allocates anything large (the size is read from the header). `check_resize` refuses, before an image
+processor runs, an image it would resize to more than `limits.MAX_RESIZED_PIXELS`.
 """
 
 from __future__ import annotations
@@ -16,10 +17,9 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .errors import ClipCapError
+from .limits import MAX_ASPECT_RATIO, MAX_IMAGE_PIXELS, MAX_RESIZED_PIXELS, resized_size
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-# PIL's own bomb limit is a warning up to 2x; ours is a hard per-item error checked from the header alone.
-MAX_IMAGE_PIXELS = 64_000_000
 
 # ImageLoadError.kind values
 MISSING, EMPTY, NOT_AN_IMAGE, FORMAT, TOO_LARGE, CORRUPT = (
@@ -113,6 +113,10 @@ def open_image(
         raise ImageLoadError(name, f"too many pixels ({width}x{height} > {max_pixels}; decompression bomb?)", TOO_LARGE)
     if width == 0 or height == 0:
         raise ImageLoadError(name, "image has no pixels", CORRUPT)
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        raise ImageLoadError(
+            name, f"too elongated ({width}x{height}: sides more than {MAX_ASPECT_RATIO} to 1 apart)", TOO_LARGE
+        )
     try:
         if getattr(img, "is_animated", False):
             img.seek(0)
@@ -125,3 +129,17 @@ def open_image(
         return _to_rgb(img)
     except (OSError, SyntaxError, ValueError, TypeError, Image.DecompressionBombError) as e:
         raise ImageLoadError(name, f"truncated or corrupt image ({e})", CORRUPT) from None
+
+
+def check_resize(images: list[Image.Image], processor, names: list[str] | None = None) -> None:
+    """ImageLoadError (too large) for the first image that `processor`'s resize would make more than
+    MAX_RESIZED_PIXELS of, computed from its settings before it runs."""
+    if not getattr(processor, "do_resize", True):
+        return
+    for n, img in enumerate(images):
+        width, height = img.size
+        size = resized_size(getattr(processor, "size", None), width, height)
+        if size is not None and size[0] * size[1] > MAX_RESIZED_PIXELS:
+            name = names[n] if names else "<PIL image>"
+            resized = f"{size[0]}x{size[1]} (over {MAX_RESIZED_PIXELS} pixels)"
+            raise ImageLoadError(name, f"resized for the encoder, {width}x{height} would be {resized}", TOO_LARGE)

@@ -26,6 +26,7 @@ def option(
     default_factory: Any = dataclasses.MISSING,
     choices: tuple | None = None,
     min: float | None = None,
+    max: float | None = None,
     positional: bool = False,
     flag: str | None = None,
     negate: str | None = None,
@@ -37,7 +38,8 @@ def option(
 ) -> Any:
     """A dataclass field with its help text and constraints.
 
-    `choices` / `min` constrain the value; `positional` makes it a positional argument on the command line; `flag`
+    `choices` / `min` / `max` constrain the value (bounds inclusive, from `clipcap.limits` where they protect the
+    machine; `max` is shown in the help); `positional` makes it a positional argument on the command line; `flag`
     renames its flag; `negate` gives a True-by-default boolean its turning-off flag (e.g. "no-spice"); `pair` gives a
     None/True/False boolean its two flags (e.g. ("tune-lm", "frozen-lm")); `default_text` says what a None default
     means; `cli=False` keeps a field out of the command line (set by the application itself)."""
@@ -45,6 +47,7 @@ def option(
         "help": help,
         "choices": choices,
         "min": min,
+        "max": max,
         "positional": positional,
         "flag": flag,
         "negate": negate,
@@ -91,8 +94,8 @@ def _type_ok(value: Any, tp: Any) -> bool:
 
 
 def check_options(obj: Any) -> None:
-    """Raise ClipCapError naming the first field whose value has the wrong type, is an empty list, is below its
-    minimum or is not among its choices."""
+    """Raise ClipCapError naming the first field whose value has the wrong type, is an empty list, is outside its
+    bounds or is not among its choices."""
     hints = field_types(type(obj))
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
@@ -119,3 +122,7 @@ def check_options(obj: Any) -> None:
             low = [v for v in values if v < meta["min"]]
             if low:
                 raise ClipCapError(f"`{f.name}` must be at least {meta['min']:g}, got {low[0]!r}")
+        if meta.get("max") is not None:
+            high = [v for v in values if v > meta["max"]]
+            if high:
+                raise ClipCapError(f"`{f.name}` must be at most {meta['max']:g}, got {high[0]!r}")

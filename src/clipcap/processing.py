@@ -12,6 +12,7 @@ import torch
 from transformers import BatchFeature, ProcessorMixin
 
 from .errors import ClipCapError
+from .images import check_resize
 
 
 class ClipCapProcessor(ProcessorMixin):
@@ -22,9 +23,12 @@ class ClipCapProcessor(ProcessorMixin):
 
     def __call__(self, images=None, text=None, return_tensors="pt", **kwargs) -> BatchFeature:
         """`text`: one prompt for every image, or one per image ("" or None: no prompt). Other keyword arguments
-        (e.g. the pipeline's `padding`) are accepted and ignored: prompts are always left-padded."""
+        (e.g. the pipeline's `padding`) are accepted and ignored: prompts are always left-padded. A PIL image the
+        image processor would resize past `limits.MAX_RESIZED_PIXELS` is an ImageLoadError before it runs."""
         if images is None:
             raise ClipCapError("ClipCap captions images: pass images")
+        pils = [im for im in (images if isinstance(images, (list, tuple)) else [images]) if hasattr(im, "size")]
+        check_resize([im for im in pils if isinstance(im.size, tuple)], self.image_processor)  # before it runs
         pixel_values = self.image_processor(images, return_tensors="pt")["pixel_values"]
         n = len(pixel_values)
         prompts = [text or ""] * n if text is None or isinstance(text, str) else list(text)

@@ -21,10 +21,28 @@ import torch
 from PIL import Image
 
 from .captioner import Captioner
-from .decoding import DecodingOptions, generate_kwargs
+from .decoding import DecodingOptions
 from .devices import DEVICE_HELP
 from .errors import ClipCapError
-from .images import CORRUPT, FORMAT, MAX_IMAGE_PIXELS, NOT_AN_IMAGE, TOO_LARGE, ImageLoadError, open_image
+from .images import CORRUPT, FORMAT, NOT_AN_IMAGE, TOO_LARGE, ImageLoadError, open_image
+from .limits import (
+    MAX_BATCH_SIZE,
+    MAX_BEAMS,
+    MAX_CAPTIONS,
+    MAX_IMAGE_PIXELS,
+    MAX_IMAGES_PER_REQUEST,
+    MAX_NEW_TOKENS,
+    MAX_PROMPT_CHARS,
+    MAX_QUEUE,
+    MAX_REQUEST_SECONDS,
+    MAX_TOP_P,
+    MAX_UPLOAD_MB,
+    MAX_WORKERS,
+    MIN_REPETITION_PENALTY,
+    MIN_TEMPERATURE,
+    context_length,
+    room_for_new_tokens,
+)
 from .options import check_options, option
 from .version import __version__
 
@@ -41,29 +59,47 @@ except ImportError as e:  # pragma: no cover - depends on the install
 logger = logging.getLogger("clipcap.serve")
 
 STATIC_DIR = Path(str(files("clipcap") / "static"))
+DEFAULT_MAX_TOKENS = 100  # the longest caption a request may ask for, unless the LM's context leaves less
 
 
 @dataclass(kw_only=True)
 class ServerLimits(DecodingOptions):
     """Limits on every request, batching knobs, and the decoding defaults for requests that do not say."""
 
-    max_batch_size: int = option(32, min=1, help="images per batched model run")
-    max_wait_ms: float = option(10.0, min=0.001, help="how long a request waits for others to share its batch")
-    max_queue: int = option(256, min=1, help="requests waiting for the model before 503")
-    max_images: int = option(16, min=1, help="images per request")
-    max_upload_mb: float = option(10.0, min=0.001, help="request body size limit in MB")
-    max_pixels: int = option(MAX_IMAGE_PIXELS, min=1, help="pixels per image, checked before decoding")
-    timeout: float = option(60.0, min=0.001, help="per-request time limit in seconds, queueing included")
-    max_beams: int = option(8, min=1, help="the largest beam width a request may ask for")
-    max_tokens: int = option(100, min=1, help="the longest caption (in tokens) a request may ask for")
-    decode_workers: int = option(os.cpu_count() or 1, min=1, help="images opened and preprocessed at once")
+    max_batch_size: int = option(32, min=1, max=MAX_BATCH_SIZE, help="images per batched model run")
+    max_wait_ms: float = option(
+        10.0,
+        min=0.001,
+        max=MAX_REQUEST_SECONDS * 1000,
+        help="how long a request waits for others to share its batch",
+    )
+    max_queue: int = option(256, min=1, max=MAX_QUEUE, help="requests waiting for the model before 503")
+    max_images: int = option(16, min=1, max=MAX_IMAGES_PER_REQUEST, help="images per request")
+    max_upload_mb: float = option(10.0, min=0.001, max=MAX_UPLOAD_MB, help="request body size limit in MB")
+    max_pixels: int = option(
+        MAX_IMAGE_PIXELS, min=1, max=MAX_IMAGE_PIXELS, help="pixels per image, checked before decoding"
+    )
+    timeout: float = option(
+        60.0, min=0.001, max=MAX_REQUEST_SECONDS, help="per-request time limit in seconds, queueing included"
+    )
+    max_beams: int = option(8, min=1, max=MAX_BEAMS, help="the largest beam width a request may ask for")
+    max_tokens: int | None = option(
+        None,
+        min=1,
+        max=MAX_NEW_TOKENS,
+        help="the longest caption (in tokens) a request may ask for; with the prefix it must fit the LM's context",
+        default_text=f"{DEFAULT_MAX_TOKENS}, cut to what the LM's context leaves",
+    )
+    decode_workers: int = option(
+        min(os.cpu_count() or 1, MAX_WORKERS), min=1, max=MAX_WORKERS, help="images opened and preprocessed at once"
+    )
 
     def __post_init__(self) -> None:
         check_options(self)
         super().__post_init__()
         if self.num_beams is not None and self.num_beams > self.max_beams:
             raise ClipCapError(f"the default `num_beams` {self.num_beams} exceeds `max_beams` {self.max_beams}")
-        if self.max_new_tokens is not None and self.max_new_tokens > self.max_tokens:
+        if None not in (self.max_new_tokens, self.max_tokens) and self.max_new_tokens > self.max_tokens:
             raise ClipCapError(f"the default `max_new_tokens` {self.max_new_tokens} exceeds `max_tokens`")
 
     @property
@@ -245,9 +281,7 @@ class MicroBatcher:
 
     def _run(self, pixels: torch.Tensor, settings: DecodeSettings) -> list[list[str]]:
         embeds = self.captioner.model_inputs(pixels)
-        out = self.captioner.caption_embeddings(
-            embeds, num_return_sequences=settings.num_captions, **settings.generate_kwargs()
-        )
+        out = self.captioner.caption_with(embeds, settings.generate_kwargs(), settings.num_captions)
         return [c if isinstance(c, list) else [c] for c in out]
 
 
@@ -287,16 +321,36 @@ class ErrorBody(BaseModel):
     detail: str
 
 
+def startup_settings(captioner: Captioner, limits: ServerLimits) -> tuple[int, dict]:
+    """The longest caption a request may ask for and the decoding settings of a request that asks for nothing,
+    checked against the model: ClipCapError (the server refuses to start) for settings that would fail every
+    request, such as `max_tokens` past what the LM's context leaves after the prefix, or a default prompt for an
+    exported model."""
+    context, prefix = context_length(captioner.model.lm.config), captioner.model.config.prefix_tokens
+    room = room_for_new_tokens(context, prefix)
+    if limits.max_tokens is None:
+        max_tokens = min(DEFAULT_MAX_TOKENS, room)
+    elif limits.max_tokens > room:
+        raise ClipCapError(
+            f"`max_tokens` {limits.max_tokens} does not fit the language model's context of {context} tokens after "
+            f"the prefix ({prefix} tokens): at most {room}"
+        )
+    else:
+        max_tokens = limits.max_tokens
+    defaults = captioner.decoding(limits)
+    if defaults["num_beams"] > limits.max_beams or defaults["max_new_tokens"] > max_tokens:
+        raise ClipCapError(
+            f"the default decoding settings (num_beams {defaults['num_beams']}, max_new_tokens "
+            f"{defaults['max_new_tokens']}) exceed the server's limits (`max_beams` {limits.max_beams}, "
+            f"`max_tokens` {max_tokens})"
+        )
+    return max_tokens, defaults
+
+
 def create_app(captioner: Captioner, limits: ServerLimits | None = None) -> FastAPI:
     """The FastAPI app over an already loaded Captioner. The batching worker starts with the app's lifespan."""
     limits = limits or ServerLimits()
-    defaults = generate_kwargs(limits, captioner.decoding_defaults)
-    if defaults["num_beams"] > limits.max_beams or defaults["max_new_tokens"] > limits.max_tokens:
-        raise ClipCapError(
-            f"the model's decoding defaults (num_beams {defaults['num_beams']}, max_new_tokens "
-            f"{defaults['max_new_tokens']}) exceed the server's limits (`max_beams` {limits.max_beams}, "
-            f"`max_tokens` {limits.max_tokens})"
-        )
+    max_tokens, defaults = startup_settings(captioner, limits)
     batcher = MicroBatcher(captioner, limits.max_batch_size, limits.max_wait_ms, limits.max_queue)
     decode_limiter = anyio.CapacityLimiter(limits.decode_workers)
 
@@ -323,7 +377,11 @@ def create_app(captioner: Captioner, limits: ServerLimits | None = None) -> Fast
         return JSONResponse({"detail": "internal server error"}, status_code=500)
 
     def prepare(data: bytes, filename: str) -> torch.Tensor:
-        return captioner.encoder.preprocess([open_upload(data, filename, limits.max_pixels)])
+        image = open_upload(data, filename, limits.max_pixels)
+        try:
+            return captioner.encoder.preprocess([image], [filename])
+        except ImageLoadError as e:  # the processor would resize it past the bound
+            raise HTTPException(_STATUS.get(e.kind, 400), f"{filename}: {e.reason}") from None
 
     errors = {code: {"model": ErrorBody} for code in (400, 413, 415, 503, 504)}
 
@@ -345,7 +403,9 @@ def create_app(captioner: Captioner, limits: ServerLimits | None = None) -> Fast
                 "max_upload_bytes": limits.max_upload_bytes,
                 "max_pixels": limits.max_pixels,
                 "max_beams": limits.max_beams,
-                "max_new_tokens": limits.max_tokens,
+                "max_new_tokens": max_tokens,
+                "max_captions": MAX_CAPTIONS,
+                "max_prompt_chars": MAX_PROMPT_CHARS,
                 "num_beams": defaults["num_beams"],
                 "default_new_tokens": defaults["max_new_tokens"],
             },
@@ -359,37 +419,50 @@ def create_app(captioner: Captioner, limits: ServerLimits | None = None) -> Fast
     )
     async def captions(
         image: Annotated[list[UploadFile], File(description="one or more images (JPEG, PNG, WebP, GIF, BMP, TIFF)")],
-        num_beams: Annotated[int, Form(ge=1, le=limits.max_beams, description="beam width (1: greedy)")] = (
-            defaults["num_beams"]
-        ),
-        max_new_tokens: Annotated[int, Form(ge=1, le=limits.max_tokens, description="caption length limit")] = (
-            defaults["max_new_tokens"]
-        ),
-        num_captions: Annotated[int, Form(ge=1, description="captions per image, at most num_beams")] = 1,
-        length_penalty: Annotated[float, Form(description="beam scores are divided by length**F")] = (
-            defaults["length_penalty"]
-        ),
+        num_beams: Annotated[
+            int | None, Form(ge=1, le=limits.max_beams, description="beam width (1: greedy); default: the server's")
+        ] = None,
+        max_new_tokens: Annotated[
+            int | None, Form(ge=1, le=max_tokens, description="caption length limit; default: the server's")
+        ] = None,
+        num_captions: Annotated[
+            int, Form(ge=1, le=MAX_CAPTIONS, description="captions per image, at most num_beams unless sampling")
+        ] = 1,
+        length_penalty: Annotated[
+            float | None, Form(description="beam scores are divided by length**F (beam search only)")
+        ] = None,
         do_sample: Annotated[bool, Form(description="sample instead of searching")] = defaults["do_sample"],
-        temperature: Annotated[float | None, Form(gt=0, description="sampling temperature")] = defaults.get(
-            "temperature"
-        ),
-        top_p: Annotated[float | None, Form(gt=0, le=1, description="nucleus sampling mass")] = defaults.get("top_p"),
-        top_k: Annotated[int | None, Form(ge=1, description="sample among the k most likely tokens")] = defaults.get(
-            "top_k"
-        ),
-        repetition_penalty: Annotated[float | None, Form(gt=0, description="penalty on repeated tokens")] = (
-            defaults.get("repetition_penalty")
-        ),
-        prompt: Annotated[str | None, Form(max_length=200, description="text each caption continues")] = (
-            defaults.get("prompt")
-        ),
+        temperature: Annotated[float | None, Form(ge=MIN_TEMPERATURE, description="sampling temperature")] = None,
+        top_p: Annotated[float | None, Form(ge=0, le=MAX_TOP_P, description="nucleus sampling mass")] = None,
+        top_k: Annotated[int | None, Form(ge=1, description="sample among the k most likely tokens")] = None,
+        repetition_penalty: Annotated[
+            float | None, Form(ge=MIN_REPETITION_PENALTY, description="penalty on repeated tokens")
+        ] = None,
+        prompt: Annotated[
+            str | None, Form(max_length=MAX_PROMPT_CHARS, description="text each caption continues")
+        ] = None,
     ) -> CaptionResponse:
         """Caption the uploaded images. Concurrent requests with equal settings share batched model runs."""
-        if num_captions > num_beams and not do_sample:
-            raise HTTPException(400, f"num_captions ({num_captions}) cannot exceed num_beams ({num_beams})")
+        beams = num_beams if num_beams is not None else defaults["num_beams"]
+        if num_captions > beams and not do_sample:
+            raise HTTPException(400, f"num_captions ({num_captions}) cannot exceed num_beams ({beams})")
         sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k}
         if not do_sample and any(v is not None for v in sampling.values()):
             raise HTTPException(400, "temperature, top_p and top_k only apply with do_sample")
+        try:  # every setting is checked against the model before any upload is opened
+            decoding = captioner.decoding(
+                limits,
+                num_captions,
+                num_beams,
+                max_new_tokens,
+                length_penalty=length_penalty,
+                do_sample=do_sample,
+                repetition_penalty=repetition_penalty,
+                prompt=prompt or None,
+                **sampling,
+            )
+        except ClipCapError as e:
+            raise HTTPException(400, str(e)) from None
         if batcher.full():  # refuse before spending time on decoding
             raise _overloaded()
         names = [f.filename or f"image {i + 1}" for i, f in enumerate(image)]
@@ -397,16 +470,7 @@ def create_app(captioner: Captioner, limits: ServerLimits | None = None) -> Fast
         for name, upload in zip(names, image, strict=True):
             data = await upload.read()
             pixels.append(await anyio.to_thread.run_sync(prepare, data, name, limiter=decode_limiter))
-        settings = DecodeSettings(
-            num_beams,
-            max_new_tokens,
-            num_captions,
-            length_penalty,
-            do_sample,
-            repetition_penalty=repetition_penalty,
-            prompt=prompt or None,
-            **sampling,
-        )
+        settings = DecodeSettings(num_captions=num_captions, **decoding)
         try:
             future = batcher.submit(torch.cat(pixels), settings)
         except Overloaded:

@@ -66,6 +66,9 @@ def add_options(parser: argparse.ArgumentParser, cls: type) -> None:
         tp, _ = unwrap_optional(hints[f.name])
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         text = _escape(meta.get("help", ""))
+        if meta.get("max") is not None:
+            low = meta.get("min")
+            text += f" (at most {meta['max']:g})" if low is None else f" ({low:g} to {meta['max']:g})"
         if not required:
             text += f" (default: {_escape(show_default(f))})"
         kwargs: dict[str, Any] = {"dest": f.name, "help": text}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ..images import ImageLoadError
+from ..images import ImageLoadError, check_resize
 from .sources import Record, open_record_image
 
 
@@ -25,6 +25,7 @@ class RecordImages(torch.utils.data.Dataset):
     def __getitem__(self, i: int):
         try:
             image = open_record_image(self.records[i])
+            check_resize([image], self.processor, [self.records[i].key])
             return i, self.processor(images=[image], return_tensors="pt")["pixel_values"][0], None
         except ImageLoadError as e:
             return i, None, e.reason
