@@ -398,3 +398,19 @@ def test_config_records_a_portable_lm(tmp_path, lm_dir, tokenizer, monkeypatch):
     (tmp_path / "lm2").mkdir()
     assert recorded_lm("lm2", by_reference=True) == str(tmp_path / "lm2")
     assert recorded_lm("lm2", by_reference=False) == "lm2"
+
+
+def test_lora_from_a_model_refers_to_the_lm_that_model_names(by_reference_dir, hostile_cwd, tmp_path):
+    """--init-from a frozen-LM dir whose config names "lm" (inside it) with --lora-r, run where ./lm is another
+    LM: the LoRA dir refers to the model dir's LM, by the absolute path a LoRA dir needs."""
+    with StoreWriter(tmp_path / "store", clip_model=None, clip_dim=16, normalized=False) as w:
+        for i in range(4):
+            w.add(np.full(16, 0.1 * i), f"k{i}", [tiny.CORPUS[i]])
+    small = ["--batch-size", "4", "--epochs", "1", "--warmup-steps", "0", "--num-samples", "0", "--quiet"]
+    run = tmp_path / "run"
+    done = clipcap(
+        "train", "--data", tmp_path / "store", "--out", run, "--init-from", by_reference_dir, "--lora-r", "2", *small,
+        cwd=hostile_cwd,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads((run / "final" / "config.json").read_text())["lm"] == str((by_reference_dir / "lm").resolve())

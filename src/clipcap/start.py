@@ -13,7 +13,7 @@ import torch
 
 from .config import ClipCapConfig
 from .errors import ClipCapError
-from .hub import TOKENIZER_FILES, is_hub_id, load_tokenizer, resolve_model_dir_name
+from .hub import TOKENIZER_FILES, load_tokenizer, resolve_model_dir_name
 from .model import ClipCapModel
 
 if TYPE_CHECKING:
@@ -144,13 +144,10 @@ def load_start_model(cfg: TrainConfig, store) -> ClipCapModel:
     model.config.tune_lm = cfg.lm_tuned
     model.lm.requires_grad_(cfg.lm_tuned)
     model.config.clip_model = store_encoder(store)
-    if cfg.lora_r:  # the LoRA dir will refer to its base LM by name
-        if not is_hub_id(cfg.lm) and not Path(cfg.lm).expanduser().is_dir():
-            raise ClipCapError(
-                f"{cfg.init_from} names its language model {cfg.lm!r}, which is not found here, and a LoRA model "
-                "dir refers to its base LM: start from a model whose `lm` is a Hub id or an existing dir"
-            )
-        model.config.lm = recorded_lm(cfg.lm, by_reference=True)
+    if cfg.lora_r:  # the LoRA dir will refer to its base LM: the name the model gives it must find it
+        source = Path(cfg.init_from)
+        lm = resolve_model_dir_name(model.config.lm, source if source.is_dir() else None, "language model", "lm")
+        model.config.lm = recorded_lm(lm, by_reference=True)
     model.config.normalize_prefix = bool(model.config.normalize_prefix or store.normalized or cfg.text_only)
     return model
 
