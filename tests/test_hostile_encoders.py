@@ -7,15 +7,19 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from importlib.metadata import distribution
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from clipcap import Captioner, ClipCapError, ClipCapModel
@@ -414,3 +418,34 @@ def test_lora_from_a_model_refers_to_the_lm_that_model_names(by_reference_dir, h
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert json.loads((run / "final" / "config.json").read_text())["lm"] == str((by_reference_dir / "lm").resolve())
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    prefix=st.sampled_from(["", "./", "../", "./x/../"]),
+    name=st.from_regex(r"[a-z][a-z0-9_.-]{0,6}(/[a-z][a-z0-9_-]{0,6}){0,2}", fullmatch=True),
+    inside=st.booleans(),
+)
+def test_a_config_name_never_resolves_into_the_working_directory(prefix, name, inside):
+    """Whatever the name, with an entry of that name in the working directory: the model dir's own entry when it
+    has one, else an error (offline, so a Hub id cannot be fetched), never the working directory's entry."""
+    from clipcap.hub import resolve_model_dir_name
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        cwd, model = root / "A" / "CWD", root / "A" / "MODEL"  # upper case: no generated name is one of them
+        (cwd / name).mkdir(parents=True)
+        model.mkdir()
+        if inside:
+            (model / prefix / name).mkdir(parents=True, exist_ok=True)
+        before = os.getcwd()
+        os.chdir(cwd)
+        try:
+            if inside:
+                found = resolve_model_dir_name(prefix + name, model, "CLIP encoder", "clip_model")
+                assert Path(found).resolve() == (model / prefix / name).resolve()
+            else:
+                with pytest.raises(ClipCapError, match="not in the model dir"):
+                    resolve_model_dir_name(prefix + name, model, "CLIP encoder", "clip_model")
+        finally:
+            os.chdir(before)
