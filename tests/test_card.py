@@ -57,8 +57,11 @@ def test_card_front_matter_usage_and_training(run_dir):
     assert result["dataset"] == {"name": "dataset_coco.json", "type": "dataset_coco.json", "split": "test"}
     values = {m["name"]: m["value"] for m in result["metrics"]}
     assert values == {k: round(v, 4) for k, v in EVALUATED.items() if k in values} and len(values) == 7
-    assert 'pipeline("image-text-to-text", model="someone/clipcap-coco", trust_remote_code=True)' in text
-    assert 'Captioner.from_pretrained("someone/clipcap-coco")' in text
+    assert 'Captioner.from_pretrained("someone/clipcap-coco")' in text and "pip install clipcap-hf`" in text
+    # a dir that names its encoder cannot run in pipeline: the card says how to make it complete instead
+    assert "pipeline(" not in text and '.save_pretrained("someone/clipcap-coco-complete")' in text
+    pushed = str(build_card(CardConfig(model_dir=str(run_dir), repo_id="someone/clipcap-coco"), complete=True))
+    assert 'pipeline("image-text-to-text", model="someone/clipcap-coco", trust_remote_code=True)' in pushed
     training = json.loads(text.split("```json\n")[1].split("```")[0])
     assert training["lm"] == "gpt2" and training["epochs"] == 10 and training["data"] == "data/coco-store"
 

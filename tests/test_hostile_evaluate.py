@@ -108,7 +108,7 @@ def test_a_store_from_another_encoder_is_refused_before_generating(model_dir, tm
         for i in range(3):
             w.add(np.ones(16) * i, f"k{i}", ["a caption."], split="test")
     done = clipcap("evaluate", "--model", model_dir, "--data", store, "--no-spice", "--out", tmp_path / "m.json")
-    one_line_error(done, "was embedded with /elsewhere/another-clip, but the model captions")
+    one_line_error(done, "was embedded with /elsewhere/another-clip, but the model expects embeddings from")
 
 
 def test_duplicate_images_are_refused_before_generating(model_dir, tmp_path):

@@ -121,6 +121,7 @@ def test_push_uploads_a_complete_dir_with_its_card(model_dir, monkeypatch, tmp_p
     assert calls["config"]["vision_config"]["model_type"] == "clip_vision_model"  # made complete for the Hub
     meta = yaml.safe_load(calls["card"].split("---\n")[1])
     assert meta["pipeline_tag"] == "image-to-text" and meta["license"] == "mit"
+    assert 'pipeline("image-text-to-text", model="someone/clipcap-test"' in calls["card"]  # it is complete
     assert not (model_dir / "README.md").exists()  # the user's dir is left as it was
     with pytest.raises(ClipCapError, match="`timeout` must be at least 0.001"):
         PushConfig(model_dir=str(model_dir), repo_id="someone/clipcap-test", timeout=0)

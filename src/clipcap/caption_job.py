@@ -613,11 +613,13 @@ def caption_job(cfg: CaptionJobConfig, progress: bool = False) -> CaptionJobResu
                 finish(shard)
     if not all(files.done(s) for s in range(num_shards)):
         return CaptionJobResult(out, rank, world, None)  # the last process to finish writes info.json
-    return CaptionJobResult(out, rank, world, _finalize(files, inputs, columns, len(inputs), world))
+    info = _finalize(files, inputs, columns, len(inputs), world, captioner.encoder_info)
+    return CaptionJobResult(out, rank, world, info)
 
 
-def _finalize(files: _ShardFiles, inputs: Inputs, columns: _Columns, num_items: int, world: int) -> dict:
-    """Merge the skip lists into skipped.jsonl and write info.json (both the same whoever writes them)."""
+def _finalize(files: _ShardFiles, inputs: Inputs, columns: _Columns, num_items: int, world: int, encoder: dict) -> dict:
+    """Merge the skip lists into skipped.jsonl and write info.json (both the same whoever writes them); `encoder`
+    says which encoder the model captioned with (or a store's vectors were checked against)."""
     rows = [files.rows(i) for i in range(files.num_shards)]
     skipped = [entry for i in range(files.num_shards) for entry in files.read_skipped(i)]
     by_reason: dict[str, int] = {}
@@ -636,6 +638,7 @@ def _finalize(files: _ShardFiles, inputs: Inputs, columns: _Columns, num_items: 
         "num_shards": files.num_shards,
         "shard_format": files.fmt,
         "columns": columns.names,
+        **encoder,
     }
     write_json(files.out / INFO, info)
     # Temporaries of processes killed mid-write; no process writes shards any more once every one is done.

@@ -10,10 +10,31 @@ from PIL import Image
 from .decoding import DEFAULTS, SAMPLING, check_prompt, generate_kwargs, model_defaults
 from .devices import resolve_device, resolve_dtype
 from .errors import ClipCapError
-from .exported import ExportedModel, is_exported
-from .hub import load_tokenizer, resolve_dir
+from .exported import VISION_TOWER_KEY, ExportedModel, is_exported
+from .hub import load_tokenizer, resolve_dir, resolve_model_dir_name
 from .limits import MAX_BATCH_SIZE, check_decoding, check_range, context_length, fit_new_tokens, images_per_run
 from .model import ClipCapModel
+
+
+def _exported_tower(path: Path, file: str, config):
+    """The encoder an exported complete model carries: its vision tower (`file`) and image processor."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    from transformers import AutoImageProcessor
+
+    from .encoder import ImageEncoder
+    from .model import ClipCapVisionTower
+
+    if config.vision_config is None:
+        raise ClipCapError(f"{path}/config.json names a vision tower ({file}) but has no vision_config")
+    tower = ClipCapVisionTower(config.vision_config)
+    try:
+        tower.load_state_dict(load_file(str(path / file)))
+        processor = AutoImageProcessor.from_pretrained(str(path))
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ClipCapError(f"cannot load the vision tower of {path} ({file}): {reason}") from None
+    return ImageEncoder(tower, processor, name=str(path))
 
 
 class Captioner:
@@ -84,15 +105,35 @@ class Captioner:
                 return cls._from_complete_dir(path, device, dtype, batch_size)
             model = ClipCapModel.from_pretrained(path, device=device, dtype=dtype)
         has_tokenizer = any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
-        tokenizer = load_tokenizer(path if has_tokenizer else model.config.lm)
+        lm = None if has_tokenizer else resolve_model_dir_name(model.config.lm, path, "language model", "lm")
+        tokenizer = load_tokenizer(path if has_tokenizer else lm)
+        defaults = model_defaults(path)
+        tower = model.export.get(VISION_TOWER_KEY) if isinstance(model, ExportedModel) else None
+        if tower is not None and clip_model is None:  # an exported complete dir: the encoder is in it
+            encoder = _exported_tower(path, tower, model.config) if load_encoder else None
+            return cls(
+                model, tokenizer, encoder, batch_size=batch_size, decoding_defaults=defaults, clip_model=str(path)
+            )
         name = clip_model or model.config.clip_model
         if not name:
             raise ClipCapError(f"{path}/config.json names no clip_model: name the encoder to use")
-        if not Path(name).is_absolute() and (path / name).is_dir() and clip_model is None:
-            name = str(path / name)
+        if clip_model is None:  # the config's name: the model dir first, never the working directory
+            try:
+                name = resolve_model_dir_name(name, path, "CLIP encoder", "clip_model")
+            except ClipCapError:
+                if load_encoder:
+                    raise
+                # stored vectors need no encoder: its name is only compared with the store's
         encoder = ImageEncoder.from_pretrained(name, device=device, dtype=dtype) if load_encoder else None
-        defaults = model_defaults(path)
         return cls(model, tokenizer, encoder, batch_size=batch_size, decoding_defaults=defaults, clip_model=name)
+
+    @property
+    def encoder_info(self) -> dict:
+        """Which encoder this captioner uses (or expects, without one): its name or path and the content hash of
+        its weight files (None for a Hub id), as info.json and metrics.json record it."""
+        from .encoder import fingerprint
+
+        return {"clip_model": self.clip_model, "clip_fingerprint": fingerprint(str(self.clip_model))}
 
     @classmethod
     def _from_complete_dir(cls, path: Path, device, dtype, batch_size: int) -> Captioner:
@@ -107,7 +148,12 @@ class Captioner:
             raise ClipCapError(f"cannot load the image processor and tokenizer of {path}: {e}") from None
         encoder = ImageEncoder(complete.vision_tower, processor.image_processor, name=str(path))
         return cls(
-            complete.model, processor.tokenizer, encoder, batch_size=batch_size, decoding_defaults=model_defaults(path)
+            complete.model,
+            processor.tokenizer,
+            encoder,
+            batch_size=batch_size,
+            decoding_defaults=model_defaults(path),
+            clip_model=str(path),
         )
 
     def save_pretrained(self, save_directory: str | Path, **kwargs) -> Path:

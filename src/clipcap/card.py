@@ -16,10 +16,13 @@ from typing import Any
 
 from .config import ClipCapConfig
 from .errors import ClipCapError
+from .exported import is_exported
+from .hub import is_hub_id
 from .options import check_options, option
 from .outputs import check_file, write_file
 
 CARD_NAME = "README.md"
+DISTRIBUTION = "clipcap-hf"  # the PyPI name: `clipcap` there is an unrelated package
 METRICS_NAME = "metrics.json"
 TRAIN_CONFIG_NAME = "train_config.json"  # written by `clipcap train` in the run dir
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
@@ -73,10 +76,18 @@ class _Results:
 
 
 def _hub_id(name: str | None, model_dir: Path) -> str | None:
-    """`name` when it names a Hub repo rather than a local dir."""
+    """`name` (a dataset the user named) when it names a Hub repo rather than a local path."""
     if not name or Path(name).expanduser().exists() or (model_dir / name).exists():
         return None
     return name if HUB_ID.match(name) else None
+
+
+def _config_hub_id(name: str | None, model_dir: Path) -> str | None:
+    """`name` (from the model dir's config.json) when it names a Hub repo: what is in the model dir or written as
+    a path is not, whatever the working directory holds (a config's names resolve from the model dir)."""
+    if not name or (model_dir / name).exists():
+        return None
+    return name if is_hub_id(name) else None
 
 
 def _read_json(path: Path) -> Any:
@@ -123,8 +134,9 @@ def _train_config(model_dir: Path) -> dict | None:
     return None
 
 
-def build_card(cfg: CardConfig):
-    """The model card of `cfg.model_dir` as a huggingface_hub ModelCard."""
+def build_card(cfg: CardConfig, complete: bool | None = None):
+    """The model card of `cfg.model_dir` as a huggingface_hub ModelCard. Its usage examples are the ones that
+    work on that dir (`complete=True`: on the complete dir `push` makes of it)."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
     model_dir = Path(cfg.model_dir)
@@ -140,7 +152,7 @@ def build_card(cfg: CardConfig):
     results, recipe = _results(_read_json(metrics_file), model_dir) if metrics_file else (None, None)
     training = _train_config(model_dir) or recipe
     repo = cfg.repo_id or model_dir.resolve().name
-    lm, encoder = _hub_id(config.lm, model_dir), _hub_id(config.clip_model, model_dir)
+    lm, encoder = _config_hub_id(config.lm, model_dir), _config_hub_id(config.clip_model, model_dir)
     eval_results = [
         EvalResult(
             task_type="image-to-text",
@@ -165,10 +177,52 @@ def build_card(cfg: CardConfig):
         model_name=repo if eval_results else None,
         eval_results=eval_results or None,
     )
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{_body(config, repo, results, training)}")
+    kind = "exported" if is_exported(model_dir) else "complete" if complete or config.vision_config else "model"
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{_body(config, repo, results, training, kind)}")
 
 
-def _body(config: ClipCapConfig, repo: str, results: _Results | None, training: dict | None) -> str:
+def _usage(repo: str, kind: str) -> list[str]:
+    """How to caption with the dir, by what it is: a complete dir runs in transformers' pipeline and in clipcap; a
+    ClipCapModel dir (its encoder named by `clip_model`) and an exported dir run in clipcap only."""
+    captioner = [
+        "```python",
+        "from clipcap import Captioner",
+        "",
+        f'captions = Captioner.from_pretrained("{repo}").caption(["photo.jpg"], num_beams=5)',
+        "print(captions)  # one caption per image",
+        "```",
+    ]
+    if kind == "exported":
+        return [
+            f"An ONNX Runtime export for the CPU; with clipcap (`pip install '{DISTRIBUTION}[cpu]'`):",
+            "",
+            *captioner,
+        ]
+    lines = [f"With clipcap (`pip install {DISTRIBUTION}`; no `trust_remote_code` needed once it is imported):", ""]
+    lines += captioner
+    if kind == "complete":
+        return [
+            "With transformers alone (the model code ships in this repo):",
+            "",
+            "```python",
+            "from transformers import pipeline",
+            "",
+            f'captioner = pipeline("image-text-to-text", model="{repo}", trust_remote_code=True)',
+            'print(captioner(images=["photo.jpg"], text=[""]))  # [{"input_text": "", "generated_text": "..."}]',
+            'print(captioner(images=["photo.jpg"], text=["a picture of"]))  # the caption continues the prompt',
+            "```",
+            "",
+            *lines,
+        ]
+    return lines + [
+        "",
+        "This dir names its image encoder instead of holding it, so transformers' `pipeline` cannot load it as it is; "
+        f'`Captioner.from_pretrained("{repo}").save_pretrained("{repo}-complete")` writes a complete copy that it '
+        "can (`clipcap push` uploads one).",
+    ]
+
+
+def _body(config: ClipCapConfig, repo: str, results: _Results | None, training: dict | None, kind: str) -> str:
     lm_state = "fine-tuned" if config.tune_lm else "frozen"
     if config.token_shape is None:
         reads = "the image encoder's embedding goes"
@@ -188,23 +242,7 @@ def _body(config: ClipCapConfig, repo: str, results: _Results | None, training: 
         "",
         "## Usage",
         "",
-        "With transformers alone (the model code ships in this repo):",
-        "",
-        "```python",
-        "from transformers import pipeline",
-        "",
-        f'captioner = pipeline("image-text-to-text", model="{repo}", trust_remote_code=True)',
-        'captioner(images=["photo.jpg"], text=[""])  # [{"generated_text": "..."}]',
-        'captioner(images=["photo.jpg"], text=["a picture of"])  # the caption continues the prompt',
-        "```",
-        "",
-        "With clipcap (`pip install clipcap`; no `trust_remote_code` needed once it is imported):",
-        "",
-        "```python",
-        "from clipcap import Captioner",
-        "",
-        f'Captioner.from_pretrained("{repo}").caption(["photo.jpg"], num_beams=5)',
-        "```",
+        *_usage(repo, kind),
     ]
     if results:
         lines += ["", "## Evaluation", "", f"On {results.dataset}:", ""]
@@ -228,12 +266,12 @@ def _body(config: ClipCapConfig, repo: str, results: _Results | None, training: 
     return "\n".join(lines) + "\n"
 
 
-def write_card(cfg: CardConfig) -> Path:
+def write_card(cfg: CardConfig, complete: bool | None = None) -> Path:
     """Write the model card (README.md in the model dir unless `cfg.out` says otherwise); returns its path. The card
     follows the output policy (`outputs.py`): a README.md the user wrote is never replaced, an earlier card only with
-    `overwrite`."""
+    `overwrite`. `complete=True`: the card of the complete dir `push` makes of the model dir."""
     out = Path(cfg.out) if cfg.out else Path(cfg.model_dir) / CARD_NAME
     where = dict(inputs=[cfg.metrics], hosts=[cfg.model_dir], overwrite=cfg.overwrite)
     check_file(out, "clipcap card", **where)
-    card = str(build_card(cfg))
+    card = str(build_card(cfg, complete))
     return write_file(out, "clipcap card", lambda tmp: tmp.write_text(card, encoding="utf-8"), **where)

@@ -10,6 +10,7 @@ COCO results format), `format_table` renders it as Markdown.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import time
 from collections import Counter
@@ -168,7 +169,7 @@ def _require_pycocoevalcap() -> None:
     try:
         import pycocoevalcap  # noqa: F401
     except ImportError:
-        raise ClipCapError("evaluation needs pycocoevalcap: pip install 'clipcap[eval]'") from None
+        raise ClipCapError("evaluation needs pycocoevalcap: pip install 'clipcap-hf[eval]'") from None
 
 
 def _encode_images(encoder, sources: list, open_image, batch_size: int, desc: str, progress: bool, token_grid=False):
@@ -238,6 +239,21 @@ def _problems(records: list[Record]) -> list[dict]:
     return [{"image": r.image or r.key, "reason": r.problem} for r in records if r.problem]
 
 
+def _drop_blank_references(records: list[Record]) -> tuple[list[Record | None], list[dict]]:
+    """Each record with its blank reference captions dropped, or None (and a skipped entry) when none is left:
+    a blank reference scores every caption 0 and would pull the average down without a word."""
+    out, skipped = [], []
+    for record in records:
+        captions = [c for c in record.captions if c.strip()]
+        if captions:
+            out.append(dataclasses.replace(record, captions=captions))
+        else:
+            reason = "every reference caption is empty" if record.captions else "no reference captions"
+            skipped.append({"image": record.image or record.key, "reason": reason})
+            out.append(None)
+    return out, skipped
+
+
 def _unique(records: list[Record], data) -> None:
     twice = [k for k, n in Counter(r.key for r in records).items() if n > 1]
     if twice:
@@ -251,8 +267,8 @@ def evaluate_model(cfg: EvalConfig, progress: bool = False) -> EvalResult:
     """Caption the `split` of `cfg.data` with `cfg.model`, then score."""
     from tqdm.auto import tqdm
 
+    from .caption_job import check_store
     from .captioner import Captioner
-    from .encoder import same_encoder
 
     _require_pycocoevalcap()  # fail before generating for minutes, not after
     split = "test" if cfg.split is None else None if cfg.split == "all" else cfg.split
@@ -268,30 +284,20 @@ def evaluate_model(cfg: EvalConfig, progress: bool = False) -> EvalResult:
         from .data.store import EmbeddingStore
 
         store = EmbeddingStore(cfg.data, split=split)
-        expected = captioner.model.config.clip_dim
-        if store.modality != "image":
-            raise ClipCapError(f"{cfg.data} holds {store.modality} embeddings: evaluate image embeddings or a source")
-        if store.clip_dim != expected:
-            raise ClipCapError(f"{cfg.data} holds {store.clip_dim}-d embeddings but the model expects {expected}")
-        if store.clip_model is not None and not same_encoder(store.clip_model, encoder.name, store.clip_fingerprint):
-            raise ClipCapError(
-                f"{cfg.data} was embedded with {store.clip_model}, but the model captions (and CLIPScore reads text) "
-                f"with {encoder.name}: embed the data with the model's encoder, or name that encoder as `clip_model`"
-            )
+        check_store(store, captioner)  # the one store check `caption` makes too
         count = min(store.num_images, cfg.limit) if cfg.limit is not None else store.num_images
         records = [
             Record(store.keys[j], store.image_paths[j] or None, store.image_captions(j), extra=store.extras[j])
             for j in range(count)
         ]
         _unique(records, cfg.data)
-        features = inputs = torch.from_numpy(store.image_embeddings(range(count)))
+        records, blank = _drop_blank_references(records)
+        skipped += blank
+        kept = [j for j, r in enumerate(records) if r is not None]
+        records = [records[j] for j in kept]
+        features = inputs = torch.from_numpy(store.image_embeddings(kept))
         if tokens is not None:
-            if [*(store.token_shape or ())] != tokens or store.token_grid != captioner.model.config.token_grid:
-                raise ClipCapError(
-                    f"{cfg.data} holds image tokens {store.token_shape} (grid {store.token_grid}) but the model reads "
-                    f"{tuple(tokens)} (grid {captioner.model.config.token_grid})"
-                )
-            inputs = torch.from_numpy(store.image_tokens(range(count)))
+            inputs = torch.from_numpy(store.image_tokens(kept))
     else:
         records = []
         for record in read_source(cfg.data, format=cfg.format, images=cfg.images, split=split):
@@ -299,10 +305,10 @@ def evaluate_model(cfg: EvalConfig, progress: bool = False) -> EvalResult:
                 break
             if record.problem:
                 skipped.extend(_problems([record]))
-            elif record.captions:
-                records.append(record)
             else:
-                skipped.append({"image": record.image or record.key, "reason": "no reference captions"})
+                (usable,), blank = _drop_blank_references([record])
+                skipped += blank
+                records += [usable] if usable is not None else []
         _unique(records, cfg.data)
         grid = False if tokens is None else captioner.model.config.token_grid
         features, kept, bad = _encode_images(
@@ -342,7 +348,7 @@ def evaluate_model(cfg: EvalConfig, progress: bool = False) -> EvalResult:
         "data": str(cfg.data),
         "split": split,
         "limit": cfg.limit,
-        "clip_model": encoder.name,
+        **captioner.encoder_info,  # which encoder captioned (and scored): its path or id and weights' hash
         "decoding": {
             "strategy": _strategy(decoding),
             **decoding,
@@ -389,9 +395,12 @@ def evaluate_predictions(cfg: EvalConfig, progress: bool = False) -> EvalResult:
     empty = sorted(k for k, r in matched.items() if not r.captions)
     if empty:
         raise ClipCapError(f"{len(empty)} predicted images have no reference captions, e.g. {empty[:3]}")
+    cleaned, blank = _drop_blank_references(list(matched.values()))
+    skipped += blank
+    matched = {k: r for k, r in zip(matched, cleaned, strict=True) if r is not None}
     by_key = {record.key: record for record in matched.values()}
-    captions = {matched[k].key: c for k, c in preds.items()}
-    missing = sum(1 for r in good if r.key not in by_key and r.captions)
+    captions = {matched[k].key: c for k, c in preds.items() if k in matched}
+    missing = sum(1 for r in good if r.key not in by_key and any(c.strip() for c in r.captions))
 
     clip_rows: dict[str, dict[str, float]] = {}
     clip_reason = None

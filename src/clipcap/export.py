@@ -5,7 +5,9 @@ mapper.onnx (CLIP embedding, or image tokens, -> prefix; normalisation included)
 KV cache: prefix embeddings for the first step or token ids for the next, attention mask and past keys/values in;
 last-position logits and present keys/values out). `int8=True` quantizes the decoder's weights to int8 (ONNX
 Runtime's dynamic quantization: int8 weights, activations quantized per call). The mapper stays fp32: it runs once
-per image, not once per token. The dir also gets the tokenizer, the encoder dir the model dir carried, and a
+per image, not once per token. The dir also gets the tokenizer, the encoder (the encoder dir the model dir
+carried, or a complete dir's vision tower and image processor; an encoder named by Hub id or absolute path stays
+named so), and a
 config.json whose "export" entry says what the dir is, so `Captioner.from_pretrained(out_dir)` needs no flag. The
 dir appears complete or not at all: it is written under a temporary name and renamed at the end.
 """
@@ -27,20 +29,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import CONFIG_NAME
+from .config import CONFIG_NAME, ClipCapConfig
 from .errors import ClipCapError
 from .exported import (
     DECODER_FILE,
     EXPORT_KEY,
     FORMAT,
     MAPPER_FILE,
+    VISION_TOWER_FILE,
+    VISION_TOWER_KEY,
     decoder_input_names,
     is_exported,
     mapper_input_name,
     open_session,
 )
-from .hub import load_tokenizer
-from .model import ClipCapModel
+from .hub import load_tokenizer, resolve_model_dir_name
+from .model import ClipCapForImageCaptioning, ClipCapModel
 from .options import check_options, option
 from .outputs import EXPORTED, check_dir, copy_tree, write_dir
 
@@ -282,14 +286,32 @@ def _quantize_int8(path: Path) -> None:
 
 
 def _copy_encoder(model_dir: Path, clip_model: str | None, dst: Path) -> None:
-    """Copy the encoder dir when the config names one inside the model dir (as the demo and tests ship it)."""
+    """Copy the encoder dir when the config names one inside the model dir (as the demo and tests ship it), so the
+    export finds it under the same relative name; an encoder named by absolute path or Hub id stays named so."""
     if clip_model and not Path(clip_model).is_absolute() and (model_dir / clip_model).is_dir():
         copy_tree(model_dir / clip_model, dst / clip_model)
 
 
+def _keep_tower(model_dir: Path, tower: nn.Module, dst: Path) -> None:
+    """An exported complete model keeps its encoder: the vision tower's weights and the image processor."""
+    from safetensors.torch import save_file
+    from transformers import AutoImageProcessor
+
+    save_file({k: v.contiguous() for k, v in tower.state_dict().items()}, str(dst / VISION_TOWER_FILE))
+    AutoImageProcessor.from_pretrained(str(model_dir)).save_pretrained(str(dst))
+
+
 def _tokenizer(model_dir: Path, lm: str):
     has_tokenizer = any((model_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
-    return load_tokenizer(model_dir if has_tokenizer else lm)
+    return load_tokenizer(model_dir if has_tokenizer else resolve_model_dir_name(lm, model_dir, "language model", "lm"))
+
+
+def _load(source: Path, config: ClipCapConfig) -> tuple[ClipCapModel, nn.Module | None]:
+    """The model dir's ClipCapModel in fp32 and, for a complete dir, its vision tower."""
+    if config.vision_config is None:
+        return ClipCapModel.from_pretrained(source).float().eval(), None
+    complete = ClipCapForImageCaptioning.from_pretrained(source).float().eval()
+    return complete.model, complete.vision_tower
 
 
 def export(
@@ -310,6 +332,12 @@ def export(
         raise ClipCapError(f"{source} is already an exported model: export the model dir it was made from")
     where = dict(inputs=[source], overwrite=overwrite)
     check_dir(out_dir, EXPORTED, COMMAND, **where)  # before minutes of exporting
+    declared = ClipCapConfig.from_pretrained(source)
+    if declared.adapter is not None:
+        raise ClipCapError(
+            f"{source} holds a LoRA adapter, which export does not read: merge it into its LM first (merge_lora; "
+            "`clipcap merge-lora MODEL_DIR OUT` on the command line) and export the merged dir"
+        )
     steps = ["loading", "mapper", "decoder"] + (["int8"] if int8 else []) + ["writing"]
     with tqdm(total=len(steps), desc="export", unit="step", disable=not progress) as bar:
 
@@ -318,7 +346,7 @@ def export(
             bar.update()
 
         bar.set_postfix_str(steps[0])
-        model = ClipCapModel.from_pretrained(source).float().eval()
+        model, tower = _load(source, declared)
         tokenizer = _tokenizer(source, model.config.lm)
         hidden = model.lm.get_input_embeddings().embedding_dim
         layout = _cache_layout(model.lm, hidden)  # before any export: an LM that cannot be exported fails fast
@@ -333,7 +361,10 @@ def export(
                 _quantize_int8(work / DECODER_FILE)
             step("writing")
             tokenizer.save_pretrained(work)
-            _copy_encoder(source, model.config.clip_model, work)
+            if tower is not None:
+                _keep_tower(source, tower, work)
+            else:
+                _copy_encoder(source, model.config.clip_model, work)
             if (source / GENERATION_CONFIG).is_file():  # the model's decoding defaults
                 shutil.copy(source / GENERATION_CONFIG, work / GENERATION_CONFIG)
             config = json.loads((source / CONFIG_NAME).read_text(encoding="utf-8"))  # as written, fields kept
@@ -349,6 +380,8 @@ def export(
                 "max_logit_diff": logit_diff,  # fp32 graph against PyTorch, before any int8 quantization
                 "torch": torch.__version__,
             }
+            if tower is not None:
+                config[EXPORT_KEY][VISION_TOWER_KEY] = VISION_TOWER_FILE
             (work / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
         out = write_dir(out_dir, EXPORTED, COMMAND, write, **where)

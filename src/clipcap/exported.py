@@ -1,8 +1,9 @@
 """ExportedModel: a model dir written by `clipcap export`, run by ONNX Runtime on the CPU.
 
 The dir holds config.json (the ClipCapConfig fields plus an "export" entry naming the format and the graph files),
-mapper.onnx (CLIP embedding or image tokens -> prefix), decoder.onnx (the LM with its KV cache), the tokenizer and,
-when the source carried one, the encoder dir. ExportedModel has the `config` and `generate(clip_embeds, ...)` that
+mapper.onnx (CLIP embedding or image tokens -> prefix), decoder.onnx (the LM with its KV cache), the tokenizer and
+the encoder: the encoder dir the source carried, or, exported from a complete dir, its vision tower
+(vision_tower.safetensors) and image processor. ExportedModel has the `config` and `generate(clip_embeds, ...)` that
 Captioner uses, so captioning is unchanged. Decoding is transformers' own `generate` (greedy, beams, sampling,
 stopping) over `OrtCausalLM` (clipcap.ort_lm), a GenerationMixin model whose forward runs the decoder graph: no
 search of our own.
@@ -23,6 +24,10 @@ EXPORT_KEY = "export"
 FORMAT = "onnx"
 MAPPER_FILE = "mapper.onnx"
 DECODER_FILE = "decoder.onnx"
+# An exported complete model keeps its encoder: the vision tower's weights (named by this export entry) and the
+# image processor's files sit in the dir itself.
+VISION_TOWER_KEY = "vision_tower"
+VISION_TOWER_FILE = "vision_tower.safetensors"
 
 
 def mapper_input_name(config: ClipCapConfig) -> str:
@@ -75,6 +80,15 @@ def _export_entry(path: Path, data: dict) -> dict:
         name = entry.get(key)
         if not isinstance(name, str) or Path(name).name != name or not name.endswith(".onnx"):
             raise ClipCapError(f"{path / CONFIG_NAME}: export.{key} must name an .onnx file in the dir, got {name!r}")
+    tower = entry.get(VISION_TOWER_KEY)
+    if tower is not None and (
+        not isinstance(tower, str) or Path(tower).name != tower or not tower.endswith(".safetensors")
+    ):
+        raise ClipCapError(
+            f"{path / CONFIG_NAME}: export.{VISION_TOWER_KEY} must name a .safetensors file in the dir, got {tower!r}"
+        )
+    if tower is not None and not (path / tower).is_file():
+        raise ClipCapError(f"{path} is an incomplete exported model: {tower} is missing")
     if not isinstance(entry.get("num_layers"), int) or isinstance(entry["num_layers"], bool) or entry["num_layers"] < 1:
         raise ClipCapError(f"{path / CONFIG_NAME}: export.num_layers must be a positive integer")
     return entry

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 from pathlib import Path
 
 from .errors import ClipCapError
@@ -54,6 +55,51 @@ def resolve_dir(name: str | Path, what: str = "model") -> Path:
         raise ClipCapError(f"{what} directory not found: {name}") from None
     except Exception:  # offline, DNS failure, 404, gated repo: all mean "not reachable from here"
         raise ClipCapError(offline_hint(name, what)) from None
+
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+def _path_like(name: str) -> bool:
+    """Whether `name` is written as a filesystem path rather than a Hub id (`org/name` or `name`); unlike
+    `looks_like_path` it never looks at the working directory."""
+    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or Path(name).is_absolute()
+
+
+def is_hub_id(name: str | None) -> bool:
+    """Whether `name` is written as a Hub id, whatever happens to exist in the working directory."""
+    return bool(name) and not _path_like(name) and HUB_ID.fullmatch(name) is not None
+
+
+def resolve_model_dir_name(name: str, model_dir: str | Path | None, what: str, field: str) -> str:
+    """What a name recorded in a model dir's config.json (`field`: `clip_model`, `lm`, ...) refers to: an absolute
+    path as it is, a relative one inside `model_dir` (the model dir always wins), anything else a Hub id. A config's
+    names never resolve against the working directory: a Hub id that a same-named entry there would shadow is read
+    from the Hub cache (or downloaded) instead. ClipCapError when a path names nothing."""
+    where = f"{model_dir}/config.json" if model_dir is not None else "the model's config.json"
+    path = Path(name).expanduser()
+    if path.is_absolute():
+        if not path.exists():
+            raise ClipCapError(f"{where} names {what} {name} ({field}), which does not exist on this machine")
+        return str(path)
+    if model_dir is not None and Path(model_dir).is_dir() and (Path(model_dir) / path).exists():
+        return str(Path(model_dir) / path)
+    if not is_hub_id(name):
+        raise ClipCapError(
+            f"{where} names {what} {name!r} ({field}), which is not in the model dir (a relative path there is "
+            "read from the model dir, never the working directory)"
+        )
+    if not path.exists():
+        return name  # transformers reads it from the Hub cache
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(name)
+    except Exception:  # noqa: BLE001 - offline, 404, gated: the Hub copy is out of reach
+        raise ClipCapError(
+            f"{where} names {what} {name!r} ({field}), which is not in the model dir and, as a Hub id, cannot be "
+            f"fetched (offline, or no such repo); the {name!r} in the working directory is not the model's"
+        ) from None
 
 
 def load_causal_lm(name: str, **kwargs):

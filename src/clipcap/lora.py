@@ -9,12 +9,13 @@ ordinary dir with the adapter folded into the LM's weights (what export and push
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ClipCapError
-from .hub import load_tokenizer
+from .hub import load_tokenizer, resolve_model_dir_name
 from .model import ClipCapModel
 from .options import check_options, option
 from .outputs import MODEL_DIR, check_dir, write_dir
@@ -104,8 +105,10 @@ def merge_lora(cfg: MergeLoraConfig) -> Path:
     model.config.adapter = None
     model.config.tune_lm = True  # the LM's weights differ from the base LM's now: they are saved in full
     encoder = model.config.clip_model
-    if encoder and not Path(encoder).is_absolute() and (source / encoder).is_dir():
-        model.config.clip_model = str((source / encoder).resolve())  # the merged dir must still find it
+    with contextlib.suppress(ClipCapError):  # a name that finds nothing here is kept as it was
+        found = Path(resolve_model_dir_name(encoder, source, "CLIP encoder", "clip_model")) if encoder else None
+        if found is not None and found.exists():
+            model.config.clip_model = str(found.resolve())  # the merged dir must still find it
 
     def write(stage: Path) -> None:
         model.save_pretrained(stage)

@@ -45,7 +45,7 @@ def _require_pycocoevalcap() -> None:
     try:
         import pycocoevalcap  # noqa: F401
     except ImportError:
-        raise ClipCapError("scoring needs pycocoevalcap: pip install 'clipcap[eval]'") from None
+        raise ClipCapError("scoring needs pycocoevalcap: pip install 'clipcap-hf[eval]'") from None
 
 
 # -- Java --------------------------------------------------------------------------------------------------------

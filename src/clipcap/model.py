@@ -39,7 +39,7 @@ from transformers.utils import ModelOutput
 from .config import CONFIG_NAME, ClipCapConfig
 from .errors import ClipCapError
 from .generation import FROM_CONFIG, generate_from_prefix, pad_token_id
-from .hub import load_causal_lm, looks_like_path, offline_hint, transformers_quiet
+from .hub import load_causal_lm, looks_like_path, offline_hint, resolve_model_dir_name, transformers_quiet
 from .mapping import MLPMapper, TokenMLPMapper, TokenTransformerMapper, TransformerMapper, pool_tokens
 
 WEIGHTS_NAME = "model.safetensors"
@@ -195,9 +195,7 @@ class ClipCapModel(ClipCapPreTrainedModel):
     def _load_lm_by_reference(self, model_dir: Path | None) -> None:
         """Put the pretrained LM named by `config.lm` (a dir relative to the model dir, or an HF id) in place of the
         LM built from text_config, for a dir whose weights hold only the mapper."""
-        name = self.config.lm
-        if model_dir is not None and not Path(name).is_absolute() and (model_dir / name).is_dir():
-            name = str(model_dir / name)
+        name = resolve_model_dir_name(self.config.lm, model_dir, "language model", "lm")
         dtype = next(self.mapper.parameters()).dtype
         lm = load_causal_lm(name, dtype=dtype).to(next(self.mapper.parameters()).device)
         hidden = lm.get_input_embeddings().embedding_dim

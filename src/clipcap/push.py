@@ -71,7 +71,8 @@ def push(cfg: PushConfig) -> str:
                     out=str(folder / CARD_NAME),
                     repo_id=cfg.repo_id,
                     license=cfg.license,
-                )
+                ),
+                complete=True,  # the card describes what is uploaded
             )
         _session_timeouts(cfg.timeout)
         api = HfApi()

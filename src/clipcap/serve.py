@@ -54,7 +54,9 @@ try:
     from fastapi.staticfiles import StaticFiles
     from pydantic import BaseModel
 except ImportError as e:  # pragma: no cover - depends on the install
-    raise ClipCapError(f"serving needs the [serve] extra: pip install 'clipcap[serve]' ({e.name} is missing)") from None
+    raise ClipCapError(
+        f"serving needs the [serve] extra: pip install 'clipcap-hf[serve]' ({e.name} is missing)"
+    ) from None
 
 logger = logging.getLogger("clipcap.serve")
 
@@ -315,6 +317,7 @@ class Health(BaseModel):
     batches: int
     images: int
     limits: dict
+    encoder: dict  # which encoder the model captions with: its path or id and the hash of its weights
 
 
 class ErrorBody(BaseModel):
@@ -394,6 +397,7 @@ def create_app(captioner: Captioner, limits: ServerLimits | None = None) -> Fast
         """Liveness plus queue counters and the request limits (the upload page reads them)."""
         return Health(
             status="ok",
+            encoder=captioner.encoder_info,
             queued=batcher.queued,
             pending=batcher.pending,
             batches=batcher.runs,

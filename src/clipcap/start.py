@@ -3,6 +3,7 @@ the Accelerate accelerator with its experiment tracker. `train.py` runs the loop
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from pathlib import Path
@@ -12,7 +13,7 @@ import torch
 
 from .config import ClipCapConfig
 from .errors import ClipCapError
-from .hub import TOKENIZER_FILES, load_tokenizer
+from .hub import TOKENIZER_FILES, load_tokenizer, resolve_model_dir_name
 from .model import ClipCapModel
 
 if TYPE_CHECKING:
@@ -86,6 +87,16 @@ def store_encoder(store) -> str | None:
     return name
 
 
+def recorded_lm(name: str, by_reference: bool) -> str:
+    """What config.json records as `lm` for the LM the user named. A Hub id stays a Hub id. A local dir is
+    recorded by its absolute path only when the model dir will refer to its LM (`by_reference`: a LoRA dir holds
+    the mapper and the adapter, not the LM); otherwise the dir holds the LM's weights and tokenizer, the name is only
+    a record of where they came from, and it is kept as the user gave it, no path of this machine added."""
+    if by_reference and not Path(name).expanduser().is_absolute() and Path(name).expanduser().is_dir():
+        return str(Path(name).expanduser().resolve())
+    return name
+
+
 def start_from(cfg: TrainConfig, store) -> TrainConfig:
     """`cfg` with the options its `init_from` model decides taken from that model's config. An option set to
     something else than its default must agree with the model; the model must take the store's embedding size.
@@ -106,8 +117,9 @@ def start_from(cfg: TrainConfig, store) -> TrainConfig:
             "from the base LM"
         )
     lm = config.lm
-    if Path(source).is_dir() and not Path(lm).is_absolute() and (Path(source) / lm).is_dir():
-        lm = str((Path(source) / lm).resolve())
+    # the model holds its LM's weights, so only a LoRA start needs the name to load (load_start_model)
+    with contextlib.suppress(ClipCapError):
+        lm = resolve_model_dir_name(lm, source if Path(source).is_dir() else None, "language model", "lm")
     decided = dict(mapping=config.mapping, prefix_length=config.prefix_length, lm=lm)
     if config.mapping == "transformer":  # the MLP mapper has neither
         decided.update(clip_length=config.clip_length, num_layers=config.num_layers)
@@ -132,6 +144,10 @@ def load_start_model(cfg: TrainConfig, store) -> ClipCapModel:
     model.config.tune_lm = cfg.lm_tuned
     model.lm.requires_grad_(cfg.lm_tuned)
     model.config.clip_model = store_encoder(store)
+    if cfg.lora_r:  # the LoRA dir will refer to its base LM: the name the model gives it must find it
+        source = Path(cfg.init_from)
+        lm = resolve_model_dir_name(model.config.lm, source if source.is_dir() else None, "language model", "lm")
+        model.config.lm = recorded_lm(lm, by_reference=True)
     model.config.normalize_prefix = bool(model.config.normalize_prefix or store.normalized or cfg.text_only)
     return model
 
@@ -147,10 +163,7 @@ def start_tokenizer(cfg: TrainConfig):
 def build_model(cfg: TrainConfig, store, tokenizer) -> ClipCapModel:
     """A fresh ClipCap model for the store's embeddings: the LM named by `cfg.lm`, a new mapper."""
     name = store_encoder(store)
-    lm = cfg.lm
-    # a LoRA dir refers to its LM by this name, and a relative one would resolve against the model dir
-    if not Path(lm).is_absolute() and Path(lm).is_dir():
-        lm = str(Path(lm).resolve())
+    lm = recorded_lm(cfg.lm, by_reference=bool(cfg.lora_r))
     transformer = cfg.mapping == "transformer"
     config = ClipCapConfig(
         lm=lm,

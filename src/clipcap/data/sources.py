@@ -500,7 +500,7 @@ def read_parquet(
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
-        raise ClipCapError("reading parquet needs pyarrow: pip install 'clipcap[train]'") from None
+        raise ClipCapError("reading parquet needs pyarrow: pip install 'clipcap-hf[train]'") from None
     try:
         table = pq.read_table(source)
     except (pa.ArrowException, OSError) as e:
