@@ -243,13 +243,8 @@ def test_readme_example_runs_and_captions_like_the_captioner(cluster, tmp_path, 
     (tmp_path / "photos").mkdir()
     for i in range(5):
         write_image(tmp_path / "photos" / f"{i}.png", seed=20 + i)
-    (tmp_path / "my-model").symlink_to(varied_model_dir)
-    cwd = os.getcwd()
-    os.chdir(tmp_path)
-    try:
-        exec(compile(code, "README.md", "exec"), {})
-    finally:
-        os.chdir(cwd)
+    code = code.replace('"/data/', f'"{tmp_path}/').replace('"/models/mine"', f'"{varied_model_dir}"')
+    exec(compile(code, "README.md", "exec"), {})
     rows = pq.read_table(tmp_path / "captions").to_pylist()
     got = {Path(r["path"]).name: r["caption"] for r in rows}
     names = [f"{i}.png" for i in range(5)]
