@@ -312,6 +312,13 @@ def test_a_cluster_that_cannot_be_reached_is_one_line(tmp_path, source, varied_m
         one_line_error(done, fragment)
 
 
+@needs_ray
+def test_gpu_workers_on_a_cluster_without_gpus_is_one_error(cluster, tmp_path, source, varied_model_dir):
+    options = EngineOptions(engine="ray", num_gpus_per_worker=0.5)
+    with pytest.raises(ClipCapError, match="the Ray cluster has 0 GPUs, fewer than `num_gpus_per_worker` = 0.5"):
+        caption_job_ray(caption_cfg(source, varied_model_dir, tmp_path / "out"), options)
+
+
 def test_ray_options_need_the_ray_engine_and_an_output_dir(tmp_path, source, varied_model_dir):
     caption = ["caption", source, "--model", varied_model_dir]
     one_line_error(clipcap(*caption, "--out", tmp_path / "o", "--ray-workers", 2), "--ray-workers", "engine ray")

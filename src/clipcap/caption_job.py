@@ -244,15 +244,15 @@ def check_store(store: EmbeddingStore, captioner) -> None:
         )
 
 
-def load_captioner(cfg: CaptionJobConfig, inputs: Inputs):
+def load_captioner(cfg: CaptionJobConfig, inputs: Inputs, device: str | None = None):
     """The Captioner for `cfg` (without an image encoder for a store, whose vectors it checks) and the keyword
-    arguments for its decoding."""
+    arguments for its decoding; `device` overrides `cfg.device` for a process that only prepares the job."""
     from .captioner import Captioner
 
     captioner = Captioner.from_pretrained(
         cfg.model,
         clip_model=cfg.clip_model,
-        device=cfg.device,
+        device=device or cfg.device,
         dtype=cfg.dtype,
         batch_size=cfg.batch_size,
         load_encoder=inputs.store is None,
@@ -555,16 +555,17 @@ class CaptionJob:
         return _finalize(self.files, self.inputs, self.columns, len(self.inputs), world)
 
 
-def open_job(cfg: CaptionJobConfig) -> CaptionJob:
+def open_job(cfg: CaptionJobConfig, load_device: str | None = None) -> CaptionJob:
     """Read the inputs, load the model and claim (or check) the job in `cfg.out`: what every process of a job does
-    once before it captions shards."""
+    once before it captions shards. `load_device` overrides `cfg.device` (a driver that hands the shards to others
+    loads the model on the CPU, to check it)."""
     if cfg.out is None:
         raise ClipCapError("a sharded job needs an output dir (`out`)")
     out = Path(cfg.out)
     check_job_dir(out, COMMAND, KIND)  # before minutes of reading and loading
     inputs = open_inputs(cfg)
     rank_and_world()  # a bad RANK / WORLD_SIZE is refused before the model loads
-    captioner, decoding = load_captioner(cfg, inputs)
+    captioner, decoding = load_captioner(cfg, inputs, load_device)
     columns = _Columns(inputs, cfg.num_captions)
     claim_job(out, _job_record(cfg, inputs, captioner, decoding), COMMAND, KIND)
     num_shards = max(1, math.ceil(len(inputs) / cfg.shard_size))

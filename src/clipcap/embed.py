@@ -153,10 +153,13 @@ class EmbedJob:
         return self.writer.finalize(self.num_shards)
 
 
-def open_embed_job(cfg: EmbedConfig, clean_temporaries: bool | None = None) -> EmbedJob:
+def open_embed_job(
+    cfg: EmbedConfig, clean_temporaries: bool | None = None, load_device: str | None = None
+) -> EmbedJob:
     """Read the source, claim (or check) the store in `cfg.out` and load the encoder: what every process of a job
     does once before it encodes shards. `clean_temporaries` (default: when this is the only process) deletes what
-    killed writers left behind, which is only safe while no other process writes."""
+    killed writers left behind, which is only safe while no other process writes; `load_device` overrides
+    `cfg.device`."""
     out = Path(cfg.out)
     fmt = detect_format(cfg.source) if cfg.format == "auto" else cfg.format
     records = list(
@@ -195,7 +198,8 @@ def open_embed_job(cfg: EmbedConfig, clean_temporaries: bool | None = None) -> E
             tmp.unlink(missing_ok=True)
     shard_size = cfg.shard_size
     num_shards = max(1, math.ceil(len(records) / shard_size))
-    encoder = ImageEncoder.from_pretrained(cfg.clip_model, normalize=cfg.normalize, device=resolve_device(cfg.device))
+    device = resolve_device(load_device or cfg.device)
+    encoder = ImageEncoder.from_pretrained(cfg.clip_model, normalize=cfg.normalize, device=device)
     token_shape = _token_shape(encoder, cfg.token_grid) if cfg.tokens else None
     writer = StoreWriter(
         out,

@@ -58,7 +58,7 @@ class EngineOptions:
         None,
         min=1,
         help="with engine ray: actors running shards at once, each holding its own copy of the model",
-        default_text="as many as the cluster's CPUs (or GPUs / num_gpus_per_worker) allow",
+        default_text="as many as the cluster's CPUs (or GPUs / `num_gpus_per_worker`) allow",
     )
     num_gpus_per_worker: float = option(
         0.0, min=0, help="with engine ray: GPUs per actor (a fraction shares a GPU); 0 runs on CPUs"
@@ -129,7 +129,8 @@ def connect(options: EngineOptions) -> bool:
     try:
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     except ConnectionError as e:
-        raise ClipCapError(f"cannot connect to the Ray cluster at {address}: {str(e).splitlines()[0]}") from None
+        reason = "no Ray cluster is running on this machine" if address == "auto" else str(e).splitlines()[0]
+        raise ClipCapError(f"cannot connect to the Ray cluster at {address}: {reason}") from None
     return True
 
 
@@ -158,8 +159,9 @@ def run_shards(worker: type, job_kwargs: dict, shards: list[int], options: Engin
     """Run `worker(**job_kwargs)` over `shards` on Ray Data (one shard per call) and return its output rows."""
     ray = import_ray()
     started = connect(options)
+    context = ray.data.DataContext.get_current()
+    bars = context.enable_progress_bars  # the caller's session's setting, given back afterwards
     try:
-        context = ray.data.DataContext.get_current()
         context.enable_progress_bars = progress
         workers = min(options.ray_workers or default_workers(options), len(shards))
         dataset = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards))
@@ -180,6 +182,7 @@ def run_shards(worker: type, job_kwargs: dict, shards: list[int], options: Engin
                 raise found from None
             raise
     finally:
+        context.enable_progress_bars = bars
         if started:
             ray.shutdown()
 
@@ -209,7 +212,8 @@ def caption_job_ray(
     `CaptionShardWorker` or a subclass of it."""
     options = engine_options(options)
     preflight(options)  # before minutes of reading and loading, and before job.json is claimed
-    job = open_job(cfg)
+    # The driver checks the model on the CPU and lets it go: the actors hold the copies that caption.
+    job = dataclasses.replace(open_job(cfg, load_device="cpu"), captioner=None)
     pending = [s for s in range(job.num_shards) if not job.files.done(s)]
     if pending:
         run_shards(worker, {"cfg": _own_fields(cfg, CaptionJobConfig)}, pending, options, progress)
@@ -240,7 +244,7 @@ def embed_ray(
     """`embed` on Ray Data: every shard not yet written, by `worker` actors; then info.json."""
     options = engine_options(options)
     preflight(options)
-    job = open_embed_job(cfg, clean_temporaries=True)  # no actor runs yet
+    job = dataclasses.replace(open_embed_job(cfg, clean_temporaries=True, load_device="cpu"), encoder=None)
     pending = [s for s in range(job.num_shards) if not job.writer.shard_done(s)]
     if pending:
         run_shards(worker, {"cfg": _own_fields(cfg, EmbedConfig)}, pending, options, progress)
