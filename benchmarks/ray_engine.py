@@ -17,7 +17,7 @@ the rows of every shard but the first written over the time from the first shard
 it leaves out what a run pays once (Python and torch imports, one more in the Ray worker; loading the model; Ray Data
 starting its actors). Every run's captions are checked equal to the plain path's.
 
-    .venv/bin/python benchmarks/ray_engine.py [--images 192] [--tokens 16] [--batch-size 12] [--shard-size 24]
+    .venv/bin/python benchmarks/ray_engine.py [--images 96] [--tokens 12] [--batch-size 12] [--shard-size 12]
 """
 
 from __future__ import annotations
@@ -92,10 +92,10 @@ def steady_rate(out: Path) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=192, help="stored embeddings captioned per run")
-    parser.add_argument("--tokens", type=int, default=16, help="tokens per caption")
+    parser.add_argument("--images", type=int, default=96, help="stored embeddings captioned per run")
+    parser.add_argument("--tokens", type=int, default=12, help="tokens per caption")
     parser.add_argument("--batch-size", type=int, default=12)
-    parser.add_argument("--shard-size", type=int, default=24)
+    parser.add_argument("--shard-size", type=int, default=12)
     parser.add_argument("--rounds", type=int, default=1)
     args = parser.parse_args()
     os.environ.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")  # before Ray starts: its workers inherit them
