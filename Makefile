@@ -14,7 +14,7 @@ $(BIN)/python:
 # torch first, and only when none is importable: a plain `torch` requirement pulls a multi-GB CUDA build here.
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[train,eval,serve,cpu,dev]"
+	$(BIN)/pip install -q -e ".[train,eval,serve,cpu,ray,dev]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -27,7 +27,7 @@ LAYERS = [
     {"config", "mapping", "decoding", "generation"},
     {"model", "processing", "data", "encoder", "exported", "ort_lm"},
     {"captioner", "convert", "checkpoint", "metrics", "export", "auto", "card", "lora"},
-    {"start", "embed", "train", "evaluate", "push", "caption_job"},
+    {"start", "embed", "train", "evaluate", "push", "caption_job", "ray_engine"},
     {"__init__"},
 ]
 

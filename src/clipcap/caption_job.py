@@ -259,15 +259,15 @@ def check_store(store: EmbeddingStore, captioner) -> None:
         )
 
 
-def load_captioner(cfg: CaptionJobConfig, inputs: Inputs):
+def load_captioner(cfg: CaptionJobConfig, inputs: Inputs, device: str | None = None):
     """The Captioner for `cfg` (without an image encoder for a store, whose vectors it checks) and the keyword
-    arguments for its decoding."""
+    arguments for its decoding; `device` overrides `cfg.device` for a process that only prepares the job."""
     from .captioner import Captioner
 
     captioner = Captioner.from_pretrained(
         cfg.model,
         clip_model=cfg.clip_model,
-        device=cfg.device,
+        device=device or cfg.device,
         dtype=cfg.dtype,
         batch_size=cfg.batch_size,
         load_encoder=inputs.store is None,
@@ -541,13 +541,36 @@ class _ShardFiles:
         return list(zip(lines, reasons, strict=True))
 
 
-def caption_job(cfg: CaptionJobConfig, progress: bool = False) -> CaptionJobResult:
-    """Caption `cfg.inputs` into sharded, resumable output in `cfg.out` (this process's share under torchrun)."""
-    from tqdm.auto import tqdm
+@dataclass
+class CaptionJob:
+    """A claimed caption job, ready to caption any of its shards: its inputs, model, output columns and files."""
 
+    cfg: CaptionJobConfig
+    inputs: Inputs
+    captioner: object
+    decoding: dict
+    columns: _Columns
+    files: _ShardFiles
+
+    @property
+    def num_shards(self) -> int:
+        return self.files.num_shards
+
+    def finalize(self, world: int = 1) -> dict | None:
+        """info.json and the merged skipped.jsonl once every shard is written (else None); `world` > 1 when other
+        processes may still be writing temporaries in the output dir."""
+        if not all(self.files.done(s) for s in range(self.num_shards)):
+            return None
+        return _finalize(self.files, self.inputs, self.columns, len(self.inputs), world, self.captioner.encoder_info)
+
+
+def open_job(cfg: CaptionJobConfig, load_device: str | None = None) -> CaptionJob:
+    """Read the inputs, load the model and claim (or check) the job in `cfg.out`: what every process of a job does
+    once before it captions shards. `load_device` overrides `cfg.device` (a driver that hands the shards to others
+    loads the model on the CPU, to check it)."""
     if cfg.out is None:
         raise ClipCapError("a sharded job needs an output dir (`out`)")
-    rank, world = rank_and_world()
+    rank, world = rank_and_world()  # a bad RANK / WORLD_SIZE is refused before the model loads
     if cfg.overwrite and world > 1:
         raise ClipCapError("`overwrite` starts a job over from one process: run it without torchrun first")
     # Before minutes of reading and loading. The inputs are the existing paths among cfg.inputs and the model.
@@ -562,14 +585,32 @@ def caption_job(cfg: CaptionJobConfig, progress: bool = False) -> CaptionJobResu
         legacy="job.json",
     )
     inputs = open_inputs(cfg)
-    captioner, decoding = load_captioner(cfg, inputs)
+    captioner, decoding = load_captioner(cfg, inputs, load_device)
     columns = _Columns(inputs, cfg.num_captions)
     claim_job(out, _job_record(cfg, inputs, captioner, decoding), COMMAND, KIND)
     num_shards = max(1, math.ceil(len(inputs) / cfg.shard_size))
     files = _ShardFiles(out, cfg.shard_format, num_shards)
     for d in (files.captions_dir, files.skipped_dir):
         d.mkdir(exist_ok=True)
-    pending = [s for s in shards_of(rank, world, num_shards) if not files.done(s)]
+    return CaptionJob(cfg, inputs, captioner, decoding, columns, files)
+
+
+def caption_job(cfg: CaptionJobConfig, progress: bool = False) -> CaptionJobResult:
+    """Caption `cfg.inputs` into sharded, resumable output in `cfg.out` (this process's share under torchrun)."""
+    job = open_job(cfg)
+    rank, world = rank_and_world()
+    desc = "caption" + (f" [rank {rank}/{world}]" if world > 1 else "")
+    caption_shards(job, shards_of(rank, world, job.num_shards), progress, desc)
+    # the last process to finish writes info.json
+    return CaptionJobResult(job.files.out, rank, world, job.finalize(world))
+
+
+def caption_shards(job: CaptionJob, shards, progress: bool = False, desc: str = "caption") -> list[int]:
+    """Caption and write those of `shards` not yet done; returns the shards this call wrote."""
+    from tqdm.auto import tqdm
+
+    cfg, inputs, files, columns = job.cfg, job.inputs, job.files, job.columns
+    pending = [s for s in shards if not files.done(s)]
     items = {s: range(s * cfg.shard_size, min((s + 1) * cfg.shard_size, len(inputs))) for s in pending}
     batches, owners = [], []
     for shard in pending:
@@ -578,7 +619,6 @@ def caption_job(cfg: CaptionJobConfig, progress: bool = False) -> CaptionJobResu
             owners.append(shard)
     left = {s: owners.count(s) for s in pending}
     state = {s: ({}, {}) for s in pending}  # captions and reasons by item
-    desc = "caption" + (f" [rank {rank}/{world}]" if world > 1 else "")
     bar = tqdm(total=sum(len(items[s]) for s in pending), unit="img", desc=desc, disable=not progress)
 
     def finish(shard: int) -> None:
@@ -603,7 +643,7 @@ def caption_job(cfg: CaptionJobConfig, progress: bool = False) -> CaptionJobResu
         for shard in pending:
             if left[shard] == 0:  # nothing to caption in it: write its skip list now
                 finish(shard)
-        generated = _caption_batches(captioner, inputs, batches, decoding, cfg.num_captions, cfg.workers)
+        generated = _caption_batches(job.captioner, inputs, batches, job.decoding, cfg.num_captions, cfg.workers)
         for shard, batch, (captions, failed) in zip(owners, batches, generated, strict=True):
             state[shard][0].update(captions)
             state[shard][1].update(failed)
@@ -611,10 +651,7 @@ def caption_job(cfg: CaptionJobConfig, progress: bool = False) -> CaptionJobResu
             left[shard] -= 1
             if left[shard] == 0:
                 finish(shard)
-    if not all(files.done(s) for s in range(num_shards)):
-        return CaptionJobResult(out, rank, world, None)  # the last process to finish writes info.json
-    info = _finalize(files, inputs, columns, len(inputs), world, captioner.encoder_info)
-    return CaptionJobResult(out, rank, world, info)
+    return pending
 
 
 def _finalize(files: _ShardFiles, inputs: Inputs, columns: _Columns, num_items: int, world: int, encoder: dict) -> dict:

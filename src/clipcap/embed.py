@@ -131,9 +131,42 @@ def embed(cfg: EmbedConfig, progress: bool = False) -> EmbedResult:
     keeps the raw features the paper trained on. `tokens` also stores the vision tower's last hidden states per
     image (every token, or the patch grid average-pooled to `token_grid` x `token_grid`), for a mapper that reads
     them. Rerunning after an interruption resumes."""
-    from tqdm.auto import tqdm
-
     rank, world = rank_and_world()
+    job = open_embed_job(cfg)
+    desc = "embed" + (f" [rank {rank}/{world}]" if world > 1 else "")
+    embed_shards(job, shards_of(rank, world, job.num_shards), progress, desc)
+    # the last rank to finish writes info.json
+    return EmbedResult(Path(cfg.out), rank, world, job.finalize())
+
+
+@dataclass
+class EmbedJob:
+    """A claimed embedding job, ready to encode any of its shards: its records, encoder and store writer."""
+
+    cfg: EmbedConfig
+    records: list[Record]
+    bad: dict[int, str]
+    notes: dict[int, list[dict]]
+    encoder: ImageEncoder
+    writer: StoreWriter
+    token_shape: tuple[int, int] | None
+    num_shards: int
+
+    def finalize(self) -> dict | None:
+        """Write info.json and skipped.jsonl once every shard is written (else None)."""
+        if not all(self.writer.shard_done(s) for s in range(self.num_shards)):
+            return None
+        return self.writer.finalize(self.num_shards)
+
+
+def open_embed_job(
+    cfg: EmbedConfig, clean_temporaries: bool | None = None, load_device: str | None = None
+) -> EmbedJob:
+    """Read the source, claim (or check) the store in `cfg.out` and load the encoder: what every process of a job
+    does once before it encodes shards. `clean_temporaries` (default: when this is the only process) deletes what
+    killed writers left behind, which is only safe while no other process writes; `load_device` overrides
+    `cfg.device`."""
+    _, world = rank_and_world()
     if cfg.overwrite and world > 1:
         raise ClipCapError("`overwrite` starts a store over from one process: run it without torchrun first")
     # The store may go inside the image root (`images`), not into the source or the encoder.
@@ -177,12 +210,15 @@ def embed(cfg: EmbedConfig, progress: bool = False) -> EmbedResult:
         "token_grid": cfg.token_grid,
     }
     claim_job(out, job, "clipcap embed", "store")
-    if world == 1:  # temporaries left by a killed run; with several ranks another rank may be writing one
+    if clean_temporaries is None:
+        clean_temporaries = world == 1
+    if clean_temporaries:  # temporaries left by a killed run; with several processes another may be writing one
         for tmp in out.rglob(".*.tmp*"):
             tmp.unlink(missing_ok=True)
     shard_size = cfg.shard_size
     num_shards = max(1, math.ceil(len(records) / shard_size))
-    encoder = ImageEncoder.from_pretrained(cfg.clip_model, normalize=cfg.normalize, device=resolve_device(cfg.device))
+    device = resolve_device(load_device or cfg.device)
+    encoder = ImageEncoder.from_pretrained(cfg.clip_model, normalize=cfg.normalize, device=device)
     token_shape = _token_shape(encoder, cfg.token_grid) if cfg.tokens else None
     writer = StoreWriter(
         out,
@@ -200,12 +236,20 @@ def embed(cfg: EmbedConfig, progress: bool = False) -> EmbedResult:
         token_shape=token_shape,
         token_grid=cfg.token_grid,
     )
-    pending = [s for s in shards_of(rank, world, num_shards) if not writer.shard_done(s)]
+    return EmbedJob(cfg, records, bad, notes, encoder, writer, token_shape, num_shards)
+
+
+def embed_shards(job: EmbedJob, shards, progress: bool = False, desc: str = "embed") -> list[int]:
+    """Encode and write those of `shards` not yet done; returns the shards this call wrote."""
+    from tqdm.auto import tqdm
+
+    cfg, records, bad, notes, encoder, writer = job.cfg, job.records, job.bad, job.notes, job.encoder, job.writer
+    token_shape, shard_size = job.token_shape, cfg.shard_size
+    pending = [s for s in shards if not writer.shard_done(s)]
     shard_items = {s: range(s * shard_size, min((s + 1) * shard_size, len(records))) for s in pending}
     text_only = cfg.text_only
     todo = sum(len(records[n].captions) if text_only else 1 for s in pending for n in shard_items[s] if n not in bad)
     unit = "caption" if text_only else "img"
-    desc = "embed" + (f" [rank {rank}/{world}]" if world > 1 else "")
     bar = tqdm(total=todo, unit=unit, desc=desc, disable=not progress, dynamic_ncols=True)
 
     def write(shard: int, vectors: dict[int, np.ndarray], failed: dict[int, str], grids=None) -> None:
@@ -260,9 +304,7 @@ def embed(cfg: EmbedConfig, progress: bool = False) -> EmbedResult:
             cfg.tokens,
         )
     bar.close()
-    if not all(writer.shard_done(s) for s in range(num_shards)):
-        return EmbedResult(out, rank, world, None)  # the last rank to finish writes info.json
-    return EmbedResult(out, rank, world, writer.finalize(num_shards))
+    return pending
 
 
 def _token_shape(encoder: ImageEncoder, grid: int | None) -> tuple[int, int]:

@@ -12,10 +12,11 @@ from typing import TextIO
 from ..caption_job import INFO, SKIPPED, CaptionJobConfig, caption_job, caption_stream, input_kind
 from ..errors import ClipCapError
 from ..options import option
+from ..ray_engine import EngineOptions
 
 
 @dataclass(kw_only=True)
-class CaptionConfig(CaptionJobConfig):
+class CaptionConfig(EngineOptions, CaptionJobConfig):
     """The inputs to caption, the model, and how the records are written."""
 
     format: str = option("jsonl", choices=("jsonl", "csv"), help="stdout format (without an output dir)")
@@ -48,6 +49,8 @@ def run(cfg: CaptionConfig, progress: bool = True, out: TextIO | None = None, er
     errors = errors if errors is not None else sys.stderr
     if cfg.out is not None:
         return _run_job(cfg, progress, errors)
+    if cfg.engine != "local":
+        raise ClipCapError(f"engine {cfg.engine} writes sharded output: give it an output dir (`out`)")
     from tqdm.auto import tqdm
 
     out = out if out is not None else sys.stdout
@@ -69,7 +72,14 @@ def run(cfg: CaptionConfig, progress: bool = True, out: TextIO | None = None, er
 
 
 def _run_job(cfg: CaptionConfig, progress: bool, errors: TextIO) -> int:
-    result = caption_job(cfg, progress)
+    if cfg.engine == "ray":
+        from ..ray_engine import caption_job_ray
+        from .engine import quiet_ray
+
+        quiet_ray()
+        result = caption_job_ray(cfg, cfg, progress)
+    else:
+        result = caption_job(cfg, progress)
     info = result.info
     if info is None:
         if progress:

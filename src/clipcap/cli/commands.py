@@ -47,9 +47,9 @@ def run_caption(cfg, progress: bool) -> int:
 
 
 def run_embed(cfg, progress: bool) -> int:
-    from ..embed import embed
+    from .engine import run_embed_job
 
-    result = embed(cfg, progress)
+    result = run_embed_job(cfg, progress)
     info = result.info
     if info is None:
         say(f"rank {result.rank} done; the last rank to finish writes {result.out / 'info.json'}")
@@ -178,7 +178,7 @@ COMMANDS = (
         "empty or mis-encoded captions, malformed entries, duplicate keys) are skipped and listed in "
         "STORE/skipped.jsonl. Rerun the same command after an interruption to resume. Under torchrun each rank takes "
         "every WORLD_SIZE-th shard: torchrun --nproc-per-node 8 -m clipcap.cli embed SOURCE --out STORE ...",
-        "clipcap.embed:EmbedConfig",
+        "clipcap.cli.engine:EmbedCommandConfig",
         run_embed,
     ),
     Command(
