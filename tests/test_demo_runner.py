@@ -46,7 +46,8 @@ def test_demo_help_lists_flags(capsys):
 
 
 def test_missing_encoders_is_a_one_line_error(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path / "o"), "--encoders", str(tmp_path)]) == 2
+    (tmp_path / "encoders").mkdir()
+    assert main(["demo", "--out", str(tmp_path / "o"), "--encoders", str(tmp_path / "encoders")]) == 2
     assert "--rebuild-encoders" in capsys.readouterr().err
 
 
