@@ -116,13 +116,17 @@ def main() -> None:
     parser.add_argument("dir", type=Path)
     parser.add_argument("--train", action="store_true")
     parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--only", default=None, help="only the variant whose name (runs/NAME) this is")
+    parser.add_argument("--json", type=Path, default=None, help="where the table goes (default DIR/rerank_table.json)")
     args = parser.parse_args()
     results = {}
     for title, model in model_dirs(args.dir, args.train).items():
+        if args.only is not None and model.parent.name != args.only:
+            continue
         print(f"{title}: {model}", flush=True)
         results[title] = [row for split in ("test", "novel") for row in measure(model, args.dir / "store", split,
                                                                                  args.limit)]  # fmt: skip
-    (args.dir / "rerank_table.json").write_text(json.dumps(results, indent=2) + "\n")
+    (args.json or args.dir / "rerank_table.json").write_text(json.dumps(results, indent=2) + "\n")
     print("| model | split | decoding | objects exact | relation right |\n|---|---|---|---|---|")
     for title, rows in results.items():
         for r in rows:
