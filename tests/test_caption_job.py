@@ -186,10 +186,12 @@ def test_stdout_for_a_source_is_keyed_and_reports_bad_items_in_place(tmp_path, v
     args = ["caption", str(tmp_path / "d.jsonl"), "--model", str(varied_model_dir), "--max-new-tokens", str(TOKENS)]
     assert main([*args, "--batch-size", "2", "--workers", "1"]) == 0
     out, err = capsys.readouterr()
-    assert [json.loads(line) for line in out.splitlines()] == [
+    records = [json.loads(line) for line in out.splitlines()]
+    assert [{k: r[k] for k in ("key", "image", "caption")} for r in records] == [
         {"key": "k0", "image": str(pngs / "0.png"), "caption": expected[0]},
         {"key": "k2", "image": str(pngs / "2.png"), "caption": expected[1]},
     ]
+    assert list(records[0]) == ["key", "image", "caption", "clip_score", "logprob", "repeated_ngram", "passed"]
     skipped = [line for line in err.splitlines() if line.startswith("skipped ")]
     assert skipped == [
         f"skipped {tmp_path / 'gone.png'}: file not found",
@@ -197,11 +199,14 @@ def test_stdout_for_a_source_is_keyed_and_reports_bad_items_in_place(tmp_path, v
     ]
     assert "captioned 2 images, skipped 2" in err
     assert main([*args, "--format", "csv", "--quiet"]) == 0
-    assert list(csv.reader(capsys.readouterr().out.splitlines())) == [
+    table = list(csv.reader(capsys.readouterr().out.splitlines()))
+    assert [row[:3] for row in table] == [
         ["key", "image", "caption"],
         ["k0", str(pngs / "0.png"), expected[0]],
         ["k2", str(pngs / "2.png"), expected[1]],
     ]
+    assert table[0][3:] == ["clip_score", "logprob"]
+    assert all(float(row[3]) >= 0 and float(row[4]) < 0 for row in table[1:])
 
 
 def test_image_files_in_shards_and_several_captions_each(tmp_path, varied_model_dir, pngs):
@@ -213,7 +218,8 @@ def test_image_files_in_shards_and_several_captions_each(tmp_path, varied_model_
     assert [(r["key"], r["image"], r["captions"]) for r in rows] == [
         (str(p), str(p), c) for p, c in zip(paths, expected, strict=True)
     ]
-    assert result.info["columns"] == ["key", "image", "captions"] and result.info["num_shards"] == 3
+    assert result.info["columns"] == ["key", "image", "captions", "clip_scores", "logprobs"]
+    assert result.info["num_shards"] == 3 and all(len(r["clip_scores"]) == len(r["logprobs"]) == 2 for r in rows)
     # JSON lines shards hold the same rows
     run_job(pngs, tmp_path / "jsonl", varied_model_dir, **options, shard_format="jsonl")
     assert shard_rows(tmp_path / "jsonl", "jsonl") == rows
@@ -243,16 +249,19 @@ def test_a_store_is_captioned_from_its_vectors_without_image_io(tmp_path, varied
     expected = captioner.caption_embeddings(vectors, max_new_tokens=TOKENS)
 
     def no_images(*args, **kwargs):
-        raise AssertionError("a store is captioned without images or an image encoder")
+        raise AssertionError("a store is captioned without images or the vision tower")
 
-    monkeypatch.setattr("clipcap.encoder.ImageEncoder.from_pretrained", no_images)
+    # The encoder is loaded for its text tower (every caption's clip_score), never run on images.
+    monkeypatch.setattr("clipcap.encoder.ImageEncoder.encode_pixels", no_images)
+    monkeypatch.setattr("clipcap.encoder.ImageEncoder.encode_pixels_and_tokens", no_images)
     monkeypatch.setattr("clipcap.data.loading.open_record_image", no_images)
     result = run_job(store_path, tmp_path / "out", varied_model_dir, max_new_tokens=TOKENS, shard_size=3)
     rows = shard_rows(tmp_path / "out")
     assert [r["caption"] for r in rows] == expected
     assert [r["key"] for r in rows] == store.keys and [r["image"] for r in rows] == store.image_paths
     # the store's own metadata columns come along as stored (its captions renamed: `caption` is ours)
-    columns = ["key", "image", "caption", "split", "source_captions", "source_caption", "extra"]
+    scores = ["clip_score", "logprob", "repeated_ngram", "passed"]
+    columns = ["key", "image", "caption", *scores, "split", "source_captions", "source_caption", "extra"]
     assert result.info["columns"] == columns
     assert rows[0]["source_captions"] == ["number 0."] and json.loads(rows[0]["extra"]) == {"width": 40}
     # streamed
@@ -317,8 +326,10 @@ def test_captions_from_a_store_equal_captions_from_its_images(trained, tmp_path,
         assert [r["image"] for r in third] == [f"http://x/{i}.jpg" for i in range(12)]
         assert [r["key"] for r in third] == [str(i) for i in range(12)]  # no key column: the row number
         assert json.loads((out / "info.json").read_text())["columns"] == [
-            "key", "image", "caption", *(["source_caption"] if caption else []), "similarity"
+            "key", "image", "caption", "clip_score", "logprob", "repeated_ngram", "passed",
+            *(["source_caption"] if caption else []), "similarity"
         ]  # fmt: skip
+        assert third[0]["clip_score"] is None  # no encoder recorded: nothing to score against
         assert third[0].get("source_caption", "alt text 0") == "alt text 0"
 
 
