@@ -419,18 +419,20 @@ def hundreds(tmp_path_factory, clip_dir):
 def test_two_ranks_killed_and_rerun_equal_one_process(tmp_path, hundreds, varied_model_dir):
     """A source and a store, each captioned by 2 ranks under torchrun (CPU); in each job one rank is SIGKILLed
     mid-run and torchrun stops the other; the same command rerun finishes: every item exactly once, and the output
-    equals a single process's. The two jobs run side by side, so the test waits for the slow starts only twice."""
+    equals a single process's. The store's job keeps the CLIP-best of 2 candidates per image (their scores and the
+    runner-up in every row). The two jobs run side by side, so the test waits for the slow starts only twice."""
     (tmp_path / "hook").mkdir()
     (tmp_path / "hook" / "sitecustomize.py").write_text(HANG)
     options = dict(max_new_tokens=TOKENS, shard_size=25, batch_size=25, workers=1)
-    flags = [a for k, v in options.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+    own = {"source": options, "store": {**options, "candidates": 2, "rerank": "clip"}}
+    flags = {kind: [a for k, v in own[kind].items() for a in (f"--{k.replace('_', '-')}", str(v))] for kind in own}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO / 'src'}"}
     out = {kind: tmp_path / f"out-{kind}" for kind in hundreds}
     flag = {kind: tmp_path / f"flag-{kind}" for kind in hundreds}
 
     def start(kind: str, hang: bool) -> subprocess.Popen:
-        args = ["caption", str(hundreds[kind]), "--model", str(varied_model_dir), *flags, "--quiet", "--out"]
+        args = ["caption", str(hundreds[kind]), "--model", str(varied_model_dir), *flags[kind], "--quiet", "--out"]
         hooked = {"PYTHONPATH": f"{tmp_path / 'hook'}:{REPO / 'src'}", "HANG_RANK": "1", "HANG_FLAG": str(flag[kind])}
         return subprocess.Popen([*torchrun, "-m", "clipcap.cli", *args, str(out[kind])],
                                 env={**env, **(hooked if hang else {})}, stdout=subprocess.PIPE,
@@ -462,12 +464,13 @@ def test_two_ranks_killed_and_rerun_equal_one_process(tmp_path, hundreds, varied
         _, err = rerun.communicate(timeout=600)
         assert rerun.returncode == 0, err[-3000:]
     for kind, data in hundreds.items():
-        single = run_job(data, tmp_path / f"single-{kind}", varied_model_dir, **options)
+        single = run_job(data, tmp_path / f"single-{kind}", varied_model_dir, **own[kind])
         rows, expected = shard_rows(out[kind]), shard_rows(single.out)
         keys = [r["key"] for r in rows]
         assert len(keys) == len(set(keys)) == 200  # every good item exactly once
         assert [(r["key"], r["caption"]) for r in rows] == [(r["key"], r["caption"]) for r in expected]
-        assert rows == expected  # metadata columns too
+        assert rows == expected  # scores and metadata columns too
+        assert all(len(r["candidates"]) == 1 for r in rows) if kind == "store" else "candidates" not in rows[0]
         for name in ("info.json", "skipped.jsonl", "job.json"):
             assert (out[kind] / name).read_text() == (single.out / name).read_text()
         assert not [p for p in out[kind].rglob("*") if ".tmp" in p.name]

@@ -122,7 +122,8 @@ def test_repeated_ngrams_are_flagged():
 
 def test_report_warns_of_collapse_below_the_threshold_only():
     collapsed = dataset_report(["same."] * 9 + ["other."], [0.5] * 10, [-1.0] * 10, [None] * 10, [True] * 10, 0)
-    assert collapsed["distinct_ratio"] == 0.2 and "the most frequent, 'same.', is written 9 times" in collapsed["collapse_warning"]
+    assert collapsed["distinct_ratio"] == 0.2
+    assert "the most frequent, 'same.', is written 9 times" in collapsed["collapse_warning"]
     assert collapsed["top_captions"] == [{"caption": "same.", "count": 9}, {"caption": "other.", "count": 1}]
     assert collapsed["clip_score_quantiles"]["p50"] == 0.5
     varied = dataset_report([f"{i}." for i in range(10)], [None] * 10, [-1.0] * 10, [None] * 10, [True] * 10, 0)
@@ -141,8 +142,13 @@ def test_job_rows_carry_scores_equal_to_evaluate_and_read_back_with_datasets(tmp
         assert r["clip_score"] >= max(c["clip_score"] for c in r["candidates"])
         assert r["logprob"] < 0 and r["passed"] is True
     evaluated = evaluate_model(
-        EvalConfig(model=str(scored_model_dir), data=str(images / "d.jsonl"), split="all", spice=False, **{
-            k: v for k, v in options.items() if k != "workers"})  # fmt: skip
+        EvalConfig(
+            model=str(scored_model_dir),
+            data=str(images / "d.jsonl"),
+            split="all",
+            spice=False,
+            **{k: v for k, v in options.items() if k != "workers"},
+        )  # fmt: skip
     )
     assert len(evaluated.rows) == 8
     for row in evaluated.rows:
@@ -207,6 +213,51 @@ def test_a_rerun_with_other_candidate_settings_is_refused(tmp_path, varied_model
         one_line_error(clipcap("caption", images / "d.jsonl", *flags, *other), "differs in: ", differs)
 
 
+# -- serve ---------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def client(scored_model_dir):
+    from fastapi.testclient import TestClient
+
+    from clipcap.serve import ServerLimits, create_app
+
+    captioner = Captioner.from_pretrained(scored_model_dir)
+    with TestClient(create_app(captioner, ServerLimits(max_beams=4))) as c:
+        yield c, captioner
+
+
+def test_serve_returns_the_reranked_caption_with_its_runners_up(client, images):
+    c, captioner = client
+    data = (images / "1.png").read_bytes()
+    form = {"num_beams": 3, "candidates": 3, "rerank": "clip", "max_new_tokens": TOKENS}
+    r = c.post("/v1/captions", files=[("image", ("1.png", data, "image/png"))], data=form)
+    assert r.status_code == 200, r.text
+    (result,) = r.json()["results"]
+    (expected,) = captioner.caption([images / "1.png"], candidates=3, rerank="clip", scores=True,
+                                    max_new_tokens=TOKENS)  # fmt: skip
+    assert result["captions"] == [expected.caption]
+    assert result["scores"][0]["clip_score"] == pytest.approx(expected.clip_score, abs=1e-4)
+    assert [x["caption"] for x in result["candidates"]] == [x.caption for x in expected.runners_up]
+
+
+@pytest.mark.parametrize(
+    "form, status, words",
+    [
+        ({"candidates": 0}, 422, "greater than or equal to 1"),
+        ({"candidates": MAX_CANDIDATES + 1, "do_sample": True}, 422, f"less than or equal to {MAX_CANDIDATES}"),
+        ({"candidates": 4, "num_beams": 2}, 400, "candidates (4) cannot exceed num_beams (2)"),
+        ({"candidates": 2, "num_beams": 2, "rerank": "best"}, 422, "'none' or 'clip'"),
+        ({"rerank": "clip"}, 400, "set candidates to 2 or more"),
+        ({"candidates": 2, "num_beams": 2, "rerank": "clip", "rerank_weight": "heavy"}, 422, "valid number"),
+        ({"candidates": 2, "num_beams": 2, "rerank": "clip", "rerank_weight": "nan"}, 422, "finite number"),
+        ({"candidates": 2, "num_beams": 2, "num_captions": 2}, 400, "one caption per image"),
+    ],
+)
+def test_serve_refuses_bad_candidate_settings(client, images, form, status, words):
+    c, _ = client
+    r = c.post("/v1/captions", files=[("image", ("a.png", (images / "0.png").read_bytes(), "image/png"))], data=form)
+    assert r.status_code == status and words in r.text, r.text
+
+
 # -- hostile, through the real CLI --------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "flags, fragment",
@@ -234,7 +285,8 @@ def test_bad_candidate_and_filter_flags_are_one_line(tmp_path, varied_model_dir,
 
 
 def test_evaluate_refuses_bad_candidates_in_one_line(tmp_path, varied_model_dir, images):
-    flags = ["--model", varied_model_dir, "--data", images / "d.jsonl", "--split", "all", "--quiet", "--out", tmp_path / "m.json"]
+    data = ["--data", images / "d.jsonl", "--split", "all"]
+    flags = ["--model", varied_model_dir, *data, "--quiet", "--out", tmp_path / "m.json"]
     one_line_error(clipcap("evaluate", *flags, "--candidates", "0"), "--candidates must be at least 1")
     one_line_error(clipcap("evaluate", *flags, "--candidates", "3", "--beams", "2"), "at least 3 beams")
 
