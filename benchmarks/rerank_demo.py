@@ -130,7 +130,8 @@ def main() -> None:
     print("| model | split | decoding | objects exact | relation right |\n|---|---|---|---|---|")
     for title, rows in results.items():
         for r in rows:
-            print(f"| {title} | {r['split']} | {r['decoding']} | {r['objects_exact']:.3f} | {r['relation_right']:.3f} |")
+            scores = f"{r['objects_exact']:.3f} | {r['relation_right']:.3f}"
+            print(f"| {title} | {r['split']} | {r['decoding']} | {scores} |")
 
 
 if __name__ == "__main__":
