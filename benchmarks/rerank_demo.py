@@ -1,6 +1,7 @@
 """Candidates and CLIP reranking on the demo's two models, over the two-object scenes of the test and novel splits.
 
-    .venv/bin/python benchmarks/rerank_demo.py DIR [--train] [--limit N]
+    .venv/bin/python benchmarks/rerank_demo.py DIR [--train] [--only VARIANT] [--candidates 8] [--splits test,novel]
+        [--limit N] [--json OUT]
 
 DIR is a `clipcap demo --out DIR` output (its store/ and runs/<variant>/). `--train` first trains the demo's
 variants that DIR/runs lacks, with the demo's own recipe (`demo.runner.train_variant`), on DIR/store. Then, per
@@ -72,7 +73,7 @@ def oracle(lists: list[list[str]], references: list[list[str]]) -> dict:
     return {"objects_exact": exact / len(lists), "relation_right": right / len(lists)}
 
 
-def measure(model: Path, store_dir: Path, split: str, limit: int | None, batch: int = 64) -> list[dict]:
+def measure(model: Path, store_dir: Path, split: str, limit: int | None, n: int = CANDIDATES, batch: int = 64) -> list:
     captioner = Captioner.from_pretrained(model, batch_size=batch)
     store = EmbeddingStore(store_dir, split=split)
     rows, refs = two_object_rows(store, limit)
@@ -95,17 +96,15 @@ def measure(model: Path, store_dir: Path, split: str, limit: int | None, batch: 
         kept = run(name, 1, **options)
         out.append({"decoding": name, **scores([s.caption for s in kept], refs)})
     for name, options in (
-        (f"beam {CANDIDATES}, {CANDIDATES} best", {"num_beams": CANDIDATES}),
-        (f"{CANDIDATES} samples", {"num_beams": 1, "do_sample": True}),
+        (f"beam {n}, {n} best", {"num_beams": n}),
+        (f"{n} samples", {"num_beams": 1, "do_sample": True}),
     ):
-        lists = [s.candidates for s in run(name, CANDIDATES, **options)]
+        lists = [s.candidates for s in run(name, n, **options)]
         picks = {"none": [choose(c, "none") for c in lists], "clip": [choose(c, "clip") for c in lists]}
         picks |= {f"clip + {w:g} logprob": [choose(c, "clip", w) for c in lists] for w in WEIGHTS}
         for rerank, kept in picks.items():
             out.append({"decoding": f"{name}, rerank {rerank}", **scores([s.caption for s in kept], refs)})
-        out.append(
-            {"decoding": f"{name}, oracle", **oracle([[c.caption for c in cands] for cands in lists], refs)}
-        )
+        out.append({"decoding": f"{name}, oracle", **oracle([[c.caption for c in cands] for cands in lists], refs)})
     for row in out:
         row.update(split=split, images=len(rows))
     return out
@@ -117,6 +116,8 @@ def main() -> None:
     parser.add_argument("--train", action="store_true")
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--only", default=None, help="only the variant whose name (runs/NAME) this is")
+    parser.add_argument("--candidates", type=int, default=CANDIDATES)
+    parser.add_argument("--splits", default="test,novel")
     parser.add_argument("--json", type=Path, default=None, help="where the table goes (default DIR/rerank_table.json)")
     args = parser.parse_args()
     results = {}
@@ -124,8 +125,10 @@ def main() -> None:
         if args.only is not None and model.parent.name != args.only:
             continue
         print(f"{title}: {model}", flush=True)
-        results[title] = [row for split in ("test", "novel") for row in measure(model, args.dir / "store", split,
-                                                                                 args.limit)]  # fmt: skip
+        splits = args.splits.split(",")
+        results[title] = [
+            row for s in splits for row in measure(model, args.dir / "store", s, args.limit, args.candidates)
+        ]
     (args.json or args.dir / "rerank_table.json").write_text(json.dumps(results, indent=2) + "\n")
     print("| model | split | decoding | objects exact | relation right |\n|---|---|---|---|---|")
     for title, rows in results.items():
