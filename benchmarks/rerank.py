@@ -28,7 +28,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import (
     CLIPConfig,
-    CLIPImageProcessor,
+    CLIPImageProcessorPil,
     CLIPModel,
     GPT2Config,
     GPT2LMHeadModel,
@@ -64,7 +64,7 @@ def captioner(batch: int) -> Captioner:
             projection_dim=512,
         )
     ).eval()
-    encoder = ImageEncoder(clip, CLIPImageProcessor(), word_tokenizer(CLIP_VOCAB, end, True), name="clip-b32-random")
+    encoder = ImageEncoder(clip, CLIPImageProcessorPil(), word_tokenizer(CLIP_VOCAB, end, True), name="clip-b32-random")
     return Captioner(model, word_tokenizer(LM_VOCAB, 0, False), encoder, batch_size=batch)
 
 
