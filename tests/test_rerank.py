@@ -114,6 +114,26 @@ def test_choose_orders_by_clip_score_plus_weighted_logprob_and_keeps_ties_in_sea
     assert [c.caption for c in choose(cands, "clip", 1.0).candidates] == ["c", "b", "a"]
 
 
+@pytest.mark.parametrize(
+    "options, fragment",
+    [
+        ({"candidates": 0}, "`candidates` must be a whole number of at least 1"),
+        ({"candidates": 2.5}, "`candidates` must be a whole number"),
+        ({"candidates": MAX_CANDIDATES + 1}, f"at most {MAX_CANDIDATES}"),
+        ({"candidates": 2, "rerank": "best"}, "`rerank` must be one of none, clip"),
+        ({"candidates": 2, "rerank": "clip", "rerank_weight": float("nan")}, "finite number"),
+        ({"candidates": 2, "rerank": "clip", "rerank_weight": "1"}, "finite number"),
+        ({"candidates": 4, "num_beams": 2}, "4 candidates per image need at least 4 beams"),
+    ],
+)
+def test_captioner_refuses_bad_candidate_settings(varied_model_dir, images, options, fragment):
+    from clipcap import ClipCapError
+
+    captioner = Captioner.from_pretrained(varied_model_dir)
+    with pytest.raises(ClipCapError, match=fragment.replace("(", r"\(")):
+        captioner.caption(paths(images)[:1], max_new_tokens=TOKENS, **options)
+
+
 def test_repeated_ngrams_are_flagged():
     assert repeated_ngram("a red circle a red circle a red circle.") == "a red circle a"
     assert repeated_ngram("a small red circle above a small red square.") is None

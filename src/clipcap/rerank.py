@@ -12,6 +12,7 @@ order); `rerank="none"` keeps the search's best (or the first sample).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -57,6 +58,12 @@ class RerankOptions:
 
 def check_rerank(candidates: int | None, rerank: str, weight: float) -> None:
     """Refuse candidate and rerank settings that cannot work, whatever the model."""
+    if candidates is not None and (not isinstance(candidates, int) or isinstance(candidates, bool) or candidates < 1):
+        raise ClipCapError(f"`candidates` must be a whole number of at least 1, got {candidates!r}")
+    if rerank not in RERANKERS:
+        raise ClipCapError(f"`rerank` must be one of {', '.join(RERANKERS)}, got {rerank!r}")
+    if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(weight):
+        raise ClipCapError(f"`rerank_weight` must be a finite number, got {weight!r}")
     if candidates is not None and candidates > MAX_CANDIDATES:
         raise ClipCapError(f"`candidates` must be at most {MAX_CANDIDATES}, got {candidates}")
     if rerank != "none" and (candidates is None or candidates < 2):
