@@ -338,3 +338,6 @@ def test_a_store_that_names_no_encoder_is_one_line_when_scores_are_needed(tmp_pa
     flags = ["--model", varied_model_dir, "--max-new-tokens", TOKENS]
     done = clipcap("caption", store, *flags, "--candidates", "2", "--rerank", "clip")
     one_line_error(done, "does not record which encoder made its embeddings")
+    done = clipcap("evaluate", "--data", store, "--split", "all", *flags, "--candidates", "2", "--rerank", "clip",
+                   "--quiet", "--out", tmp_path / "m.json")  # fmt: skip
+    one_line_error(done, "does not record which encoder made its embeddings")

@@ -267,6 +267,11 @@ def evaluate_model(cfg: EvalConfig, progress: bool = False) -> EvalResult:
             raise ClipCapError(f"{cfg.data} holds {store.modality} embeddings: evaluate image embeddings or a source")
         if store.clip_dim != expected:
             raise ClipCapError(f"{cfg.data} holds {store.clip_dim}-d embeddings but the model expects {expected}")
+        if store.clip_model is None and cfg.rerank != "none":
+            raise ClipCapError(
+                f"{cfg.data} does not record which encoder made its embeddings, so candidates cannot be reranked "
+                "against them: embed the data with the model's encoder"
+            )
         if store.clip_model is not None and not same_encoder(store.clip_model, encoder.name, store.clip_fingerprint):
             raise ClipCapError(
                 f"{cfg.data} was embedded with {store.clip_model}, but the model captions (and CLIPScore reads text) "
