@@ -26,8 +26,8 @@ LAYERS = [
     {"errors", "version", "limits", "options", "devices", "images", "files", "hub", "jobs", "outputs"},
     {"config", "mapping", "decoding", "generation"},
     {"model", "processing", "data", "encoder", "exported", "ort_lm"},
-    {"captioner", "convert", "checkpoint", "metrics", "export", "auto", "card", "lora"},
-    {"start", "embed", "train", "evaluate", "push", "caption_job", "ray_engine"},
+    {"captioner", "convert", "checkpoint", "metrics", "export", "auto", "card", "lora", "rerank"},
+    {"start", "embed", "train", "evaluate", "push", "caption_job", "caption_report", "ray_engine"},
     {"__init__"},
 ]
 

@@ -184,10 +184,12 @@ def test_stdout_for_a_source_is_keyed_and_reports_bad_items_in_place(tmp_path, v
     args = ["caption", str(tmp_path / "d.jsonl"), "--model", str(varied_model_dir), "--max-new-tokens", str(TOKENS)]
     assert main([*args, "--batch-size", "2", "--workers", "1"]) == 0
     out, err = capsys.readouterr()
-    assert [json.loads(line) for line in out.splitlines()] == [
+    records = [json.loads(line) for line in out.splitlines()]
+    assert [{k: r[k] for k in ("key", "image", "caption")} for r in records] == [
         {"key": "k0", "image": str(pngs / "0.png"), "caption": expected[0]},
         {"key": "k2", "image": str(pngs / "2.png"), "caption": expected[1]},
     ]
+    assert list(records[0]) == ["key", "image", "caption", "clip_score", "logprob", "repeated_ngram", "passed"]
     skipped = [line for line in err.splitlines() if line.startswith("skipped ")]
     assert skipped == [
         f"skipped {tmp_path / 'gone.png'}: file not found",
@@ -195,11 +197,14 @@ def test_stdout_for_a_source_is_keyed_and_reports_bad_items_in_place(tmp_path, v
     ]
     assert "captioned 2 images, skipped 2" in err
     assert main([*args, "--format", "csv", "--quiet"]) == 0
-    assert list(csv.reader(capsys.readouterr().out.splitlines())) == [
+    table = list(csv.reader(capsys.readouterr().out.splitlines()))
+    assert [row[:3] for row in table] == [
         ["key", "image", "caption"],
         ["k0", str(pngs / "0.png"), expected[0]],
         ["k2", str(pngs / "2.png"), expected[1]],
     ]
+    assert table[0][3:] == ["clip_score", "logprob"]
+    assert all(float(row[3]) >= 0 and float(row[4]) < 0 for row in table[1:])
 
 
 def test_image_files_in_shards_and_several_captions_each(tmp_path, varied_model_dir, pngs):
@@ -211,7 +216,8 @@ def test_image_files_in_shards_and_several_captions_each(tmp_path, varied_model_
     assert [(r["key"], r["image"], r["captions"]) for r in rows] == [
         (str(p), str(p), c) for p, c in zip(paths, expected, strict=True)
     ]
-    assert result.info["columns"] == ["key", "image", "captions"] and result.info["num_shards"] == 3
+    assert result.info["columns"] == ["key", "image", "captions", "clip_scores", "logprobs"]
+    assert result.info["num_shards"] == 3 and all(len(r["clip_scores"]) == len(r["logprobs"]) == 2 for r in rows)
     # JSON lines shards hold the same rows
     run_job(pngs, tmp_path / "jsonl", varied_model_dir, **options, shard_format="jsonl")
     assert shard_rows(tmp_path / "jsonl", "jsonl") == rows
@@ -241,16 +247,19 @@ def test_a_store_is_captioned_from_its_vectors_without_image_io(tmp_path, varied
     expected = captioner.caption_embeddings(vectors, max_new_tokens=TOKENS)
 
     def no_images(*args, **kwargs):
-        raise AssertionError("a store is captioned without images or an image encoder")
+        raise AssertionError("a store is captioned without images or the vision tower")
 
-    monkeypatch.setattr("clipcap.encoder.ImageEncoder.from_pretrained", no_images)
+    # The encoder is loaded for its text tower (every caption's clip_score), never run on images.
+    monkeypatch.setattr("clipcap.encoder.ImageEncoder.encode_pixels", no_images)
+    monkeypatch.setattr("clipcap.encoder.ImageEncoder.encode_pixels_and_tokens", no_images)
     monkeypatch.setattr("clipcap.data.loading.open_record_image", no_images)
     result = run_job(store_path, tmp_path / "out", varied_model_dir, max_new_tokens=TOKENS, shard_size=3)
     rows = shard_rows(tmp_path / "out")
     assert [r["caption"] for r in rows] == expected
     assert [r["key"] for r in rows] == store.keys and [r["image"] for r in rows] == store.image_paths
     # the store's own metadata columns come along as stored (its captions renamed: `caption` is ours)
-    columns = ["key", "image", "caption", "split", "source_captions", "source_caption", "extra"]
+    scores = ["clip_score", "logprob", "repeated_ngram", "passed"]
+    columns = ["key", "image", "caption", *scores, "split", "source_captions", "source_caption", "extra"]
     assert result.info["columns"] == columns
     assert rows[0]["source_captions"] == ["number 0."] and json.loads(rows[0]["extra"]) == {"width": 40}
     # streamed
@@ -315,8 +324,10 @@ def test_captions_from_a_store_equal_captions_from_its_images(trained, tmp_path,
         assert [r["image"] for r in third] == [f"http://x/{i}.jpg" for i in range(12)]
         assert [r["key"] for r in third] == [str(i) for i in range(12)]  # no key column: the row number
         assert json.loads((out / "info.json").read_text())["columns"] == [
-            "key", "image", "caption", *(["source_caption"] if caption else []), "similarity"
+            "key", "image", "caption", "clip_score", "logprob", "repeated_ngram", "passed",
+            *(["source_caption"] if caption else []), "similarity"
         ]  # fmt: skip
+        assert third[0]["clip_score"] is None  # no encoder recorded: nothing to score against
         assert third[0].get("source_caption", "alt text 0") == "alt text 0"
 
 
@@ -406,18 +417,20 @@ def hundreds(tmp_path_factory, clip_dir):
 def test_two_ranks_killed_and_rerun_equal_one_process(tmp_path, hundreds, varied_model_dir):
     """A source and a store, each captioned by 2 ranks under torchrun (CPU); in each job one rank is SIGKILLed
     mid-run and torchrun stops the other; the same command rerun finishes: every item exactly once, and the output
-    equals a single process's. The two jobs run side by side, so the test waits for the slow starts only twice."""
+    equals a single process's. The store's job keeps the CLIP-best of 2 candidates per image (their scores and the
+    runner-up in every row). The two jobs run side by side, so the test waits for the slow starts only twice."""
     (tmp_path / "hook").mkdir()
     (tmp_path / "hook" / "sitecustomize.py").write_text(HANG)
     options = dict(max_new_tokens=TOKENS, shard_size=25, batch_size=25, workers=1)
-    flags = [a for k, v in options.items() for a in (f"--{k.replace('_', '-')}", str(v))]
+    own = {"source": options, "store": {**options, "candidates": 2, "rerank": "clip"}}
+    flags = {kind: [a for k, v in own[kind].items() for a in (f"--{k.replace('_', '-')}", str(v))] for kind in own}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{REPO / 'src'}"}
     out = {kind: tmp_path / f"out-{kind}" for kind in hundreds}
     flag = {kind: tmp_path / f"flag-{kind}" for kind in hundreds}
 
     def start(kind: str, hang: bool) -> subprocess.Popen:
-        args = ["caption", str(hundreds[kind]), "--model", str(varied_model_dir), *flags, "--quiet", "--out"]
+        args = ["caption", str(hundreds[kind]), "--model", str(varied_model_dir), *flags[kind], "--quiet", "--out"]
         hooked = {"PYTHONPATH": f"{tmp_path / 'hook'}:{REPO / 'src'}", "HANG_RANK": "1", "HANG_FLAG": str(flag[kind])}
         return subprocess.Popen([*torchrun, "-m", "clipcap.cli", *args, str(out[kind])],
                                 env={**env, **(hooked if hang else {})}, stdout=subprocess.PIPE,
@@ -449,12 +462,13 @@ def test_two_ranks_killed_and_rerun_equal_one_process(tmp_path, hundreds, varied
         _, err = rerun.communicate(timeout=600)
         assert rerun.returncode == 0, err[-3000:]
     for kind, data in hundreds.items():
-        single = run_job(data, tmp_path / f"single-{kind}", varied_model_dir, **options)
+        single = run_job(data, tmp_path / f"single-{kind}", varied_model_dir, **own[kind])
         rows, expected = shard_rows(out[kind]), shard_rows(single.out)
         keys = [r["key"] for r in rows]
         assert len(keys) == len(set(keys)) == 200  # every good item exactly once
         assert [(r["key"], r["caption"]) for r in rows] == [(r["key"], r["caption"]) for r in expected]
-        assert rows == expected  # metadata columns too
+        assert rows == expected  # scores and metadata columns too
+        assert all(len(r["candidates"]) == 1 for r in rows) if kind == "store" else "candidates" not in rows[0]
         for name in ("info.json", "skipped.jsonl", "job.json"):
             assert (out[kind] / name).read_text() == (single.out / name).read_text()
         assert not [p for p in out[kind].rglob("*") if ".tmp" in p.name]

@@ -58,7 +58,7 @@ def test_files_directories_and_globs_to_jsonl(capsys, varied_model_dir, photos, 
     rows = records(out)
     # the explicit file first, then the directory (recursive, sorted), then the glob's new match; no duplicates
     assert [r["image"] for r in rows] == [str(photos / n) for n in ("0.png", "sub/2.jpg", "sub/3.png", "1.png")]
-    assert all(set(r) == {"image", "caption"} for r in rows)
+    assert all(list(r) == ["image", "caption", "clip_score", "logprob", "repeated_ngram", "passed"] for r in rows)
     assert {r["image"].rsplit("/", 1)[1]: r["caption"] for r in rows} == reference
     assert "captioned 4 images, skipped 0" in err
 
@@ -107,11 +107,12 @@ def test_csv_output(capsys, varied_model_dir, photos, reference):
     code, out, _ = run(capsys, photos / "sub", "--model", varied_model_dir, "--max-new-tokens", 10, "--format", "csv")
     assert code == 0
     rows = list(csv.reader(io.StringIO(out)))
-    assert rows == [
+    assert [r[:2] for r in rows] == [
         ["image", "caption"],
         [str(photos / "sub/2.jpg"), reference["2.jpg"]],
         [str(photos / "sub/3.png"), reference["3.png"]],
     ]
+    assert rows[0][2:] == ["clip_score", "logprob"] and all(float(r[3]) < 0 for r in rows[1:])
 
 
 def test_several_captions_per_image(capsys, varied_model_dir, photos):
@@ -122,7 +123,8 @@ def test_several_captions_per_image(capsys, varied_model_dir, photos):
     code, out, _ = run(capsys, photos / "0.png", photos / "1.png", *common)
     assert code == 0
     assert [r["captions"] for r in records(out)] == expected
-    assert all(set(r) == {"image", "captions"} for r in records(out))
+    assert all(list(r) == ["image", "captions", "clip_scores", "logprobs"] for r in records(out))
+    assert all(len(r["clip_scores"]) == len(r["logprobs"]) == 2 for r in records(out))
     code, out, _ = run(capsys, photos / "0.png", photos / "1.png", *common, "--format", "csv")
     rows = list(csv.reader(io.StringIO(out)))
     assert rows[0] == ["image", "caption_1", "caption_2"]

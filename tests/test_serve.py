@@ -77,9 +77,11 @@ def test_captions_equal_the_captioners(client, captioner):
     r = client.post("/v1/captions", files=files(("a.png", images[0]), ("b.png", images[1])), data={"max_new_tokens": 9})
     assert r.status_code == 200, r.text
     expected = captioner.caption([pil(b) for b in images], max_new_tokens=9)
-    assert r.json() == {
-        "results": [{"filename": "a.png", "captions": [expected[0]]}, {"filename": "b.png", "captions": [expected[1]]}]
-    }
+    results = r.json()["results"]
+    assert [(x["filename"], x["captions"]) for x in results] == [("a.png", [expected[0]]), ("b.png", [expected[1]])]
+    for x in results:  # each caption with its scores (tests/test_rerank.py checks their values)
+        assert [s["caption"] for s in x["scores"]] == x["captions"] and x["candidates"] is None
+        assert x["scores"][0]["clip_score"] >= 0 and x["scores"][0]["logprob"] < 0
 
 
 def test_beams_and_several_captions(client, captioner):
@@ -89,7 +91,8 @@ def test_beams_and_several_captions(client, captioner):
     )
     assert r.status_code == 200, r.text
     expected = captioner.caption([pil(image)], num_beams=3, num_return_sequences=2, max_new_tokens=7)
-    assert r.json()["results"] == [{"filename": "y.png", "captions": expected[0]}]
+    assert [(x["filename"], x["captions"]) for x in r.json()["results"]] == [("y.png", expected[0])]
+    assert [s["caption"] for s in r.json()["results"][0]["scores"]] == expected[0]
     assert len(expected[0]) == 2
 
 
@@ -195,7 +198,7 @@ def test_generate_failure_is_a_500_without_traceback(client, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("simulated CUDA out of memory")
 
-    monkeypatch.setattr(client.app.state.batcher.captioner, "caption_with", broken)
+    monkeypatch.setattr(client.app.state.batcher.captioner.model, "generate", broken)
     r = client.post("/v1/captions", files=files(("a.png", png())))
     assert r.status_code == 500
     assert r.json() == {"detail": "internal server error: captioning failed"}
@@ -240,8 +243,9 @@ def test_batcher_groups_queued_jobs_by_settings(captioner):
         await batcher.stop()
         return batcher, results
 
-    batcher, results = asyncio.run(run())
+    batcher, scored = asyncio.run(run())
     assert (batcher.runs, batcher.images, batcher.pending) == (2, 6, 0)  # one run per settings
+    results = [[[c.caption for c in s.candidates] for s in job] for job in scored]
     greedy = captioner.caption([images[i] for i in (0, 1, 3)], max_new_tokens=6)
     beams = captioner.caption([images[i] for i in (2, 4, 5)], num_beams=2, num_return_sequences=2, max_new_tokens=5)
     assert results == [[[greedy[0]], [greedy[1]]], [beams[0]], [[greedy[2]]], [beams[1], beams[2]]]

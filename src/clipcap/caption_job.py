@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .caption_report import HISTOGRAM, ScoreFilterOptions, dataset_report, passed, repeated_ngram, write_histogram
 from .data.loading import image_loader
 from .data.sources import FORMATS, Record, detect_format, is_shard_pattern, printable, read_images, read_source
 from .data.store import EmbeddingStore, arrow, is_store, reason_class, write_json
@@ -44,6 +45,7 @@ from .jobs import claim_job, rank_and_world, shards_of
 from .limits import MAX_BATCH_SIZE, MAX_CAPTIONS, MAX_WORKERS
 from .options import option
 from .outputs import CAPTIONS, claim_dir, replace_atomically
+from .rerank import Scored, candidate_decoding, image_inputs, score_embeddings, text_tower_problem
 
 logger = logging.getLogger(__name__)
 
@@ -51,13 +53,15 @@ INPUT_KINDS = ("images", "store", *FORMATS)
 SHARD_FORMATS = ("parquet", "jsonl")
 COMMAND, KIND = "clipcap caption", "caption job"
 INFO, SKIPPED = "info.json", "skipped.jsonl"
-OUTPUT_ENTRIES = ("job.json", "captions", "skipped", INFO, SKIPPED)  # what a job writes in its output dir
-OWN_COLUMNS = ("key", "image", "caption", "captions")
+OUTPUT_ENTRIES = ("job.json", "captions", "skipped", INFO, SKIPPED, HISTOGRAM)  # what a job writes in its output dir
+OWN_COLUMNS = ("key", "image", "caption", "captions", "clip_score", "logprob", "clip_scores", "logprobs", "candidates",
+               "repeated_ngram", "passed")  # fmt: skip
 SOURCE_SUFFIXES = (".json", ".tsv", ".csv", ".jsonl", ".parquet")
+SCORING = ("candidates", "rerank", "rerank_weight", "min_clip_score", "drop_below", "collapse_threshold")
 
 
 @dataclass(kw_only=True)
-class CaptionJobConfig(DecodingOptions):
+class CaptionJobConfig(ScoreFilterOptions, DecodingOptions):
     """What to caption, with which model, and where the captions go."""
 
     inputs: list[str] = option(
@@ -264,26 +268,55 @@ def load_captioner(cfg: CaptionJobConfig, inputs: Inputs, device: str | None = N
     arguments for its decoding; `device` overrides `cfg.device` for a process that only prepares the job."""
     from .captioner import Captioner
 
+    store = inputs.store
+    if store is not None and store.clip_model is None and cfg.needs_clip:
+        raise ClipCapError(
+            f"{store.path} does not record which encoder made its embeddings, so captions cannot be scored against "
+            "them (CLIPScore): embed the data with the model's encoder, or leave `rerank` and `min_clip_score` unset"
+        )
     captioner = Captioner.from_pretrained(
         cfg.model,
         clip_model=cfg.clip_model,
         device=device or cfg.device,
         dtype=cfg.dtype,
         batch_size=cfg.batch_size,
-        load_encoder=inputs.store is None,
+        # A store's vectors are captioned without the vision tower; the encoder is loaded for its text tower (the
+        # CLIPScore of every caption) when the store names it.
+        load_encoder=store is None or store.clip_model is not None,
     )
-    if inputs.store is not None:
-        check_store(inputs.store, captioner)
-    return captioner, captioner.decoding(cfg, cfg.num_captions)
+    if store is not None:
+        check_store(store, captioner)
+    problem = text_tower_problem(captioner.encoder)
+    if problem and cfg.needs_clip:
+        raise ClipCapError(f"CLIP reranking and `min_clip_score` need the model's CLIP text tower: {problem}")
+    if cfg.num_captions > 1 and (cfg.candidates is not None or cfg.min_clip_score is not None):
+        name = "candidates" if cfg.candidates is not None else "min_clip_score"
+        raise ClipCapError(f"`{name}` applies to one caption per image, not to `num_captions` {cfg.num_captions}")
+    return captioner, candidate_decoding(
+        captioner.decoding(cfg, cfg.num_captions), cfg.candidates, beams_given=cfg.num_beams is not None
+    )
 
 
-def _caption_batches(captioner, inputs: Inputs, batches: list[list[int]], decoding: dict, num: int, workers: int):
-    """For each batch of item indices, in order: ({index: captions}, {index: reason}). Stored vectors are read
-    straight from the store; images are decoded by `workers` DataLoader processes ahead of generation."""
+def clip_unavailable(captioner, inputs: Inputs) -> str | None:
+    """Why the captions of this job get no CLIPScore, or None."""
+    if inputs.store is not None and inputs.store.clip_model is None:
+        return f"{inputs.store.path} does not record which encoder made its embeddings"
+    return text_tower_problem(captioner.encoder)
 
-    def generate(embeds: torch.Tensor) -> list[list[str]]:
-        out = captioner.caption_with(embeds, decoding, num)
-        return [[c] for c in out] if num == 1 else out
+
+def _caption_batches(captioner, inputs: Inputs, batches: list[list[int]], decoding: dict, cfg: CaptionJobConfig):
+    """For each batch of item indices, in order: ({index: Scored}, {index: reason}). Stored vectors are read
+    straight from the store; images are decoded by `workers` DataLoader processes ahead of generation. Several
+    captions per image (`num_captions`) come as one Scored whose candidates are in the search's order."""
+    several = cfg.num_captions > 1
+    count = cfg.num_captions if several else cfg.candidates or 1
+    scorable = clip_unavailable(captioner, inputs) is None
+
+    def generate(embeds: torch.Tensor, features: torch.Tensor | None) -> list[Scored]:
+        features = features if scorable else None
+        return score_embeddings(
+            captioner, embeds, features, decoding, count, cfg.rerank, cfg.rerank_weight, keep_order=several
+        )
 
     if inputs.store is not None:
         reads_tokens = captioner.model.config.token_shape is not None
@@ -292,13 +325,14 @@ def _caption_batches(captioner, inputs: Inputs, batches: list[list[int]], decodi
             finite = np.isfinite(vectors.reshape(len(batch), -1)).all(axis=1)
             good = [n for n, ok in zip(batch, finite, strict=True) if ok]
             failed = {n: "stored embedding is not finite" for n, ok in zip(batch, finite, strict=True) if not ok}
-            captions = generate(torch.from_numpy(vectors[finite])) if good else []
+            pooled = inputs.store.image_embeddings(batch)[finite] if reads_tokens else vectors[finite]
+            captions = generate(torch.from_numpy(vectors[finite]), torch.from_numpy(pooled)) if good else []
             yield dict(zip(good, captions, strict=True)), failed
         return
     encoder = captioner.encoder
     pin = encoder.device.type == "cuda"
-    for good, pixels, failed in image_loader(inputs.records, encoder.processor, batches, workers, pin_memory=pin):
-        captions = generate(captioner.model_inputs(pixels)) if good else []
+    for good, pixels, failed in image_loader(inputs.records, encoder.processor, batches, cfg.workers, pin_memory=pin):
+        captions = generate(*image_inputs(captioner, pixels)) if good else []
         yield dict(zip(good, captions, strict=True)), failed
 
 
@@ -309,12 +343,37 @@ def _batches(indices: list[int], size: int) -> list[list[int]]:
 # -- streaming ---------------------------------------------------------------------------------------------------
 @dataclass
 class Captioned:
-    """One item's outcome: its captions, or the reason it was skipped."""
+    """One item's outcome: its captions (with their scores), or the reason it was skipped."""
 
     key: str
     image: str | None
     captions: list[str] | None
     reason: str | None = None
+    fields: dict | None = None  # the output fields after key and image (`row_fields`)
+    dropped: bool = False  # captioned, but below `min_clip_score` with `drop_below`
+
+
+def row_fields(scored: Scored, cfg: CaptionJobConfig) -> dict:
+    """An item's output fields: caption, clip_score, logprob, repeated_ngram, passed and, with `candidates`, the
+    runners-up as [{caption, clip_score, logprob}]; with several captions per image, captions, clip_scores and
+    logprobs (lists, in the search's order)."""
+    if cfg.num_captions > 1:
+        every = scored.candidates
+        return {
+            "captions": [c.caption for c in every],
+            "clip_scores": [c.clip_score for c in every],
+            "logprobs": [c.logprob for c in every],
+        }
+    out = {
+        "caption": scored.caption,
+        "clip_score": scored.clip_score,
+        "logprob": scored.logprob,
+        "repeated_ngram": repeated_ngram(scored.caption),
+        "passed": passed(scored.clip_score, cfg.min_clip_score),
+    }
+    if cfg.candidates is not None:
+        out["candidates"] = [c.to_dict() for c in scored.runners_up]
+    return out
 
 
 def caption_stream(cfg: CaptionJobConfig, progress: bool = False) -> Iterator[Captioned]:
@@ -331,10 +390,16 @@ def caption_stream(cfg: CaptionJobConfig, progress: bool = False) -> Iterator[Ca
     def outcomes(indices: list[int], captions: dict, failed: dict) -> Iterator[Captioned]:
         for n, (key, image) in zip(indices, inputs.names(indices), strict=True):
             reason = inputs.bad.get(n) or failed.get(n)
-            yield Captioned(key, image, captions.get(n), reason)
+            scored = captions.get(n)
+            if scored is None:
+                yield Captioned(key, image, None, reason)
+                continue
+            fields = row_fields(scored, cfg)
+            texts = [fields["caption"]] if "caption" in fields else fields["captions"]
+            yield Captioned(key, image, texts, None, fields, cfg.drop_below and not fields["passed"])
         bar.update(len(indices))
 
-    generated = _caption_batches(captioner, inputs, batches, decoding, cfg.num_captions, cfg.workers)
+    generated = _caption_batches(captioner, inputs, batches, decoding, cfg)
     with bar:
         done = 0
         for batch, (captions, failed) in zip(batches, generated, strict=True):
@@ -378,6 +443,7 @@ def _job_record(cfg: CaptionJobConfig, inputs: Inputs, captioner, decoding: dict
         "device": cfg.device,
         "shard_size": cfg.shard_size,
         "shard_format": cfg.shard_format,
+        **{name: getattr(cfg, name) for name in SCORING},
     }
 
 
@@ -395,18 +461,37 @@ def _json_value(value):
     return str(value)
 
 
-class _Columns:
-    """The output columns, the same in every shard: key, image, caption (or captions), then the source's own
-    metadata columns (for a store, its metadata columns as stored; for a source, split, its captions as
-    `source_captions` and its extra fields), renamed `source_NAME` where a name is taken."""
+def caption_schema(pa, num_captions: int, candidates: bool):
+    """The output's own fields after key and image (docs/design.md, "Caption rows")."""
+    if num_captions > 1:
+        return [
+            pa.field("captions", pa.list_(pa.string())),
+            pa.field("clip_scores", pa.list_(pa.float64())),
+            pa.field("logprobs", pa.list_(pa.float64())),
+        ]
+    fields = [
+        pa.field("caption", pa.string()),
+        pa.field("clip_score", pa.float64()),
+        pa.field("logprob", pa.float64()),
+        pa.field("repeated_ngram", pa.string()),
+        pa.field("passed", pa.bool_()),
+    ]
+    if candidates:
+        entry = pa.struct([("caption", pa.string()), ("clip_score", pa.float64()), ("logprob", pa.float64())])
+        fields.append(pa.field("candidates", pa.list_(entry)))
+    return fields
 
-    def __init__(self, inputs: Inputs, num_captions: int):
+
+class _Columns:
+    """The output columns, the same in every shard: key, image, the caption fields (`caption_schema`), then the
+    source's own metadata columns (for a store, its metadata columns as stored; for a source, split, its captions
+    as `source_captions` and its extra fields), renamed `source_NAME` where a name is taken."""
+
+    def __init__(self, inputs: Inputs, cfg: CaptionJobConfig):
         pa, _, _ = arrow("sharded output")
         self.pa = pa
         self.inputs = inputs
-        self.caption_field = (
-            pa.field("caption", pa.string()) if num_captions == 1 else pa.field("captions", pa.list_(pa.string()))
-        )
+        self.own = caption_schema(pa, cfg.num_captions, cfg.candidates is not None)
         taken = set(OWN_COLUMNS)
         self.fields = []  # (output name, source name, arrow type, as JSON text)
         if inputs.store is not None:
@@ -438,20 +523,17 @@ class _Columns:
 
     @property
     def names(self) -> list[str]:
-        return ["key", "image", self.caption_field.name, *(name for name, *_ in self.fields)]
+        return ["key", "image", *(f.name for f in self.own), *(name for name, *_ in self.fields)]
 
-    def table(self, indices: list[int], captions: dict[int, list[str]]):
-        """The rows of the captioned items `indices` (in order) as one Arrow table."""
+    def table(self, indices: list[int], rows: dict[int, dict]):
+        """The rows of the captioned items `indices` (in order; `rows`: their `row_fields`) as one Arrow table."""
         pa = self.pa
         meta = self.inputs.store.metadata(indices) if self.inputs.store is not None else None
         names = _store_names(meta, indices) if meta is not None else self.inputs.names(indices)
-        texts = [captions[n] for n in indices]
         arrays = {
             "key": pa.array([k for k, _ in names], pa.string()),
             "image": pa.array([i for _, i in names], pa.string()),
-            self.caption_field.name: pa.array(
-                [t[0] for t in texts] if self.caption_field.name == "caption" else texts, self.caption_field.type
-            ),
+            **{f.name: pa.array([rows[n][f.name] for n in indices], f.type) for f in self.own},
         }
         for name, source, kind, as_json in self.fields:
             if meta is not None:
@@ -529,16 +611,27 @@ class _ShardFiles:
             raise ClipCapError(damaged % e) from None
         return len(lines)
 
-    def read_skipped(self, i: int) -> list[str]:
+    def read_skipped(self, i: int) -> list[tuple[str, str, bool]]:
+        """(line, reason, whether it was left out for its score) of each entry of shard i's skip list."""
         path = self.skipped(i)
         try:
             lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-            reasons = [json.loads(line)["reason"] for line in lines]
+            entries = [json.loads(line) for line in lines]
+            reasons = [(e["reason"], bool(e.get("dropped"))) for e in entries]
         except FileNotFoundError:
             raise ClipCapError(f"{path} is missing: delete {self.captions(i)} and rerun to redo that shard") from None
         except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
             raise ClipCapError(f"{path} is damaged ({e}): delete {self.captions(i)} and rerun to redo it") from None
-        return list(zip(lines, reasons, strict=True))
+        return [(line, reason, dropped) for line, (reason, dropped) in zip(lines, reasons, strict=True)]
+
+    def columns(self, i: int, names: list[str]) -> dict[str, list]:
+        """The named columns of shard i as lists."""
+        path = self.captions(i)
+        if self.fmt == "parquet":
+            _, _, pq = arrow("sharded output")
+            return pq.read_table(path, columns=names).to_pydict()
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+        return {name: [r[name] for r in rows] for name in names}
 
 
 @dataclass
@@ -551,6 +644,8 @@ class CaptionJob:
     decoding: dict
     columns: _Columns
     files: _ShardFiles
+    encoder: dict  # which encoder the captions were made (or a store's vectors checked) with, for info.json
+    no_clip: str | None  # why the captions get no CLIPScore, or None
 
     @property
     def num_shards(self) -> int:
@@ -561,7 +656,8 @@ class CaptionJob:
         processes may still be writing temporaries in the output dir."""
         if not all(self.files.done(s) for s in range(self.num_shards)):
             return None
-        return _finalize(self.files, self.inputs, self.columns, len(self.inputs), world, self.captioner.encoder_info)
+        report = (self.cfg.collapse_threshold, self.no_clip)
+        return _finalize(self.files, self.inputs, self.columns, len(self.inputs), world, self.encoder, report)
 
 
 def open_job(cfg: CaptionJobConfig, load_device: str | None = None) -> CaptionJob:
@@ -586,13 +682,14 @@ def open_job(cfg: CaptionJobConfig, load_device: str | None = None) -> CaptionJo
     )
     inputs = open_inputs(cfg)
     captioner, decoding = load_captioner(cfg, inputs, load_device)
-    columns = _Columns(inputs, cfg.num_captions)
+    columns = _Columns(inputs, cfg)
     claim_job(out, _job_record(cfg, inputs, captioner, decoding), COMMAND, KIND)
     num_shards = max(1, math.ceil(len(inputs) / cfg.shard_size))
     files = _ShardFiles(out, cfg.shard_format, num_shards)
     for d in (files.captions_dir, files.skipped_dir):
         d.mkdir(exist_ok=True)
-    return CaptionJob(cfg, inputs, captioner, decoding, columns, files)
+    encoder, no_clip = captioner.encoder_info, clip_unavailable(captioner, inputs)
+    return CaptionJob(cfg, inputs, captioner, decoding, columns, files, encoder, no_clip)
 
 
 def caption_job(cfg: CaptionJobConfig, progress: bool = False) -> CaptionJobResult:
@@ -624,13 +721,22 @@ def caption_shards(job: CaptionJob, shards, progress: bool = False, desc: str = 
     def finish(shard: int) -> None:
         captions, failed = state.pop(shard)
         failed.update({n: inputs.bad[n] for n in items[shard] if n in inputs.bad})
-        kept = [n for n in items[shard] if n in captions]
+        rows = {n: row_fields(scored, cfg) for n, scored in captions.items()}
+        below = {n for n, row in rows.items() if cfg.drop_below and not row["passed"]}
+        kept = [n for n in items[shard] if n in rows and n not in below]
         lost = [n for n in items[shard] if n in failed]
         skipped = [
             {"key": key, "image": image, "reason": failed[n]}
             for n, (key, image) in zip(lost, inputs.names(lost), strict=True)
         ]
-        files.write(shard, columns.table(kept, captions), skipped)
+        # Left out for their score: recorded in the shard's skip list, so a resumed job still counts them.
+        dropped = sorted(below)
+        skipped += [
+            {"key": key, "image": image, "reason": f"clip_score below the minimum ({rows[n]['clip_score']:.4f})",
+             "dropped": True}
+            for n, (key, image) in zip(dropped, inputs.names(dropped), strict=True)
+        ]  # fmt: skip
+        files.write(shard, columns.table(kept, rows), skipped)
         bar.update(sum(1 for n in items[shard] if n in inputs.bad))
         if skipped:
             counts: dict[str, int] = {}
@@ -643,7 +749,7 @@ def caption_shards(job: CaptionJob, shards, progress: bool = False, desc: str = 
         for shard in pending:
             if left[shard] == 0:  # nothing to caption in it: write its skip list now
                 finish(shard)
-        generated = _caption_batches(job.captioner, inputs, batches, job.decoding, cfg.num_captions, cfg.workers)
+        generated = _caption_batches(job.captioner, inputs, batches, job.decoding, cfg)
         for shard, batch, (captions, failed) in zip(owners, batches, generated, strict=True):
             state[shard][0].update(captions)
             state[shard][1].update(failed)
@@ -654,11 +760,17 @@ def caption_shards(job: CaptionJob, shards, progress: bool = False, desc: str = 
     return pending
 
 
-def _finalize(files: _ShardFiles, inputs: Inputs, columns: _Columns, num_items: int, world: int, encoder: dict) -> dict:
-    """Merge the skip lists into skipped.jsonl and write info.json (both the same whoever writes them); `encoder`
-    says which encoder the model captioned with (or a store's vectors were checked against)."""
+def _finalize(
+    files: _ShardFiles, inputs: Inputs, columns: _Columns, num_items: int, world: int, encoder: dict, report: tuple
+) -> dict:
+    """Merge the skip lists into skipped.jsonl, write info.json with the dataset report (`caption_report`) and the
+    clip_score histogram beside it (all the same whoever writes them). `encoder` says which encoder the model
+    captioned with (or a store's vectors were checked against); `report`: (collapse threshold, why there is no
+    CLIPScore or None)."""
     rows = [files.rows(i) for i in range(files.num_shards)]
-    skipped = [entry for i in range(files.num_shards) for entry in files.read_skipped(i)]
+    listed = [entry for i in range(files.num_shards) for entry in files.read_skipped(i)]
+    skipped = [(line, reason) for line, reason, dropped in listed if not dropped]
+    num_dropped = sum(dropped for *_, dropped in listed)
     by_reason: dict[str, int] = {}
     for _, reason in skipped:
         by_reason[reason_class(reason)] = by_reason.get(reason_class(reason), 0) + 1
@@ -671,12 +783,25 @@ def _finalize(files: _ShardFiles, inputs: Inputs, columns: _Columns, num_items: 
         "num_items": num_items,
         "num_captioned": sum(rows),
         "num_skipped": len(skipped),
+        "num_dropped": num_dropped,
         "skipped_by_reason": dict(sorted(by_reason.items())),
         "num_shards": files.num_shards,
         "shard_format": files.fmt,
         "columns": columns.names,
         **encoder,
     }
+    if "caption" in columns.names:  # one caption per row: the dataset report
+        values = {name: [] for name in ("caption", "clip_score", "logprob", "repeated_ngram", "passed")}
+        for i in range(files.num_shards):
+            for name, column in files.columns(i, list(values)).items():
+                values[name] += column
+        threshold, no_clip = report
+        info["report"] = dataset_report(
+            values["caption"], values["clip_score"], values["logprob"], values["repeated_ngram"], values["passed"],
+            num_dropped, threshold, no_clip,
+        )  # fmt: skip
+        scores = [v for v in values["clip_score"] if v is not None]
+        info["histogram"] = HISTOGRAM if write_histogram(scores, files.out / HISTOGRAM) else None
     write_json(files.out / INFO, info)
     # Temporaries of processes killed mid-write; no process writes shards any more once every one is done.
     for d in (files.captions_dir, files.skipped_dir):

@@ -291,15 +291,30 @@ class Captioner:
         max_new_tokens: int | None = None,
         num_return_sequences: int = 1,
         prompt: str | None = None,
+        candidates: int | None = None,
+        rerank: str = "none",
+        rerank_weight: float = 0.0,
+        scores: bool = False,
         **generate_options,
     ) -> list[str] | list[list[str]]:
         """Caption PIL images or paths (one or a list). Returns one string per image, or a list of
         `num_return_sequences` strings per image when that is > 1; with `prompt`, captions continue it. A bad
-        image raises ImageLoadError."""
+        image raises ImageLoadError. `candidates` N generates N captions per image and keeps the search's best, or
+        with `rerank="clip"` the one with the highest CLIPScore (+ `rerank_weight` x mean token log-probability);
+        `scores=True` returns a `rerank.Scored` per image instead (caption, clip_score, logprob, runners_up)."""
         from .images import open_image
 
         if isinstance(images, (str, Path, Image.Image)):
             images = [images]
+        if candidates is not None or rerank != "none" or scores:
+            from .rerank import caption_images
+
+            if num_return_sequences != 1:
+                raise ClipCapError("several captions per image come as `candidates` when scoring or reranking")
+            kept = caption_images(
+                self, images, candidates, rerank, rerank_weight, num_beams, max_new_tokens, prompt, **generate_options
+            )
+            return kept if scores else [s.caption for s in kept]
         # every setting is checked before the first image is opened
         settings = self.decoding(
             None, num_return_sequences, num_beams, max_new_tokens, prompt=prompt, **generate_options

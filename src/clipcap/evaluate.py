@@ -32,12 +32,13 @@ from .limits import MAX_BATCH_SIZE
 from .metrics import CLIP_METRICS, NGRAM_METRICS, NOCAPS_DOMAINS, PYTHON_TOKENIZER, clip_score, compute_scores
 from .options import option
 from .outputs import check_file, write_file
+from .rerank import RerankOptions, candidate_decoding, score_embeddings
 
 COMMAND = "clipcap evaluate"
 
 
 @dataclass(kw_only=True)
-class EvalConfig(DecodingOptions):
+class EvalConfig(RerankOptions, DecodingOptions):
     """What to evaluate and how: `model` + `data` (generate, then score) or `predictions` + `references`."""
 
     model: str | None = option(None, help="model dir (or HF Hub id) to generate captions with")
@@ -84,7 +85,9 @@ class EvalConfig(DecodingOptions):
                 "(`predictions` P and `references` R), not both or neither"
             )
         if self.predictions is not None:
-            decoding = [n for n in ("num_beams", "max_new_tokens", "length_penalty", "limit") if getattr(self, n)]
+            decoding = [
+                n for n in ("num_beams", "max_new_tokens", "length_penalty", "limit", "candidates") if getattr(self, n)
+            ]
             if decoding or self.do_sample:
                 name = decoding[0] if decoding else "do_sample"
                 raise ClipCapError(f"`{name}` only applies when generating (a `model` and `data`)")
@@ -285,6 +288,11 @@ def evaluate_model(cfg: EvalConfig, progress: bool = False) -> EvalResult:
 
         store = EmbeddingStore(cfg.data, split=split)
         check_store(store, captioner)  # the one store check `caption` makes too
+        if store.clip_model is None and cfg.rerank != "none":
+            raise ClipCapError(
+                f"{cfg.data} does not record which encoder made its embeddings, so candidates cannot be reranked "
+                "against them: embed the data with the model's encoder"
+            )
         count = min(store.num_images, cfg.limit) if cfg.limit is not None else store.num_images
         records = [
             Record(store.keys[j], store.image_paths[j] or None, store.image_captions(j), extra=store.extras[j])
@@ -321,11 +329,19 @@ def evaluate_model(cfg: EvalConfig, progress: bool = False) -> EvalResult:
         raise ClipCapError(f"no images to evaluate in {cfg.data}" + (f" (split {split!r})" if split else ""))
 
     encoded = time.perf_counter()
+    decoding = candidate_decoding(decoding, cfg.candidates, beams_given=cfg.num_beams is not None)
     captions: list[str] = []
     with tqdm(total=len(records), desc="captioning", unit="img", disable=not progress) as bar:
         for i in range(0, len(records), cfg.batch_size):
             chunk = inputs[i : i + cfg.batch_size]
-            captions += captioner.caption_with(chunk, decoding)
+            if cfg.candidates is None:
+                captions += captioner.caption_with(chunk, decoding)
+            else:  # the kept one of several candidates (rerank.py)
+                found = score_embeddings(
+                    captioner, chunk, features[i : i + cfg.batch_size], decoding, cfg.candidates, cfg.rerank,
+                    cfg.rerank_weight,
+                )  # fmt: skip
+                captions += [s.caption for s in found]
             bar.update(len(chunk))
     generated = time.perf_counter()
 
@@ -354,6 +370,7 @@ def evaluate_model(cfg: EvalConfig, progress: bool = False) -> EvalResult:
             **decoding,
             "length_penalty": decoding["length_penalty"] if decoding["num_beams"] > 1 else None,
             "stop_token_id": captioner.model.config.stop_token_id,
+            **{name: getattr(cfg, name) for name in ("candidates", "rerank", "rerank_weight")},
             "batch_size": cfg.batch_size,
         },
         "device": str(captioner.device),

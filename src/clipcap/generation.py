@@ -71,6 +71,7 @@ def generate_from_prefix(
         repetition_penalty=generate_kwargs.get("repetition_penalty"),
         context=context_length(lm.config),
         prefix_tokens=prefix.shape[1],
+        candidates=True,  # the widest bound: this is also how candidate lists are generated
     )
     mask = attention_mask
     if mask is None:

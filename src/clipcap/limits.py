@@ -20,7 +20,7 @@ MAX_CAPTIONS = 16
 # more than published captioners use.
 MAX_BEAMS = 16
 # Candidate captions scored to pick one (reranking): bounded for the same reason as MAX_CAPTIONS.
-MAX_CANDIDATES = 16
+MAX_CANDIDATES = 64  # candidate captions per image (beams or samples), reranked: 32 samples measurably beat 8
 # The original implementation's caption length limit is 67 tokens and COCO captions average about 12; 512 leaves room
 # for long descriptions while bounding the decode for an LM whose context is huge (the context bound applies too).
 MAX_NEW_TOKENS = 512
@@ -117,12 +117,14 @@ def check_decoding(
     context: int | None = None,
     prefix_tokens: int = 0,
     prompt_tokens: int = 0,
+    candidates: bool = False,
 ) -> None:
     """ClipCapError unless the decoding settings are within bounds: beams, captions, new tokens and the sampling
     settings each, and prefix + prompt + new tokens within the LM's `context` (None: unknown). Called before any
     image is opened and again just before `generate` (for callers of the models themselves)."""
-    check_range("num_beams", num_beams, 1, MAX_BEAMS)
-    check_range("num_return_sequences", num_return_sequences, 1, MAX_CAPTIONS)
+    # Candidate lists for reranking may be wider than the beams and captions a user asks for directly.
+    check_range("num_beams", num_beams, 1, MAX_CANDIDATES if candidates else MAX_BEAMS)
+    check_range("num_return_sequences", num_return_sequences, 1, MAX_CANDIDATES if candidates else MAX_CAPTIONS)
     check_range("max_new_tokens", max_new_tokens, 1, MAX_NEW_TOKENS)
     if temperature is not None and do_sample:
         check_range("temperature", temperature, MIN_TEMPERATURE)

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from importlib.resources import files
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import torch
 from PIL import Image
@@ -28,6 +28,7 @@ from .images import CORRUPT, FORMAT, NOT_AN_IMAGE, TOO_LARGE, ImageLoadError, op
 from .limits import (
     MAX_BATCH_SIZE,
     MAX_BEAMS,
+    MAX_CANDIDATES,
     MAX_CAPTIONS,
     MAX_IMAGE_PIXELS,
     MAX_IMAGES_PER_REQUEST,
@@ -44,6 +45,14 @@ from .limits import (
     room_for_new_tokens,
 )
 from .options import check_options, option
+from .rerank import (
+    RERANKERS,
+    Scored,
+    check_rerank,
+    image_inputs,
+    score_embeddings,
+    text_tower_problem,
+)
 from .version import __version__
 
 try:
@@ -137,9 +146,13 @@ class DecodeSettings:
     top_k: int | None = None
     repetition_penalty: float | None = None
     prompt: str | None = None
+    candidates: int | None = None
+    rerank: str = "none"
+    rerank_weight: float = 0.0
 
     def generate_kwargs(self) -> dict:
-        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "num_captions"}
+        own = ("num_captions", "candidates", "rerank", "rerank_weight")
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in own}
         return {k: v for k, v in out.items() if v is not None}
 
 
@@ -281,10 +294,16 @@ class MicroBatcher:
                         job.future.set_result(captions[start : start + len(job.pixels)])
                     start += len(job.pixels)
 
-    def _run(self, pixels: torch.Tensor, settings: DecodeSettings) -> list[list[str]]:
-        embeds = self.captioner.model_inputs(pixels)
-        out = self.captioner.caption_with(embeds, settings.generate_kwargs(), settings.num_captions)
-        return [c if isinstance(c, list) else [c] for c in out]
+    def _run(self, pixels: torch.Tensor, settings: DecodeSettings) -> list[Scored]:
+        """One Scored per image: the kept caption with its scores and runners-up (with several captions per
+        image, all of them in the search's order)."""
+        several = settings.num_captions > 1
+        count = settings.num_captions if several else settings.candidates or 1
+        inputs, features = image_inputs(self.captioner, pixels)
+        return score_embeddings(
+            self.captioner, inputs, features, settings.generate_kwargs(), count, settings.rerank,
+            settings.rerank_weight, keep_order=several,
+        )  # fmt: skip
 
 
 # Formats a browser or phone produces. Everything else PIL could open (EPS runs Ghostscript, PSD, ...) is refused.
@@ -301,9 +320,25 @@ def open_upload(data: bytes, filename: str, max_pixels: int = MAX_IMAGE_PIXELS) 
         raise HTTPException(_STATUS.get(e.kind, 400), f"{filename}: {e.reason}") from None
 
 
+class ScoredCaption(BaseModel):
+    caption: str
+    clip_score: float | None
+    logprob: float | None
+
+
 class CaptionResult(BaseModel):
     filename: str
     captions: list[str]
+    scores: list[ScoredCaption]  # each of `captions` with its CLIPScore and mean token log-probability
+    candidates: list[ScoredCaption] | None = None  # the runners-up, with `candidates`
+
+
+def _result(name: str, scored: Scored, several: bool, candidates: bool) -> CaptionResult:
+    every = [ScoredCaption(**c.to_dict()) for c in scored.candidates]
+    kept = every if several else every[:1]
+    return CaptionResult(
+        filename=name, captions=[c.caption for c in kept], scores=kept, candidates=every[1:] if candidates else None
+    )
 
 
 class CaptionResponse(BaseModel):
@@ -355,6 +390,7 @@ def create_app(captioner: Captioner, limits: ServerLimits | None = None) -> Fast
     limits = limits or ServerLimits()
     max_tokens, defaults = startup_settings(captioner, limits)
     batcher = MicroBatcher(captioner, limits.max_batch_size, limits.max_wait_ms, limits.max_queue)
+    no_text_tower = text_tower_problem(captioner.encoder)
     decode_limiter = anyio.CapacityLimiter(limits.decode_workers)
 
     @contextlib.asynccontextmanager
@@ -419,7 +455,7 @@ def create_app(captioner: Captioner, limits: ServerLimits | None = None) -> Fast
         "/v1/captions",
         response_model=CaptionResponse,
         responses=errors,
-        form_limits={"max_files": limits.max_images, "max_fields": 16},
+        form_limits={"max_files": limits.max_images, "max_fields": 20},
     )
     async def captions(
         image: Annotated[list[UploadFile], File(description="one or more images (JPEG, PNG, WebP, GIF, BMP, TIFF)")],
@@ -445,11 +481,28 @@ def create_app(captioner: Captioner, limits: ServerLimits | None = None) -> Fast
         prompt: Annotated[
             str | None, Form(max_length=MAX_PROMPT_CHARS, description="text each caption continues")
         ] = None,
+        candidates: Annotated[
+            int | None, Form(ge=1, le=MAX_CANDIDATES, description="candidate captions per image, at most num_beams")
+        ] = None,
+        rerank: Annotated[Literal[RERANKERS], Form(description="keep the search's best (none) or CLIP's (clip)")] = (
+            "none"
+        ),
+        rerank_weight: Annotated[float, Form(allow_inf_nan=False, description="clip rerank: + F x logprob")] = 0.0,
     ) -> CaptionResponse:
         """Caption the uploaded images. Concurrent requests with equal settings share batched model runs."""
         beams = num_beams if num_beams is not None else defaults["num_beams"]
         if num_captions > beams and not do_sample:
             raise HTTPException(400, f"num_captions ({num_captions}) cannot exceed num_beams ({beams})")
+        if candidates is not None and candidates > beams and not do_sample:
+            raise HTTPException(400, f"candidates ({candidates}) cannot exceed num_beams ({beams})")
+        try:
+            check_rerank(candidates, rerank, rerank_weight)
+        except ClipCapError as e:
+            raise HTTPException(400, str(e).replace("`", "")) from None
+        if candidates is not None and num_captions > 1:
+            raise HTTPException(400, "candidates applies to one caption per image, not to num_captions > 1")
+        if rerank == "clip" and no_text_tower:
+            raise HTTPException(400, f"CLIP reranking needs the model's CLIP text tower: {no_text_tower}")
         sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k}
         if not do_sample and any(v is not None for v in sampling.values()):
             raise HTTPException(400, "temperature, top_p and top_k only apply with do_sample")
@@ -474,7 +527,9 @@ def create_app(captioner: Captioner, limits: ServerLimits | None = None) -> Fast
         for name, upload in zip(names, image, strict=True):
             data = await upload.read()
             pixels.append(await anyio.to_thread.run_sync(prepare, data, name, limiter=decode_limiter))
-        settings = DecodeSettings(num_captions=num_captions, **decoding)
+        settings = DecodeSettings(
+            num_captions=num_captions, candidates=candidates, rerank=rerank, rerank_weight=rerank_weight, **decoding
+        )
         try:
             future = batcher.submit(torch.cat(pixels), settings)
         except Overloaded:
@@ -486,9 +541,8 @@ def create_app(captioner: Captioner, limits: ServerLimits | None = None) -> Fast
         except Exception:
             logger.exception("captioning failed")
             raise HTTPException(500, "internal server error: captioning failed") from None
-        return CaptionResponse(
-            results=[CaptionResult(filename=n, captions=c) for n, c in zip(names, result, strict=True)]
-        )
+        several, listed = num_captions > 1, candidates is not None
+        return CaptionResponse(results=[_result(n, s, several, listed) for n, s in zip(names, result, strict=True)])
 
     return app
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from ..caption_job import INFO, SKIPPED, CaptionJobConfig, caption_job, caption_stream, input_kind
+from ..caption_report import report_line
 from ..errors import ClipCapError
 from ..options import option
 from ..ray_engine import EngineOptions
@@ -23,23 +24,27 @@ class CaptionConfig(EngineOptions, CaptionJobConfig):
 
 
 class RecordWriter:
-    """Caption records as JSON lines ({"image", "caption"} or {"image", "captions"}, led by "key" for a dataset source
-    or store) or CSV with a header."""
+    """Caption records as JSON lines ({"image", "caption", "clip_score", "logprob", ...} or {"image", "captions",
+    "clip_scores", "logprobs"}, led by "key" for a dataset source or store: the fields of the --out rows) or CSV with
+    a header (the captions, then clip_score and logprob with one caption per image)."""
 
     def __init__(self, out: TextIO, fmt: str, num_captions: int, keyed: bool = False):
         self.out, self.fmt, self.n, self.keyed = out, fmt, num_captions, keyed
         if fmt == "csv":
             self.csv = csv.writer(out)
-            columns = ["caption"] if num_captions == 1 else [f"caption_{i + 1}" for i in range(num_captions)]
+            columns = ["caption", "clip_score", "logprob"]
+            columns = columns if num_captions == 1 else [f"caption_{i + 1}" for i in range(num_captions)]
             self.csv.writerow([*(["key"] if keyed else []), "image", *columns])
 
-    def write(self, key: str, image: str | None, captions: list[str]) -> None:
+    def write(self, key: str, image: str | None, captions: list[str], fields: dict | None = None) -> None:
+        fields = fields or ({"caption": captions[0]} if self.n == 1 else {"captions": captions})
         if self.fmt == "csv":
-            self.csv.writerow([*([key] if self.keyed else []), image, *captions])
+            scores = [fields.get("clip_score"), fields.get("logprob")] if self.n == 1 else []
+            self.csv.writerow([*([key] if self.keyed else []), image, *captions, *scores])
             return
         record = {"key": key} if self.keyed else {}
         record["image"] = image
-        record.update({"caption": captions[0]} if self.n == 1 else {"captions": captions})
+        record.update(fields)
         self.out.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
@@ -55,19 +60,23 @@ def run(cfg: CaptionConfig, progress: bool = True, out: TextIO | None = None, er
 
     out = out if out is not None else sys.stdout
     writer = RecordWriter(out, cfg.format, cfg.num_captions, keyed=input_kind(cfg) != "images")
-    captioned = skipped = 0
+    captioned = skipped = dropped = 0
     for item in caption_stream(cfg, progress):
         if item.captions is None:
             tqdm.write(f"skipped {item.image or item.key}: {item.reason}", file=errors)
             skipped += 1
             continue
-        writer.write(item.key, item.image, item.captions)
-        out.flush()  # records stream out as they are captioned
         captioned += 1
+        if item.dropped:
+            dropped += 1
+            continue
+        writer.write(item.key, item.image, item.captions, item.fields)
+        out.flush()  # records stream out as they are captioned
     if not captioned:
         raise ClipCapError(f"none of the {skipped} images could be captioned (reasons above)")
     if progress:
-        print(f"captioned {captioned} images, skipped {skipped}", file=errors)
+        left_out = f", left out {dropped} below --min-clip-score" if cfg.drop_below else ""
+        print(f"captioned {captioned} images, skipped {skipped}{left_out}", file=errors)
     return 0
 
 
@@ -96,4 +105,7 @@ def _run_job(cfg: CaptionConfig, progress: bool, errors: TextIO) -> int:
             f"{info['shard_format']} shards in {result.out / 'captions'}; {skipped}",
             file=errors,
         )
+    report = info.get("report")
+    if report is not None and (progress or report["collapse_warning"]):
+        print(f"report ({result.out / INFO}): {report_line(report)}", file=errors)
     return 0

@@ -230,7 +230,8 @@ COMMANDS = (
         "run the captioning REST API and upload page",
         "Serve a model dir over HTTP: GET / is an upload page, POST /v1/captions takes multipart `image` fields "
         "(+ num_beams, max_new_tokens, num_captions, length_penalty, do_sample, temperature, top_p, top_k, "
-        "repetition_penalty, prompt) and returns {results: [{filename, captions}]}, GET /healthz, OpenAPI docs at "
+        "repetition_penalty, prompt, candidates, rerank, rerank_weight) and returns {results: [{filename, captions, "
+        "scores: [{caption, clip_score, logprob}], candidates}]}, GET /healthz, OpenAPI docs at "
         "/docs. "
         "The model loads once; concurrent requests are batched together. Decoding settings flags are the defaults "
         "for requests that do not say (else the model dir's).",
