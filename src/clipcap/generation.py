@@ -7,10 +7,13 @@ decode with exactly the same settings.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import logging
 
 import torch
 from transformers import GenerationConfig
+
+from .errors import ClipCapError
 
 FROM_CONFIG = object()  # sentinel for stop_token_id: "use config.stop_token_id"
 
@@ -41,6 +44,20 @@ def pad_token_id(pad: int | None, lm_config) -> int:
     return 0
 
 
+def check_generate_options(options) -> None:
+    """Refuse a decoding option `generate` does not know (a typo such as `num_beam` would otherwise be kept on the
+    GenerationConfig and do nothing): one error naming it, the closest known names, and where the list is."""
+    known = GenerationConfig().to_dict()
+    unknown = [name for name in options if name not in known]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], known, n=3)
+        hint = f"did you mean {', '.join(close)}?" if close else "e.g. num_beams, max_new_tokens, temperature, top_p"
+        raise ClipCapError(
+            f"unknown decoding option {', '.join(unknown)}: {hint} (decoding options are transformers' "
+            "GenerationConfig fields)"
+        )
+
+
 @torch.no_grad()
 def generate_from_prefix(
     lm,
@@ -57,6 +74,7 @@ def generate_from_prefix(
     """Caption token ids (B*num_return_sequences, T_new) continuing `prefix` (B, T, hidden) with `lm.generate`:
     new tokens only, rows padded with `pad` after their `stop` token (`stop=None`: never stop). `attention_mask`
     (B, T) marks left padding in a prefix followed by prompts of different lengths."""
+    check_generate_options(generate_kwargs)
     mask = attention_mask
     if mask is None:
         mask = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
