@@ -140,7 +140,9 @@ CARRIED = {
 def test_every_source_format_is_captioned_with_its_keys_and_metadata(kind, tmp_path, varied_model_dir, capsys):
     source, options = _source(kind, tmp_path)
     read = {"image_root": "images", "input_format": "format"}
-    records = list(read_source(source, **{read[k]: v for k, v in options.items() if k in read}, require_captions=False))
+    records = list(
+        read_source(source, **{read[k]: v for k, v in options.items() if k in read}, require_captions=False)
+    )
     good = [r for r in records if r.image is not None]
     expected = reference(varied_model_dir, [open_record_image(r) for r in good])
 
