@@ -314,3 +314,40 @@ def test_an_unknown_save_pretrained_keyword_raises_naming_it(captioner, tmp_path
     with pytest.raises(ClipCapError, match="unknown save_pretrained argument shard_size"):
         captioner.model.save_pretrained(tmp_path / "model", shard_size="1GB")
     assert not (tmp_path / "complete").exists() and not (tmp_path / "model").exists()
+
+
+def test_scoring_predictions_with_a_clip_model_and_clipscore_off_is_one_line(tmp_path, clip_dir):
+    preds, refs = tmp_path / "p.json", tmp_path / "r.json"
+    preds.write_text(json.dumps([{"image_id": 1, "caption": "a cat."}]))
+    refs.write_text(json.dumps({"1": ["a cat.", "a small cat."]}))
+    done = clipcap("evaluate", "--predictions", preds, "--references", refs, "--no-spice", "--no-clipscore",
+                   "--clip-model", clip_dir, "--out", tmp_path / "m.json")  # fmt: skip
+    one_line_error(done, "--clip-model is only used for CLIPScore, which --no-clipscore turns off")
+    assert not (tmp_path / "m.json").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, fragments",
+    [
+        (["--images", "IMGS"], ["a folder source holds its images: an image root", "does nothing for it"]),
+        (
+            ["--caption-column", "text"],
+            ["a column name (text) applies to CSV, JSONL and parquet sources, not to folder"],
+        ),
+    ],
+)
+def test_embed_options_a_source_format_does_not_read_are_one_line(extra, fragments, tmp_path, pictures, clip_dir):
+    extra = [str(pictures) if a == "IMGS" else a for a in extra]
+    done = clipcap("embed", pictures, "--format", "folder", "--out", tmp_path / "s", "--clip-model", clip_dir, *extra)
+    one_line_error(done, "clipcap embed: error:", *fragments)
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("flag", ["--clip-length", "--num-layers"])
+def test_converting_an_mlp_checkpoint_with_a_transformer_setting_is_one_line(flag, tmp_path, lm_dir):
+    from tests.test_convert import make_original
+
+    make_original(lm_dir, "mlp", tmp_path / "mlp.pt")
+    done = clipcap("convert", tmp_path / "mlp.pt", tmp_path / "out", "--lm", lm_dir, flag, 3)
+    one_line_error(done, f"{flag} is a setting of the Transformer mapper, but {tmp_path / 'mlp.pt'} holds an MLP")
+    assert not (tmp_path / "out").exists()

@@ -643,6 +643,12 @@ def read_source(
         raise ClipCapError(f"{source} is a directory, not a {format} file")
     if format == "folder" and not path.is_dir():
         raise ClipCapError(f"{source} is not a directory of images")
+    # what only some formats read would otherwise be dropped without a word
+    if images is not None and format in ("folder", "webdataset"):
+        raise ClipCapError(f"a {format} source holds its images: an image root ({images}) does nothing for it")
+    columns = [c for c in (image_column, caption_column) if c is not None]
+    if columns and format not in ("csv", "jsonl", "parquet"):
+        raise ClipCapError(f"a column name ({columns[0]}) applies to CSV, JSONL and parquet sources, not to {format}")
     readers = {
         "karpathy": lambda: read_karpathy(path, images, obj),
         "coco": lambda: read_coco(path, images, obj),
