@@ -132,7 +132,8 @@ class TrainConfig:
     keep_checkpoints: int = option(2, min=1, help="checkpoints kept, newest first")
     resume: bool = option(
         False,
-        help="continue RUN_DIR from its newest intact checkpoint exactly where it stopped (starts fresh if none)",
+        help="continue RUN_DIR from its newest intact checkpoint exactly where it stopped (starts fresh if none); the "
+        "schedule, optimizer, precision and logging options may change and are recorded, any other must be as before",
     )
     text_only: bool = option(
         False, help="CapDec: train on CLIP text embeddings (a store made with text_only) with noise injected"
