@@ -351,3 +351,14 @@ def test_converting_an_mlp_checkpoint_with_a_transformer_setting_is_one_line(fla
     done = clipcap("convert", tmp_path / "mlp.pt", tmp_path / "out", "--lm", lm_dir, flag, 3)
     one_line_error(done, f"{flag} is a setting of the Transformer mapper, but {tmp_path / 'mlp.pt'} holds an MLP")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_job_record_names_each_change_and_tells_another_command_apart(tmp_path):
+    from clipcap.jobs import claim_job
+
+    claim_job(tmp_path / "j", {"a": 1, "d": {"x": 1, "y": 2}}, "clipcap embed", "store")
+    # an older version's record lacks a newer field: it shows as changed from null, not as another command
+    with pytest.raises(ClipCapError, match=r"\(differs in: b null -> 2, d\.y 2 -> 3\); use another output dir"):
+        claim_job(tmp_path / "j", {"a": 1, "b": 2, "d": {"x": 1, "y": 3}}, "clipcap embed", "store")
+    with pytest.raises(ClipCapError, match="holds the output of another command, not a caption job"):
+        claim_job(tmp_path / "j", {"command": "caption", "a": 1}, "clipcap caption", "caption job")

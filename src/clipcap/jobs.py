@@ -124,7 +124,9 @@ def claim_job(out: Path, job: dict, command: str, kind: str) -> None:
         raise ClipCapError(f"{job_file} is damaged ({e}): delete {out} to start over") from None
     if not isinstance(previous, dict):
         raise ClipCapError(f"{job_file} is damaged (not a JSON object): delete {out} to start over")
-    if set(previous) != set(job):  # another command's record (a store from `embed` as captions, or the reverse)
+    # Another command's record (a store from `embed`, which names no command, as captions, or the reverse); a record
+    # of the same command from an older version lacks the newer fields, which then show as changed from null.
+    if previous.get("command") != job.get("command"):
         raise ClipCapError(
             f"{out} holds the output of another command, not a {kind} of `{command}`: use another output dir"
         )
