@@ -115,7 +115,9 @@ def test_split_normalize_and_resume_when_complete(tmp_path, dataset, clip_dir, e
     run_embed(dataset, out, clip_dir, split="val", normalize=True, workers=0)
     assert {p: p.stat().st_mtime_ns for p in (out / "img_emb").iterdir()} == before  # nothing recomputed
     with pytest.raises(
-        ClipCapError, match="different `clipcap embed` command.*differs in: normalize, num_records, split"
+        ClipCapError,
+        match=r"different `clipcap embed` command.*differs in: normalize true -> false, num_records 2 -> 17, "
+        r"records_sha256 \w{12} -> \w{12}, split \"val\" -> null\)",
     ):
         run_embed(dataset, out, clip_dir, workers=0)
     (tmp_path / "full").mkdir()

@@ -45,10 +45,12 @@ def test_a_folder_of_hostile_files_captions_the_good_ones_and_reports_the_rest(m
     no_traceback(done)
     assert done.returncode == 0, done.stderr
     names = sorted(os.path.basename(r["image"]) for r in records(done.stdout))
-    assert names == ["bad-\ufffd\ufffd-name.png", "good1.png", "good2.jpg"]
+    assert names == ["bad-\\xff\\xfe-name.png", "good1.png", "good2.jpg"]  # the bytes kept, escaped
     skipped = [line for line in done.stderr.splitlines() if line.startswith("skipped ")]
-    for bad in ("empty.png", "text.jpg", "cut.jpg", "bomb.png", "zeros.gif"):
+    for bad in ("empty.png", "text.jpg", "cut.jpg", "bomb.png", "zeros.gif", "loop.png", "pipe.jpg"):
         assert sum(bad in line for line in skipped) == 1, (bad, done.stderr)
+    assert any("loop.png: broken symbolic link" in line for line in skipped), done.stderr
+    assert any("pipe.jpg: not a regular file" in line for line in skipped), done.stderr
     assert len(done.stderr.strip().splitlines()) == len(skipped)  # one line per bad file, nothing else (--quiet)
 
 

@@ -102,11 +102,17 @@ def cases(tmp_path_factory, clip_dir, tokenizer, varied_model_dir):
         "damaged job record": (job(store, root / "bad-job-record"), ["job.json is damaged", "to start over"]),
         "out from another caption job": (
             job(store, done, "--beams", "2"),
-            [f"{done} holds a caption job from a different `clipcap caption` command (differs in: decoding)"],
+            [
+                f"{done} holds a caption job from a different `clipcap caption` command",
+                "(differs in: decoding.num_beams 1 -> 2)",
+            ],
         ),
         "out from another input": (
             job(root / "d.jsonl", done),
-            ["from a different `clipcap caption` command (differs in: input_format, inputs, items_sha256)"],
+            [
+                'from a different `clipcap caption` command (differs in: input_format "store" -> "jsonl", inputs [',
+                "items_sha256 null -> ",
+            ],
         ),
         "out is a store from embed": (
             job(root / "d.jsonl", other),

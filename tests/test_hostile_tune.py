@@ -113,7 +113,7 @@ EXPECTED = {
     "lora-dropout": ("train", ["--lora-dropout must be below 1"]),
     "lora-alpha": ("train", ["--lora-alpha must be at least"]),
     "lora-no-targets": ("train", ["--lora-target-modules"]),
-    "lora-wrong-targets": ("train", ["q_proj match no layer", "gpt2"]),
+    "lora-wrong-targets": ("train", ["LoRA target modules q_proj: no module of the gpt2 LM", "its layers: c_attn"]),
     "report-to-unknown": ("train", ["--report-to", "mlflow"]),
     "report-to-wandb-missing": ("train", ["needs the wandb package"]),
     "merge-missing": ("merge-lora", ["model directory not found"]),

@@ -372,12 +372,12 @@ def test_find_images_files_dirs_and_globs(tmp_path, monkeypatch):
         find_images(["*.gif", "no-images"])
 
 
-def test_read_images_keys_by_printable_path_and_opens_the_real_one(tmp_path):
+def test_read_images_keys_by_an_escaped_path_and_opens_the_real_one(tmp_path):
     name = os.fsencode(tmp_path) + b"/bad-\xff-name.png"
     Image.new("RGB", (8, 8)).save(name.decode("utf-8", "surrogateescape"))
     (tmp_path / "good.jpg").write_bytes(image_bytes(0, "JPEG"))
     records = list(read_images([tmp_path]))
-    assert [r.key for r in records] == [f"{tmp_path}/bad-\ufffd-name.png", f"{tmp_path}/good.jpg"]
+    assert [r.key for r in records] == [f"{tmp_path}/bad-\\xff-name.png", f"{tmp_path}/good.jpg"]
     assert all(r.captions == [] and r.problem is None for r in records)
     assert open_record_image(records[0]).size == (8, 8)  # the image is the real (undecodable) name
 

@@ -20,7 +20,6 @@ Images are decoded and preprocessed in DataLoader workers while the main process
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import logging
 import math
@@ -33,15 +32,15 @@ import torch
 
 from .caption_report import HISTOGRAM, ScoreFilterOptions, dataset_report, passed, repeated_ngram, write_histogram
 from .data.loading import image_loader
-from .data.sources import FORMATS, Record, detect_format, is_shard_pattern, printable, read_images, read_source
+from .data.sources import FORMATS, Record, detect_format, is_shard_pattern, path_key, read_images, read_source
 from .data.store import EmbeddingStore, arrow, is_store, reason_class, write_json
 from .decoding import DecodingOptions
 from .devices import DEVICE_HELP
-from .encoder import fingerprint, same_encoder
+from .encoder import same_encoder
 from .errors import ClipCapError
 from .hub import resolve_dir
 from .images import is_image_file
-from .jobs import claim_job, rank_and_world, shards_of
+from .jobs import claim_job, dir_fingerprint, items_digest, rank_and_world, shards_of
 from .limits import MAX_BATCH_SIZE, MAX_CAPTIONS, MAX_WORKERS
 from .options import option
 from .outputs import CAPTIONS, claim_dir, replace_atomically
@@ -157,7 +156,7 @@ class Inputs:
         """(key, image reference) of the given items, as text that can be written out."""
         if self.store is None:
             return [
-                (self.records[n].key, printable(self.records[n].image) if self.records[n].image else None)
+                (self.records[n].key, path_key(self.records[n].image) if self.records[n].image else None)
                 for n in indices
             ]
         return _store_names(self.store.metadata(indices), indices)
@@ -412,11 +411,9 @@ def caption_stream(cfg: CaptionJobConfig, progress: bool = False) -> Iterator[Ca
 
 
 # -- sharded jobs ------------------------------------------------------------------------------------------------
-def _digest(records: list[Record]) -> str:
-    h = hashlib.sha256()
-    for rec in records:
-        h.update(f"{rec.key}\0{rec.image}\0{rec.problem}\n".encode("utf-8", "surrogatepass"))
-    return h.hexdigest()
+def _items_digest(records: list[Record]) -> str:
+    """Everything of the records that reaches the output: keys, images, problems and the metadata columns."""
+    return items_digest([r.key, r.image, r.problem, r.split, r.captions, r.extra] for r in records)
 
 
 def _job_record(cfg: CaptionJobConfig, inputs: Inputs, captioner, decoding: dict) -> dict:
@@ -431,11 +428,11 @@ def _job_record(cfg: CaptionJobConfig, inputs: Inputs, captioner, decoding: dict
         "split": cfg.split,
         "image_column": cfg.image_column,
         "num_items": len(inputs),
-        "items_sha256": _digest(inputs.records) if inputs.records is not None else None,
+        "items_sha256": _items_digest(inputs.records) if inputs.records is not None else None,
         "model": str(model_dir.resolve()),
-        "model_fingerprint": fingerprint(str(model_dir)),
+        "model_fingerprint": dir_fingerprint(model_dir),
         "clip_model": str(captioner.clip_model),
-        "clip_fingerprint": fingerprint(str(captioner.clip_model)),
+        "clip_fingerprint": dir_fingerprint(str(captioner.clip_model)),
         "decoding": decoding,
         "num_captions": cfg.num_captions,
         "batch_size": cfg.batch_size,

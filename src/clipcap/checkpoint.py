@@ -142,9 +142,14 @@ def newest_intact_checkpoint(run_dir: Path, ranks: int) -> tuple[Path | None, li
     return None, passed
 
 
+def read_state(path: Path) -> dict:
+    """The trainer state of a checkpoint that passed `checkpoint_problem`."""
+    return json.loads((path / STATE).read_text())
+
+
 def read_checkpoint(path: Path, rank: int) -> tuple[dict, dict, dict]:
     """(trainer state, optimizer state dict, this rank's RNG state) of a checkpoint that passed `checkpoint_problem`."""
-    state = json.loads((path / STATE).read_text())
+    state = read_state(path)
     try:
         optimizer = optimizer_from_safetensors(load_file(str(path / OPTIMIZER)), state["optimizer"])
         rng = load_file(str(rng_file(path, rank)))

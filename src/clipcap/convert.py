@@ -221,6 +221,8 @@ def convert_original(
     for name, value in given.items():
         if name in found:
             check_flag(name, value, found[name])
+        elif value is not None:  # a Transformer mapper's setting, given for an MLP checkpoint
+            raise ClipCapError(f"`{name}` is a setting of the Transformer mapper, but {checkpoint} holds an MLP mapper")
     if clip_model is None:
         clip_model = DEFAULT_CLIP if found["clip_dim"] == DEFAULT_CLIP_DIM else None
     stop = tokenizer.encode(".", add_special_tokens=False)

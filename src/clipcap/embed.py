@@ -22,7 +22,7 @@ from .data.store import StoreWriter
 from .devices import DEVICE_HELP, resolve_device
 from .encoder import ImageEncoder, fingerprint
 from .errors import ClipCapError
-from .jobs import claim_job, rank_and_world, shards_of
+from .jobs import claim_job, dir_fingerprint, items_digest, rank_and_world, shards_of
 from .limits import MAX_BATCH_SIZE, MAX_WORKERS
 from .options import check_options, option
 from .outputs import STORE, claim_dir
@@ -200,6 +200,8 @@ def open_embed_job(
         "images": str(Path(cfg.images).resolve()) if cfg.images is not None else None,
         "split": cfg.split,
         "clip_model": str(cfg.clip_model),
+        "clip_files": dir_fingerprint(cfg.clip_model),
+        "records_sha256": items_digest([r.key, r.image, r.problem, r.split, r.captions, r.extra] for r in records),
         "text_only": cfg.text_only,
         "normalize": cfg.normalize,
         "shard_size": cfg.shard_size,

@@ -91,6 +91,10 @@ class EvalConfig(RerankOptions, DecodingOptions):
             if decoding or self.do_sample:
                 name = decoding[0] if decoding else "do_sample"
                 raise ClipCapError(f"`{name}` only applies when generating (a `model` and `data`)")
+            if self.clip_model is not None and not self.clipscore:
+                raise ClipCapError(
+                    "scoring predictions, `clip_model` is only used for CLIPScore, which `clipscore` turns off"
+                )
 
 
 @dataclass

@@ -7,11 +7,13 @@ decode with exactly the same settings.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import logging
 
 import torch
 from transformers import GenerationConfig
 
+from .errors import ClipCapError
 from .limits import check_decoding, context_length
 
 FROM_CONFIG = object()  # sentinel for stop_token_id: "use config.stop_token_id"
@@ -43,6 +45,20 @@ def pad_token_id(pad: int | None, lm_config) -> int:
     return 0
 
 
+def check_generate_options(options) -> None:
+    """Refuse a decoding option `generate` does not know (a typo such as `num_beam` would otherwise be kept on the
+    GenerationConfig and do nothing): one error naming it, the closest known names, and where the list is."""
+    known = GenerationConfig().to_dict()
+    unknown = [name for name in options if name not in known]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], known, n=3)
+        hint = f"did you mean {', '.join(close)}?" if close else "e.g. num_beams, max_new_tokens, temperature, top_p"
+        raise ClipCapError(
+            f"unknown decoding option {', '.join(unknown)}: {hint} (decoding options are transformers' "
+            "GenerationConfig fields)"
+        )
+
+
 @torch.no_grad()
 def generate_from_prefix(
     lm,
@@ -61,6 +77,7 @@ def generate_from_prefix(
     (B, T) marks left padding in a prefix followed by prompts of different lengths. Settings outside
     `limits` (beams, sequences, tokens, the prefix and new tokens past the LM's context) are one ClipCapError
     before anything is generated."""
+    check_generate_options(generate_kwargs)
     check_decoding(
         num_beams=num_beams,
         max_new_tokens=max_new_tokens,

@@ -100,7 +100,9 @@ def open_image(
         path = Path(source)
         name = name or str(source)
         if not path.is_file():
-            raise ImageLoadError(name, "file not found", MISSING)
+            if path.is_symlink() and not path.exists():
+                raise ImageLoadError(name, "broken symbolic link", MISSING)
+            raise ImageLoadError(name, "not a regular file" if path.exists() else "file not found", MISSING)
         try:
             empty = path.stat().st_size == 0
         except OSError as e:

@@ -10,14 +10,70 @@ scheduler, and any number of nodes on a shared filesystem.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from .errors import ClipCapError
 from .outputs import disk_full, disk_full_error
 
 JOB = "job.json"
+# Files in a model or encoder dir that cannot change what it computes: docs (a model card written later), the model
+# code copied for `trust_remote_code` (clipcap runs its own), and hidden files and folders (.git, caches, locks).
+INERT_SUFFIXES = (".md", ".py", ".pyc")
+
+
+def dir_fingerprint(name: str | Path) -> str | None:
+    """A content hash of every file under the local dir `name` that can decide its output (weights of any kind,
+    .onnx graphs, configs, generation_config.json, tokenizer and processor files, an encoder dir inside it), with
+    their relative names; None when `name` is not a local dir (a Hub id)."""
+    root = Path(name).expanduser()
+    if not root.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "__pycache__")
+        for file in sorted(files):
+            path = Path(folder, file)
+            if file.startswith(".") or path.suffix in INERT_SUFFIXES or not path.is_file():
+                continue
+            digest.update(os.fsencode(path.relative_to(root).as_posix()) + b"\0")
+            with open(path, "rb") as f:
+                for chunk in iter(lambda f=f: f.read(1 << 20), b""):
+                    digest.update(chunk)
+            digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def items_digest(items: Iterable) -> str:
+    """A hash of a job's item list (each item JSON-able: key, image, captions, metadata, ...), so a source that
+    changed between runs is noticed; non-UTF-8 names (lone surrogates) hash distinctly."""
+    digest = hashlib.sha256()
+    for item in items:
+        digest.update(json.dumps(item, sort_keys=True, default=str).encode("ascii") + b"\n")
+    return digest.hexdigest()
+
+
+def _shown(value) -> str:
+    text = json.dumps(value, ensure_ascii=False, default=str)
+    if isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value):
+        return value[:12]  # a sha256: its start is enough to tell two apart
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def differences(old: dict, new: dict, prefix: str = "") -> str:
+    """`name old -> new` for each key whose value differs (`outer.inner` within dicts), comma-separated, for
+    one-line messages."""
+    shown = []
+    for k in sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            shown.append(differences(a, b, f"{prefix}{k}."))
+        else:
+            shown.append(f"{prefix}{k} {_shown(a)} -> {_shown(b)}")
+    return ", ".join(shown)
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -61,14 +117,16 @@ def claim_job(out: Path, job: dict, command: str, kind: str) -> None:
         raise ClipCapError(f"{job_file} is damaged ({e}): delete {out} to start over") from None
     if not isinstance(previous, dict):
         raise ClipCapError(f"{job_file} is damaged (not a JSON object): delete {out} to start over")
-    if set(previous) != set(job):  # another command's record (a store from `embed` as captions, or the reverse)
+    # Another command's record (a store from `embed`, which names no command, as captions, or the reverse); a record
+    # of the same command from an older version lacks the newer fields, which then show as changed from null.
+    if previous.get("command") != job.get("command"):
         raise ClipCapError(
             f"{out} holds the output of another command, not a {kind} of `{command}`: use another output dir"
         )
-    differs = sorted(k for k in set(job) | set(previous) if job.get(k) != previous.get(k))
+    differs = differences(previous, job)
     if differs:
         raise ClipCapError(
-            f"{out} holds a {kind} from a different `{command}` command (differs in: {', '.join(differs)}); "
+            f"{out} holds a {kind} from a different `{command}` command (differs in: {differs}); "
             "use another output dir, or delete it to start over"
         )
 

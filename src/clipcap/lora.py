@@ -41,6 +41,8 @@ def add_lora(
     if model.config.tune_lm:
         raise ClipCapError("LoRA adapts an LM that stays as it is: this model's LM is tuned")
     lm_type = model.lm.config.model_type
+    if target_modules:
+        check_target_modules(model.lm, target_modules)
     config = peft.LoraConfig(
         r=r,
         lora_alpha=alpha,
@@ -66,6 +68,20 @@ def add_lora(
         ) from None
     model.config.adapter = ADAPTER
     return model
+
+
+def check_target_modules(lm, targets: list[str]) -> None:
+    """Every name in `targets` must name a module of `lm` as peft matches them (the whole dotted name or its last
+    parts), so a typo is an error rather than a layer quietly left without an adapter."""
+    names = [name for name, _ in lm.named_modules() if name]
+    unknown = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if unknown:
+        weighted = [n for n, m in lm.named_modules() if n and next(m.parameters(recurse=False), None) is not None]
+        valid = sorted({n.rsplit(".", 1)[-1] for n in weighted})
+        raise ClipCapError(
+            f"LoRA target modules {', '.join(unknown)}: no module of the {lm.config.model_type} LM has that name "
+            f"(its layers: {', '.join(valid[:12])})"
+        )
 
 
 def load_adapter_weights(model: ClipCapModel, folder: Path) -> None:

@@ -328,6 +328,7 @@ class ClipCapModel(ClipCapPreTrainedModel):
         ...). `save_lm=False` (frozen LM only) keeps just the mapper and refers to the LM by `config.lm`. With a LoRA
         adapter (`config.adapter`) the weights hold the mapper, the adapter goes to its folder in PEFT's layout and
         the LM is always referred to by `config.lm`."""
+        check_save_options(kwargs)
         if self.config.adapter is not None:
             self.lm.save_pretrained(Path(save_directory) / self.config.adapter)
             save_lm = False
@@ -337,6 +338,23 @@ class ClipCapModel(ClipCapPreTrainedModel):
             kwargs["state_dict"] = {k: v for k, v in self.state_dict().items() if k.startswith("mapper.")}
         with transformers_quiet():
             super().save_pretrained(save_directory, **kwargs)
+
+
+def check_save_options(options: dict) -> None:
+    """Refuse a keyword transformers' `save_pretrained` would quietly drop (it keeps unknown ones for `push_to_hub`):
+    one error naming it and the accepted ones."""
+    import inspect
+
+    from transformers.utils import PushToHubMixin
+
+    known = {*inspect.signature(PreTrainedModel.save_pretrained).parameters}
+    known |= {*inspect.signature(PushToHubMixin.push_to_hub).parameters}
+    known -= {"self", "kwargs", "save_directory"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ClipCapError(
+            f"unknown save_pretrained argument {', '.join(unknown)} (accepted: {', '.join(sorted(known))})"
+        )
 
 
 class ClipCapVisionTower(nn.Module):
@@ -462,6 +480,7 @@ class ClipCapForImageCaptioning(ClipCapPreTrainedModel, GenerationMixin):
 
     def save_pretrained(self, save_directory: str | Path, **kwargs) -> None:
         """transformers' `save_pretrained`; the dir's auto_map also names ClipCapModel for AutoModel."""
+        check_save_options(kwargs)
         auto_map = dict(getattr(self.config, "auto_map", None) or {})
         auto_map.setdefault("AutoModel", f"{ClipCapModel.__module__.split('.')[-1]}.{ClipCapModel.__name__}")
         self.config.auto_map = auto_map

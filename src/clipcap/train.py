@@ -61,6 +61,25 @@ COMMAND = "clipcap train"
 RUN_ENTRIES = (ckpt.CHECKPOINTS, "final", "best", METRICS, "loss.png", SKIPPED, CONFIG, "tensorboard")
 REPORT_TO = ("none", "tensorboard", "wandb")
 WARMUP_FRACTION = 0.1  # the original's 5000 warm-up steps were 3.5 % of its run; never warm up for more than 10 %
+# What a resumed run may change: the schedule and the optimizer's settings (applied from the resumed step on, e.g. a
+# lower `lr` after the loss diverged), precision, and how often it logs, validates and saves. Anything else decides
+# the model or the sample order, and resuming with another value is refused (`resume_changes`).
+RESUMABLE = (
+    "epochs",
+    "lr",
+    "lm_lr",
+    "warmup_steps",
+    "weight_decay",
+    "max_grad_norm",
+    "mixed_precision",
+    "val_every",
+    "num_samples",
+    "log_every",
+    "save_every",
+    "keep_checkpoints",
+    "report_to",
+)
+PATHS = ("data", "val_data", "lm", "lm_text", "init_from")
 
 
 @dataclass(kw_only=True)
@@ -120,7 +139,8 @@ class TrainConfig:
     keep_checkpoints: int = option(2, min=1, help="checkpoints kept, newest first")
     resume: bool = option(
         False,
-        help="continue RUN_DIR from its newest intact checkpoint exactly where it stopped (starts fresh if none)",
+        help="continue RUN_DIR from its newest intact checkpoint exactly where it stopped (starts fresh if none); the "
+        "schedule, optimizer, precision and logging options may change and are recorded, any other must be as before",
     )
     text_only: bool = option(
         False, help="CapDec: train on CLIP text embeddings (a store made with text_only) with noise injected"
@@ -179,6 +199,37 @@ class TrainConfig:
             raise ClipCapError("`lm_text` needs `tune_lm`: a frozen LM cannot forget anything")
         if (self.lm_text is None) != (self.lm_text_weight == 0):
             raise ClipCapError("`lm_text` FILE and `lm_text_weight` W (> 0) go together")
+        self._check_no_ops()
+
+    def _check_no_ops(self) -> None:
+        """Refuse an option that, with the others as they are, would do nothing (what was typed is never ignored)."""
+        changed = {f.name for f in dataclasses.fields(self) if getattr(self, f.name) != f.default}
+        needs = [
+            (
+                {"lora_alpha", "lora_dropout", "lora_target_modules"},
+                self.lora_r > 0,
+                "configures LoRA: it needs `lora_r`",
+            ),
+            ({"noise_variance"}, self.text_only, "is CapDec's noise for `text_only` training: it needs `text_only`"),
+            ({"lm_text_block"}, self.lm_text is not None, "packs the `lm_text` file: it needs `lm_text`"),
+            (
+                {"val_every"},
+                self.val_data is not None or self.val_split is not None,
+                "validates: it needs `val_data` or `val_split`",
+            ),
+        ]
+        if self.init_from is None:  # a warm start's model decides the mapping (start.start_from)
+            needs.append(
+                (
+                    {"clip_length"},
+                    self.mapping == "transformer" and not self.tokens,
+                    "sizes the Transformer mapper's pooled input: it needs `mapping` transformer without `tokens`",
+                )
+            )
+        for names, ok, why in needs:
+            given = sorted(names & changed)
+            if given and not ok:
+                raise ClipCapError(f"`{given[0]}` {why}")
 
     @property
     def lm_tuned(self) -> bool:
@@ -242,6 +293,44 @@ def plot_losses(runs: dict[str, Path], png: Path, log_scale: bool = False) -> Pa
     return png
 
 
+def resume_settings(cfg: dict) -> dict:
+    """A run's settings (`dataclasses.asdict(TrainConfig)`) as they act: local paths absolute, and the values the
+    options resolve to (`tune_lm` by the mapping, `clip_length`, `lora_alpha`), fields that do nothing dropped; what
+    a checkpoint is compared on when a run resumes. `out` and `resume` are left out: a run dir may move."""
+    settings = {k: v for k, v in cfg.items() if k not in ("out", "resume")}
+    for name in PATHS:
+        value = settings.get(name)
+        if isinstance(value, str) and Path(value).expanduser().exists():
+            settings[name] = str(Path(value).expanduser().resolve())
+    mapping, lora_r = cfg.get("mapping"), cfg.get("lora_r") or 0
+    if cfg.get("tune_lm") is None:
+        settings["tune_lm"] = mapping == "mlp" and not lora_r
+    transformer = mapping == "transformer" and not cfg.get("tokens")
+    settings["clip_length"] = (cfg.get("clip_length") or cfg.get("prefix_length")) if transformer else None
+    if mapping != "transformer":
+        settings["num_layers"] = None  # the MLP mapper has no layers to count
+    if lora_r:
+        settings["lora_alpha"] = cfg.get("lora_alpha") or 2.0 * lora_r
+    else:
+        settings.update(lora_alpha=None, lora_dropout=None, lora_target_modules=None)
+    return settings
+
+
+def resume_changes(recorded: dict, cfg: TrainConfig, where: Path) -> dict[str, tuple]:
+    """{option: (recorded, now)} for the resumable options that differ from the checkpoint's `recorded` settings;
+    ClipCapError listing every other one that differs (old -> new), which would change the model or the order."""
+    old, new = resume_settings(recorded), resume_settings(dataclasses.asdict(cfg))
+    changed = {k: (old[k], new[k]) for k in new if k in old and old[k] != new[k]}
+    fixed = {k: v for k, v in changed.items() if k not in RESUMABLE}
+    if fixed:
+        shown = ", ".join(f"`{k}` {json.dumps(a)} -> {json.dumps(b)}" for k, (a, b) in sorted(fixed.items()))
+        raise ClipCapError(
+            f"cannot resume {where} with other settings than it was trained with: {shown}; a resumed run may change "
+            f"only {', '.join(f'`{k}`' for k in RESUMABLE)} (use another run dir for the rest)"
+        )
+    return changed
+
+
 # -- the trainer ---------------------------------------------------------------------------------------------------
 class Trainer:
     """One training run; `Trainer(cfg).run()` trains and returns RUN_DIR. `train(cfg)` is the public entry."""
@@ -261,6 +350,13 @@ class Trainer:
         self.store = open_store(cfg)
         if cfg.init_from is not None:
             self.cfg = cfg = start_from(cfg, self.store)
+        # Compared before any model is built: another mapping or store must be one clear error, not a shape mismatch.
+        self.resume_point, self.changes = None, {}
+        if cfg.resume:
+            self.resume_point = ckpt.newest_intact_checkpoint(self.run_dir, self.world)
+            if self.resume_point[0] is not None:
+                recorded = ckpt.read_state(self.resume_point[0]).get("config") or {}
+                self.changes = resume_changes(recorded, cfg, self.resume_point[0])
         self.tokenizer = start_tokenizer(cfg)
         if self.tokenizer.eos_token_id is None:
             raise ClipCapError(f"the tokenizer of {cfg.lm} has no end token to end captions with")
@@ -573,13 +669,30 @@ class Trainer:
         self.best_val = state["best_val"] if state["best_val"] is not None else math.inf
         self.last_checkpoint = path
 
+    def apply_changes(self) -> None:
+        """Put the resumable settings that changed since the checkpoint into effect from this step on (the learning
+        rates, weight decay and schedule live in the restored optimizer and scheduler state), and record them: a
+        "resume" row in metrics.jsonl, train_config.json rewritten, and the next checkpoints carry them."""
+        cfg, scheduler = self.cfg, self.scheduler
+        rates = [cfg.lr, cfg.lm_lr or cfg.lr]
+        groups = scheduler.optimizer.param_groups
+        scheduler.base_lrs = rates[: len(groups)]
+        for group, base, factor in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+            group.update(initial_lr=base, lr=base * factor(scheduler.last_epoch), weight_decay=cfg.weight_decay)
+        scheduler._last_lr = [group["lr"] for group in groups]
+        shown = ", ".join(f"{k} {json.dumps(a)} -> {json.dumps(b)}" for k, (a, b) in sorted(self.changes.items()))
+        self.log(f"resumed with changed settings: {shown}")
+        self.record({"type": "resume", "step": self.step, "changed": {k: list(v) for k, v in self.changes.items()}})
+        if self.main:
+            (self.run_dir / CONFIG).write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+
     def restore(self) -> None:
         """Resume from the newest intact checkpoint (saying which damaged ones it passed over); drop metrics logged
         after it and any half-written save."""
         if self.main:
             for tmp in (self.run_dir / ckpt.CHECKPOINTS).glob(".step-*.tmp"):
                 shutil.rmtree(tmp, ignore_errors=True)
-        path, damaged = ckpt.newest_intact_checkpoint(self.run_dir, self.world)
+        path, damaged = self.resume_point or ckpt.newest_intact_checkpoint(self.run_dir, self.world)
         for bad, why in damaged:
             self.log(f"skipped damaged checkpoint {bad}: {why}", logging.WARNING)
         if path is None:
@@ -587,6 +700,8 @@ class Trainer:
             return
         self.load_checkpoint(path)
         self.log(f"resumed from {path} (step {self.step} of {self.total_steps})")
+        if self.changes:
+            self.apply_changes()
         metrics = self.run_dir / METRICS
         if self.main and metrics.exists():
             kept = []

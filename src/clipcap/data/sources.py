@@ -91,18 +91,49 @@ def printable(text: str) -> str:
         return text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
 
 
+def path_key(path: str | Path) -> str:
+    """A file path as valid Unicode text, distinct for distinct paths: on POSIX, bytes of the name that are not
+    UTF-8 become `\\xNN` and a backslash becomes two, so the key reads back to the exact bytes; a UTF-8 name
+    without a backslash is its own key. (Windows names are Unicode already.)"""
+    if os.name != "posix":
+        return printable(str(path))
+    try:
+        raw = os.fsencode(path)
+    except UnicodeEncodeError:  # a lone surrogate from a JSON escape, not from a file name
+        return printable(str(path))
+    return raw.replace(b"\\", b"\\\\").decode("utf-8", "backslashreplace")
+
+
+def walk_files(root: Path) -> list[Path]:
+    """Every entry under the directory `root` that is not a directory, sorted, following symlinked directories; a
+    directory reached a second time (a symlink cycle, or two links to one folder) is listed once, where it is first
+    met. Entries that are not regular files (a broken link, a FIFO) are listed too, for the reader to report."""
+    seen: set[tuple[int, int]] = set()
+    found = []
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        st = os.stat(folder)
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs.sort()
+        found.extend(Path(folder, f) for f in files)
+    return sorted(found)
+
+
 # -- plain images ------------------------------------------------------------------------------------------------
 def find_images(inputs: Iterable[str | Path]) -> list[Path]:
     """Expand image files, directories (recursively) and glob patterns, in the order given, without duplicates.
 
-    Directories and globs contribute the files with an image extension; a file named explicitly is always kept
-    (even a missing one, so that it is reported). Raises ClipCapError when nothing at all is found."""
+    Directories and globs contribute the files with an image extension (a directory's symlinked folders included,
+    each folder once: `walk_files`); a file named explicitly is always kept (even a missing one, so that it is
+    reported). Raises ClipCapError when nothing at all is found."""
     inputs = [str(item) for item in inputs]
     found: dict[Path, None] = {}
     for item in inputs:
         path = Path(item).expanduser()
         if path.is_dir():
-            matches = sorted(p for p in path.rglob("*") if is_image_file(p) and p.is_file())
+            matches = [p for p in walk_files(path) if is_image_file(p)]
         elif path.exists() or not any(c in item for c in "*?["):
             matches = [path]
         else:
@@ -115,9 +146,10 @@ def find_images(inputs: Iterable[str | Path]) -> list[Path]:
 
 
 def read_images(inputs: Iterable[str | Path]) -> Iterator[Record]:
-    """Image files, directories and globs (`find_images`) as records without captions, keyed by their path."""
+    """Image files, directories and globs (`find_images`) as records without captions, keyed by their path
+    (`path_key`: distinct for any file name)."""
     for path in find_images(inputs):
-        yield Record(key=printable(str(path)), image=str(path), captions=[])
+        yield Record(key=path_key(path), image=str(path), captions=[])
 
 
 # -- format detection --------------------------------------------------------------------------------------------
@@ -530,8 +562,9 @@ def _sidecar_json(data: bytes) -> dict:
 
 
 def read_folder(source: Path) -> Iterator[Record]:
-    """Images under `source` (recursively) with a sidecar STEM.txt (one caption per line) and optional STEM.json."""
-    for path in sorted(p for p in source.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()):
+    """Images under `source` (recursively, symlinked folders included: `walk_files`) with a sidecar STEM.txt (one
+    caption per line) and optional STEM.json."""
+    for path in (p for p in walk_files(source) if p.suffix.lower() in IMAGE_EXTENSIONS):
         key = path.relative_to(source).with_suffix("").as_posix()
         if not is_text(key):
             yield _bad(key.encode("utf-8", "replace").decode("utf-8"), "file name is not valid Unicode")
@@ -610,6 +643,12 @@ def read_source(
         raise ClipCapError(f"{source} is a directory, not a {format} file")
     if format == "folder" and not path.is_dir():
         raise ClipCapError(f"{source} is not a directory of images")
+    # what only some formats read would otherwise be dropped without a word
+    if images is not None and format in ("folder", "webdataset"):
+        raise ClipCapError(f"a {format} source holds its images: an image root ({images}) does nothing for it")
+    columns = [c for c in (image_column, caption_column) if c is not None]
+    if columns and format not in ("csv", "jsonl", "parquet"):
+        raise ClipCapError(f"a column name ({columns[0]}) applies to CSV, JSONL and parquet sources, not to {format}")
     readers = {
         "karpathy": lambda: read_karpathy(path, images, obj),
         "coco": lambda: read_coco(path, images, obj),
