@@ -343,3 +343,15 @@ def test_without_ray_the_engine_names_the_extra(tmp_path, source, varied_model_d
         )
         one_line_error(done, 'pip install "clipcap-hf[ray]"')
         assert not Path(command[command.index("--out") + 1]).exists()  # said before anything was written
+
+
+def test_actors_open_the_job_without_overwrite(tmp_path):
+    """`overwrite` starts a job over once, in the driver; an actor that did it again would delete the shards that
+    other actors had written."""
+    from clipcap.ray_engine import _actor_config
+
+    caption = CaptionJobConfig(inputs=["x"], model="m", out=str(tmp_path / "out"), overwrite=True)
+    store = EmbedConfig(source="x", out=str(tmp_path / "store"), clip_model="c", overwrite=True)
+    assert _actor_config(caption, CaptionJobConfig).overwrite is False
+    assert _actor_config(store, EmbedConfig).overwrite is False
+    assert _actor_config(caption, CaptionJobConfig).out == caption.out
