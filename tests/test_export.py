@@ -158,8 +158,11 @@ def test_cli_caption_runs_the_exported_model(capsys, exported, varied_model_dir)
         assert main(["caption", str(REAL_IMAGES), "--model", str(model), "--max-new-tokens", "12", "--quiet"]) == 0
         return [json.loads(line) for line in capsys.readouterr().out.splitlines()]
 
-    got = caption(exported)
-    assert len(got) == 12 and got == caption(varied_model_dir)
+    got, want = caption(exported), caption(varied_model_dir)
+    assert len(got) == 12 and [r["caption"] for r in got] == [r["caption"] for r in want]
+    # the same CLIPScore for the same caption; an exported model has no forward pass for the log-probability
+    assert [r["clip_score"] for r in got] == pytest.approx([r["clip_score"] for r in want], abs=1e-4)
+    assert all(r["logprob"] is None for r in got) and all(isinstance(r["logprob"], float) for r in want)
 
 
 def test_serve_runs_the_exported_model(exported, varied_model_dir):
@@ -173,7 +176,9 @@ def test_serve_runs_the_exported_model(exported, varied_model_dir):
     assert r.status_code == 200, r.text
     image = Image.open(PHOTOGRAPHS[1]).convert("RGB")
     expected = Captioner.from_pretrained(varied_model_dir).caption(image, max_new_tokens=9, num_beams=2)
-    assert r.json() == {"results": [{"filename": "photo.jpg", "captions": [expected[0]]}]}
+    (result,) = r.json()["results"]
+    assert result["filename"] == "photo.jpg" and result["captions"] == [expected[0]]
+    assert result["scores"][0]["logprob"] is None  # an exported model has no forward pass for it
 
 
 def test_the_cli_export_says_only_where_it_wrote(int8_through_the_cli):

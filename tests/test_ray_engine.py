@@ -83,7 +83,7 @@ def output(out: Path) -> dict:
     for path in sorted(out.rglob("*")):
         if path.is_file() and path.name != "job.json":
             name = path.relative_to(out).as_posix()
-            files[name] = pq.read_table(path).to_pylist() if path.suffix == ".parquet" else path.read_text()
+            files[name] = pq.read_table(path).to_pylist() if path.suffix == ".parquet" else path.read_bytes()
     return files
 
 

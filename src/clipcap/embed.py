@@ -166,6 +166,19 @@ def open_embed_job(
     does once before it encodes shards. `clean_temporaries` (default: when this is the only process) deletes what
     killed writers left behind, which is only safe while no other process writes; `load_device` overrides
     `cfg.device`."""
+    # The source first: a source the options do not fit is refused before the store dir is made.
+    fmt = detect_format(cfg.source) if cfg.format == "auto" else cfg.format
+    records = list(
+        read_source(
+            cfg.source,
+            fmt,
+            images=cfg.images,
+            split=cfg.split,
+            image_column=cfg.image_column,
+            caption_column=cfg.caption_column,
+        )
+    )
+    records, bad, notes = _clean(records)
     _, world = rank_and_world()
     if cfg.overwrite and world > 1:
         raise ClipCapError("`overwrite` starts a store over from one process: run it without torchrun first")
@@ -181,18 +194,6 @@ def open_embed_job(
         resume=True,
         legacy="job.json",
     )
-    fmt = detect_format(cfg.source) if cfg.format == "auto" else cfg.format
-    records = list(
-        read_source(
-            cfg.source,
-            fmt,
-            images=cfg.images,
-            split=cfg.split,
-            image_column=cfg.image_column,
-            caption_column=cfg.caption_column,
-        )
-    )
-    records, bad, notes = _clean(records)
     source = cfg.source
     job = {
         "source": str(Path(source).resolve()) if Path(source).exists() else str(source),

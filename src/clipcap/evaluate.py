@@ -291,12 +291,12 @@ def evaluate_model(cfg: EvalConfig, progress: bool = False) -> EvalResult:
         from .data.store import EmbeddingStore
 
         store = EmbeddingStore(cfg.data, split=split)
-        check_store(store, captioner)  # the one store check `caption` makes too
-        if store.clip_model is None and cfg.rerank != "none":
+        if store.clip_model is None and cfg.rerank != "none":  # before check_store warns that it is taken on trust
             raise ClipCapError(
                 f"{cfg.data} does not record which encoder made its embeddings, so candidates cannot be reranked "
                 "against them: embed the data with the model's encoder"
             )
+        check_store(store, captioner)  # the one store check `caption` makes too
         count = min(store.num_images, cfg.limit) if cfg.limit is not None else store.num_images
         records = [
             Record(store.keys[j], store.image_paths[j] or None, store.image_captions(j), extra=store.extras[j])

@@ -286,14 +286,14 @@ class CaptionBatches:
         **decoding,
     ):
         from .captioner import Captioner
-        from .decoding import DecodingOptions, generate_kwargs
+        from .decoding import DecodingOptions
 
         options = DecodingOptions(**decoding)  # checked as the commands check them
         self.column, self.num_captions = column, num_captions
         self.captioner = Captioner.from_pretrained(
             model, clip_model=clip_model, device=device, dtype=dtype, batch_size=batch_size
         )
-        self.decoding = generate_kwargs(options, self.captioner.decoding_defaults)
+        self.decoding = self.captioner.decoding(options, num_captions)  # resolved and checked once, as jobs do
 
     def _images(self, values) -> tuple[list, dict[int, str]]:
         from PIL import Image
@@ -325,16 +325,14 @@ class CaptionBatches:
         texts: list = []
         if vectors.ndim == 2 and np.issubdtype(vectors.dtype, np.floating):  # CLIP embeddings
             embeds = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
-            texts = self.captioner.caption_embeddings(embeds, num_return_sequences=self.num_captions, **self.decoding)
+            texts = self.captioner.caption_with(embeds, self.decoding, self.num_captions)
         else:
             images, failed = self._images(list(values))
             good = [im for im in images if im is not None]
             size = self.captioner.batch_size  # preprocessed pixels for a chunk at a time, not the whole batch
             for i in range(0, len(good), size):
                 inputs = self.captioner.model_inputs(self.captioner.encoder.preprocess(good[i : i + size]))
-                texts += self.captioner.caption_embeddings(
-                    inputs, num_return_sequences=self.num_captions, **self.decoding
-                )
+                texts += self.captioner.caption_with(inputs, self.decoding, self.num_captions)
         texts = iter(texts)
         captions, errors = np.empty(len(values), dtype=object), np.empty(len(values), dtype=object)
         for n in range(len(values)):
