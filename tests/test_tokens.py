@@ -187,7 +187,8 @@ def test_evaluating_a_token_model_on_a_store_of_another_grid_is_refused(token_ru
     _, model_dir = token_run
     assert main(["embed", str(source), "--out", str(tmp_path / "s"), "--clip-model", str(clip_dir), "--workers",
                  "0", "--quiet", "--tokens"]) == 0  # fmt: skip
-    with pytest.raises(ClipCapError, match=r"tokens of shape \[17, 32\], but the model reads image tokens of shape \[5, 32\]"):
+    shapes = r"tokens of shape \[17, 32\], but the model reads image tokens of shape \[5, 32\]"
+    with pytest.raises(ClipCapError, match=shapes):
         _evaluate(model_dir, tmp_path / "s")
 
 
