@@ -341,3 +341,27 @@ def test_a_store_that_names_no_encoder_is_one_line_when_scores_are_needed(tmp_pa
     done = clipcap("evaluate", "--data", store, "--split", "all", *flags, "--candidates", "2", "--rerank", "clip",
                    "--quiet", "--out", tmp_path / "m.json")  # fmt: skip
     one_line_error(done, "does not record which encoder made its embeddings")
+
+
+def test_a_store_captions_without_scores_when_its_encoder_cannot_be_loaded(tmp_path, varied_model_dir, images):
+    """Stored vectors caption without the encoder, as before scores existed: only clip_score is lost, with one
+    warning line; asking for scores then is one error line."""
+    import shutil
+
+    shutil.copytree(varied_model_dir / "clip", tmp_path / "clip")
+    assert clipcap("embed", images / "d.jsonl", "--out", "store", "--clip-model", "clip", "--workers", 0, "--quiet",
+                   cwd=tmp_path).returncode == 0  # fmt: skip
+    shutil.rmtree(tmp_path / "clip")  # the encoder the store and the model name is gone
+    model = tmp_path / "model"
+    shutil.copytree(varied_model_dir, model, ignore=shutil.ignore_patterns("clip"))
+    done = clipcap("caption", "store", "--model", model, "--max-new-tokens", TOKENS, "--out", "out", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    warning = [line for line in done.stderr.splitlines() if "clip_score" in line]
+    assert len(warning) == 1 and "cannot load CLIP encoder" in warning[0], done.stderr
+    info = json.loads((tmp_path / "out" / "info.json").read_text())
+    rows = pq.read_table(tmp_path / "out" / "captions").to_pylist()
+    assert rows and info["num_captioned"] == len(rows)
+    assert all(r["clip_score"] is None and r["caption"] for r in rows)
+    done = clipcap("caption", "store", "--model", model, "--max-new-tokens", TOKENS, "--out", "out2",
+                   "--candidates", "2", "--rerank", "clip", cwd=tmp_path)  # fmt: skip
+    one_line_error(done, "cannot load CLIP encoder")

@@ -273,16 +273,18 @@ def load_captioner(cfg: CaptionJobConfig, inputs: Inputs, device: str | None = N
             f"{store.path} does not record which encoder made its embeddings, so captions cannot be scored against "
             "them (CLIPScore): embed the data with the model's encoder, or leave `rerank` and `min_clip_score` unset"
         )
-    captioner = Captioner.from_pretrained(
-        cfg.model,
-        clip_model=cfg.clip_model,
-        device=device or cfg.device,
-        dtype=cfg.dtype,
-        batch_size=cfg.batch_size,
-        # A store's vectors are captioned without the vision tower; the encoder is loaded for its text tower (the
-        # CLIPScore of every caption) when the store names it.
-        load_encoder=store is None or store.clip_model is not None,
-    )
+    load = dict(clip_model=cfg.clip_model, device=device or cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size)
+    # A store's vectors are captioned without the vision tower; the encoder is loaded for its text tower (the
+    # CLIPScore of every caption) when the store names it.
+    try:
+        with_encoder = store is None or store.clip_model is not None
+        captioner = Captioner.from_pretrained(cfg.model, load_encoder=with_encoder, **load)
+    except ClipCapError as e:
+        if store is None or cfg.needs_clip:
+            raise
+        # The vectors caption without the encoder, as they always could: only the scores are lost, and said so.
+        logger.warning("captions get no clip_score: %s", e)
+        captioner = Captioner.from_pretrained(cfg.model, load_encoder=False, **load)
     if store is not None:
         check_store(store, captioner)
     problem = text_tower_problem(captioner.encoder)
