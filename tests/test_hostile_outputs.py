@@ -25,7 +25,7 @@ from clipcap.outputs import DEMO, EXPERIMENT, MANIFEST, PARTIAL, claim_dir
 from tests import tiny
 from tests.hostile import REPO, clipcap, leftovers, no_traceback, one_line_error
 from tests.test_convert import make_original
-from tests.test_hostile_train import SMALL, make_store
+from tests.test_hostile_train import SMALL
 
 USER = b"the user's own file \x00\xff\n"
 REFS = {"1": ["a red circle.", "a circle."], "2": ["a blue square.", "a square."]}
@@ -53,7 +53,7 @@ def w(tmp_path_factory, lm_dir, clip_dir, model_dir, tokenizer):
     return SimpleNamespace(
         root=root,
         ckpt=root / "orig.pt",
-        store=make_store(root / "store"),
+        store=tiny.make_store(root / "store"),
         images=images,
         lora=root / "lora",
         preds=root / "p.json",

@@ -15,7 +15,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -23,7 +22,6 @@ from hypothesis import strategies as st
 
 from clipcap import Captioner
 from clipcap.data.sources import read_folder, read_images
-from clipcap.data.store import StoreWriter
 from clipcap.errors import ClipCapError
 from clipcap.jobs import dir_fingerprint
 from tests import tiny
@@ -34,17 +32,9 @@ SMALL = ["--prefix-length", 2, "--batch-size", 4, "--warmup-steps", 0, "--num-sa
 TOKENS = ["--max-new-tokens", 3, "--quiet"]
 
 
-def make_store(path: Path, seed: int = 0, n: int = 12) -> Path:
-    rng = np.random.default_rng(seed)
-    with StoreWriter(path, clip_model="clip", clip_dim=16, normalized=False, shard_size=5) as w:
-        for i in range(n):
-            w.add(rng.normal(size=16), f"k{i}", [tiny.CORPUS[i % len(tiny.CORPUS)]])
-    return path
-
-
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    return make_store(tmp_path_factory.mktemp("store") / "s")
+    return tiny.make_store(tmp_path_factory.mktemp("store") / "s")
 
 
 def train(data, out, lm_dir, *extra):
@@ -166,7 +156,7 @@ def test_resuming_with_what_decides_the_model_is_refused_naming_old_and_new(
 ):
     run = shutil.copytree(started, tmp_path / "run")
     other_lm = tiny.save_lm_dir(tmp_path / "lm2", tiny.tiny_gpt2(len(tokenizer), seed=3), tokenizer)
-    other = {"OTHER": make_store(tmp_path / "other", seed=1), "OTHER-LM": other_lm}
+    other = {"OTHER": tiny.make_store(tmp_path / "other", seed=1), "OTHER-LM": other_lm}
     args = [other.get(a, a) for a in args]  # a later --data / --lm wins over the one train() gives
     done = train(store, run, lm_dir, "--epochs", 2, "--resume", *args)
     one_line_error(done, f"cannot resume {run / 'checkpoints'}", "may change only --epochs, --lr, --lm-lr", *fragments)

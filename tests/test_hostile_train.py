@@ -5,27 +5,17 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 
-from clipcap.data.store import StoreWriter
 from tests import tiny
 from tests.hostile import clipcap, no_traceback, one_line_error
 
 SMALL = ["--prefix-length", 2, "--batch-size", 4, "--warmup-steps", 0, "--num-samples", 0, "--lr", "1e-3"]
 
 
-def make_store(path, n=12):
-    rng = np.random.default_rng(0)
-    with StoreWriter(path, clip_model="clip", clip_dim=16, normalized=False, shard_size=5) as w:
-        for i in range(n):
-            w.add(rng.normal(size=16), f"k{i}", [tiny.CORPUS[i % len(tiny.CORPUS)]])
-    return path
-
-
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    return make_store(tmp_path_factory.mktemp("store") / "s")
+    return tiny.make_store(tmp_path_factory.mktemp("store") / "s")
 
 
 def train(data, out, lm_dir, *extra):
@@ -53,7 +43,7 @@ def test_a_damaged_store_is_one_line(damage, fragments, tmp_path, lm_dir):
     elif damage == "a-file":
         data.write_text("x")
     else:
-        make_store(data)
+        tiny.make_store(data)
         if damage == "info-not-json":
             (data / "info.json").write_text("{oops")
         elif damage == "info-bad-shards":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
@@ -172,3 +173,14 @@ def varied_lm(make=tiny_gpt2, vocab_size: int = 300, seed: int = 0):
     config.initializer_range = 0.3
     torch.manual_seed(seed)
     return type(make(vocab_size))(config).eval()
+
+
+def make_store(path: Path, seed: int = 0, n: int = 12) -> Path:
+    """`n` random 16-d vectors (shards of 5), each with one CORPUS caption, in a store naming encoder "clip"."""
+    from clipcap.data.store import StoreWriter
+
+    rng = np.random.default_rng(seed)
+    with StoreWriter(path, clip_model="clip", clip_dim=16, normalized=False, shard_size=5) as w:
+        for i in range(n):
+            w.add(rng.normal(size=16), f"k{i}", [CORPUS[i % len(CORPUS)]])
+    return path
