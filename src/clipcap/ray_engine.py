@@ -197,6 +197,19 @@ def _actor_config(cfg, cls):
     return _own_fields(dataclasses.replace(cfg, overwrite=False), cls)
 
 
+def _drive(job, done, worker: type, cfg, options: EngineOptions, progress: bool) -> dict:
+    """The driver's part of a job: every shard not yet `done` to `worker` actors (opened with `cfg`), then info.json
+    and the merged skip report."""
+    pending = [s for s in range(job.num_shards) if not done(s)]
+    if pending:
+        run_shards(worker, {"cfg": cfg}, pending, options, progress)
+    info = job.finalize()
+    if info is None:  # Ray reported success, so every shard must be on disk
+        missing = [s for s in range(job.num_shards) if not done(s)]
+        raise ClipCapError(f"shards {missing[:5]} of {cfg.out} were not written: rerun the same command")
+    return info
+
+
 # -- caption ---------------------------------------------------------------------------------------------------------
 class CaptionShardWorker:
     """A Ray Data actor of a caption job: opens the job and loads the model once, then captions and writes each
@@ -220,13 +233,7 @@ def caption_job_ray(
     preflight(options)  # before minutes of reading and loading, and before job.json is claimed
     # The driver checks the model on the CPU and lets it go: the actors hold the copies that caption.
     job = dataclasses.replace(open_job(cfg, load_device="cpu"), captioner=None)
-    pending = [s for s in range(job.num_shards) if not job.files.done(s)]
-    if pending:
-        run_shards(worker, {"cfg": _actor_config(cfg, CaptionJobConfig)}, pending, options, progress)
-    info = job.finalize()
-    if info is None:  # Ray reported success, so every shard must be on disk
-        missing = [s for s in range(job.num_shards) if not job.files.done(s)]
-        raise ClipCapError(f"shards {missing[:5]} of {job.files.out} were not written: rerun the same command")
+    info = _drive(job, job.files.done, worker, _actor_config(cfg, CaptionJobConfig), options, progress)
     return CaptionJobResult(job.files.out, 0, 1, info)
 
 
@@ -251,13 +258,7 @@ def embed_ray(
     options = engine_options(options)
     preflight(options)
     job = dataclasses.replace(open_embed_job(cfg, clean_temporaries=True, load_device="cpu"), encoder=None)
-    pending = [s for s in range(job.num_shards) if not job.writer.shard_done(s)]
-    if pending:
-        run_shards(worker, {"cfg": _actor_config(cfg, EmbedConfig)}, pending, options, progress)
-    info = job.finalize()
-    if info is None:
-        missing = [s for s in range(job.num_shards) if not job.writer.shard_done(s)]
-        raise ClipCapError(f"shards {missing[:5]} of {cfg.out} were not written: rerun the same command")
+    info = _drive(job, job.writer.shard_done, worker, _actor_config(cfg, EmbedConfig), options, progress)
     return EmbedResult(job.writer.path, 0, 1, info)
 
 
